@@ -1,0 +1,281 @@
+"""Executors run evaluations: ``process`` (isolated worker processes, the default) and
+``serial`` (in-process, for debugging).
+
+Each process worker runs in its own session (process group) with an address-space limit and
+an environment holding no secrets. A task that overruns its wall-clock timeout has its
+worker's whole process group killed; a worker that dies mid-task (segfault, kernel OOM
+killer) is replaced and the task retried once, then recorded as failed. Either way the run
+goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from engine.candidate import EvalResult
+from engine.evaluation import Decide, run_candidate
+from engine.plugins import PluginError, load_fitness
+
+#: Environment variables a worker keeps; everything else (API keys, tokens) is dropped.
+_KEEP_ENV = {
+    "PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONHASHSEED",
+    "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "EVOLOSS_DATA", "SYSTEMROOT",
+}
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
+
+OnResult = Callable[[EvalResult], None]
+
+
+def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker gets: an allow-list, never anything that looks secret."""
+    environ = dict(os.environ if environ is None else environ)
+    env = {k: v for k, v in environ.items() if (k in _KEEP_ENV or k.startswith("LC_")) and not _SECRET.search(k)}
+    # One torch thread per worker: two workers on two cores beat one worker with two threads.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@dataclass
+class Task:
+    candidate_id: int
+    code: str
+    attempts: int = 0
+
+
+class SerialExecutor:
+    """Scores candidates one at a time in this process: no timeout, no isolation.
+
+    For debugging plug-ins and for tests; use the process executor for untrusted genomes.
+    """
+
+    def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, **_: Any) -> None:
+        self.fitness = load_fitness(fitness_spec, fitness_options)
+
+    def start(self) -> None:
+        pass
+
+    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+        for candidate_id, code in tasks:
+            on_result(run_candidate(self.fitness, candidate_id, code, seed, decide=decide))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    conn: Connection
+    task: Task | None = None
+    deadline: float = float("inf")
+    ready: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class ProcessExecutor:
+    """A pool of isolated worker processes (see the module docstring).
+
+    Args:
+        fitness_spec: How workers find the fitness plug-in (a name or ``path.py:Class``).
+        fitness_options: Keyword options for the plug-in.
+        workers: Number of worker processes.
+        timeout: Wall-clock seconds per evaluation.
+        memory_limit_gb: Address-space limit per worker.
+        log_path: File that receives the workers' stdout and stderr.
+        startup_timeout: Seconds a worker may take to import torch and load the plug-in.
+    """
+
+    def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, workers: int = 2,
+                 timeout: float = 120.0, memory_limit_gb: float = 4.0, log_path: str | os.PathLike | None = None,
+                 startup_timeout: float = 120.0) -> None:
+        if not isinstance(fitness_spec, str):
+            raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
+        self.fitness_spec = fitness_spec
+        self.fitness_options = dict(fitness_options or {})
+        self.n_workers = workers
+        self.timeout = timeout
+        self.memory_limit = int(memory_limit_gb * 1024**3)
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout = startup_timeout
+        self.workers: list[_Worker] = []
+        self.restarts = 0
+        self._log = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self.log_path:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        for _ in range(self.n_workers):
+            self.workers.append(self._spawn())
+        for worker in list(self.workers):
+            self._await_ready(worker)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 2.0
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._kill(worker)
+            worker.conn.close()
+        self.workers = []
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def _spawn(self) -> _Worker:
+        parent, child = socket.socketpair()
+        command = [
+            sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
+            "--fitness", self.fitness_spec, "--options", json.dumps(self.fitness_options),
+            "--memory-limit", str(self.memory_limit),
+            "--sys-path", json.dumps([os.path.abspath(p or ".") for p in sys.path]),
+        ]
+        output = self._log if self._log else subprocess.DEVNULL
+        process = subprocess.Popen(
+            command, pass_fds=[child.fileno()], start_new_session=True, env=scrubbed_environment(),
+            stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+        )
+        child.close()
+        return _Worker(process=process, conn=Connection(parent.detach()))
+
+    def _await_ready(self, worker: _Worker) -> None:
+        if not worker.conn.poll(self.startup_timeout):
+            self._kill(worker)
+            raise PluginError(f"an evaluation worker did not start within {self.startup_timeout:g} s")
+        try:
+            message = worker.conn.recv()
+        except EOFError:
+            code = worker.process.wait()
+            raise PluginError(
+                f"an evaluation worker exited during start-up (exit code {code})"
+                + (f"; see {self.log_path}" if self.log_path else "")
+            ) from None
+        if message.get("type") == "fatal":
+            self._kill(worker)
+            raise PluginError(f"loading fitness {self.fitness_spec!r} in a worker failed: {message['error']}")
+        worker.ready = True
+
+    def _kill(self, worker: _Worker) -> None:
+        try:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            worker.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+            pass
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        self._kill(worker)
+        worker.conn.close()
+        fresh = self._spawn()
+        self._await_ready(fresh)
+        self.workers[self.workers.index(worker)] = fresh
+        self.restarts += 1
+        return fresh
+
+    # -- scheduling -------------------------------------------------------------------------
+    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+        """Score every task; ``on_result`` is called in the driver as each one finishes."""
+        queue: deque[Task] = deque(Task(cid, code) for cid, code in tasks)
+        try:
+            while queue or any(w.task for w in self.workers):
+                for worker in self.workers:
+                    if worker.task is None and queue:
+                        task = queue.popleft()
+                        worker.task, worker.deadline = task, time.monotonic() + self.timeout
+                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed})
+                busy = [w for w in self.workers if w.task]
+                wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+                ready = wait([w.conn for w in busy], timeout=wait_for)
+                for worker in busy:
+                    if worker.conn in ready:
+                        self._receive(worker, queue, decide, on_result)
+                now = time.monotonic()
+                for worker in list(self.workers):
+                    if worker.task and now >= worker.deadline:
+                        task = worker.task
+                        self._replace(worker)
+                        on_result(EvalResult(
+                            task.candidate_id, "timeout", seconds=self.timeout,
+                            error=f"evaluation exceeded the {self.timeout:g} s wall-clock limit; its worker was killed",
+                        ))
+        except BaseException:
+            # Ctrl-C or a driver error: stop every worker now; finished results are already saved.
+            for worker in self.workers:
+                self._kill(worker)
+            raise
+
+    def _receive(self, worker: _Worker, queue: deque[Task], decide: Decide | None, on_result: OnResult) -> None:
+        task = worker.task
+        assert task is not None
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            code = worker.process.wait()
+            self._replace(worker)
+            task.attempts += 1
+            if task.attempts < 2:
+                queue.appendleft(task)
+                return
+            on_result(self._death_result(task, code))
+            return
+        if message["type"] == "probe":
+            duplicate_of = decide(message["candidate_id"], message["fingerprint"]) if decide else None
+            worker.conn.send({"duplicate_of": duplicate_of})
+        elif message["type"] == "result":
+            worker.task, worker.deadline = None, float("inf")
+            on_result(EvalResult(**message["result"]))
+
+    def _death_result(self, task: Task, code: int) -> EvalResult:
+        if code < 0:
+            name = signal.Signals(-code).name
+            if -code == signal.SIGKILL:
+                return EvalResult(task.candidate_id, "oom", error=(
+                    "the worker was killed (SIGKILL) twice while evaluating this genome, most likely by the "
+                    "kernel's out-of-memory killer"))
+            return EvalResult(task.candidate_id, "error", error=f"the worker crashed with {name} twice on this genome")
+        return EvalResult(task.candidate_id, "error", error=f"the worker exited with code {code} twice on this genome")
+
+
+def make_executor(config, fitness_spec: Any, log_path: str | os.PathLike | None = None):
+    """The executor named by ``config.executor``."""
+    if config.executor == "serial":
+        return SerialExecutor(fitness_spec, config.fitness_options)
+    return ProcessExecutor(
+        fitness_spec, config.fitness_options, workers=config.workers, timeout=config.timeout,
+        memory_limit_gb=config.memory_limit_gb, log_path=log_path,
+    )

@@ -1,0 +1,66 @@
+"""An evaluation worker process: ``python -m engine.worker`` (started by the process executor).
+
+It limits its own address space, uses one torch thread, loads the fitness plug-in once and
+then scores genomes sent over a socket until told to stop. Its environment was already
+scrubbed of secrets by the executor; its stdout goes to the run's worker log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from multiprocessing.connection import Connection
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engine.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fitness", required=True)
+    parser.add_argument("--options", default="{}")
+    parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space (0: none)")
+    parser.add_argument("--sys-path", default="[]")
+    args = parser.parse_args(argv)
+
+    for entry in reversed(json.loads(args.sys_path)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if args.memory_limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    # A worker never needs core dumps, and a crashing genome should not write one.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    conn = Connection(args.fd)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+        from engine.evaluation import run_candidate
+        from engine.plugins import load_fitness
+
+        fitness = load_fitness(args.fitness, json.loads(args.options))
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops cleanly
+        conn.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}" if not str(exc).startswith("fitness") else str(exc)})
+        return 1
+    conn.send({"type": "ready", "pid": os.getpid()})
+
+    def decide(candidate_id: int, fingerprint: str):
+        conn.send({"type": "probe", "candidate_id": candidate_id, "fingerprint": fingerprint})
+        return conn.recv()["duplicate_of"]
+
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return 0
+        if task is None:
+            return 0
+        result = run_candidate(fitness, task["candidate_id"], task["code"], task["seed"], decide=decide)
+        conn.send({"type": "result", "result": result.to_dict()})
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
