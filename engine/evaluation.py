@@ -9,13 +9,11 @@ import traceback
 from typing import Callable
 
 from engine.candidate import EvalResult
-from engine.genome import GenomeError, compile_genome
+from engine.genome import GenomeError, compile_genome, is_out_of_memory
 
 #: Called with (candidate_id, fingerprint); returns the id of an earlier candidate with the
 #: same behaviour (skip training) or None (go on).
 Decide = Callable[[int, str], "int | None"]
-
-_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
 
 
 def _genome_location(exc: BaseException) -> str:
@@ -29,7 +27,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, GenomeError):
         return exc.status, str(exc)
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS):
+    if is_out_of_memory(exc):
         return "oom", f"out of memory: {text[:500]}"
     if isinstance(exc, RecursionError):
         return "error", f"recursion too deep{_genome_location(exc)}"

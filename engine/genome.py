@@ -65,6 +65,14 @@ MAX_SOURCE_CHARS = 20_000
 MAX_AST_NODES = 3_000
 
 
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means an allocation failed (a MemoryError or torch's allocator)."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
 class GenomeError(Exception):
     """A genome failed a check. ``status`` says how (``invalid`` for all static checks)."""
 

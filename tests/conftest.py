@@ -1,0 +1,25 @@
+"""Shared fixtures: paths and tiny plug-ins the tests use."""
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SPEC = f"{ROOT / 'examples' / 'robust_regression.py'}:RobustRegression"
+
+
+@pytest.fixture
+def example_spec() -> str:
+    """The README's example plug-in: a fast regression task (~0.1 s per evaluation)."""
+    return EXAMPLE_SPEC
+
+
+@pytest.fixture
+def write_plugin(tmp_path):
+    """Write a plug-in file from source text and return its path.py:Class spec."""
+
+    def write(source: str, class_name: str = "Plugin", name: str = "plugin.py") -> str:
+        path = tmp_path / name
+        path.write_text(source)
+        return f"{path}:{class_name}"
+
+    return write
