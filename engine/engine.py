@@ -191,7 +191,8 @@ class Engine:
         roll = self.rng.random()
         try:
             if seeds_only:
-                parent = self.rng.choice(list(self.candidates.values()) or [None])
+                seeds = [c for c in self.candidates.values() if c.operator == "seed"]
+                parent = self.rng.choice(seeds or [None])
                 if parent is None:
                     return operator.propose(context), (), f"{operator.name}:propose"
                 return operator.mutate(parent, context), (parent.id,), f"{operator.name}:mutate"
@@ -296,8 +297,12 @@ class Engine:
             record.update({k: float(v) for k, v in self.statistics.compile(ok).items()})
         else:
             record.update({"max": math.nan, "mean": math.nan, "min": math.nan, "std": math.nan})
-            warnings.warn(f"generation {self.generation}: no candidate was scored successfully "
-                          f"({len(members)} asked); see the errors in the run log", RuntimeWarning, stacklevel=2)
+            if members:
+                warnings.warn(f"generation {self.generation}: none of its {len(members)} candidates was scored "
+                              "successfully; see their errors with 'replay' or 'show'", RuntimeWarning, stacklevel=2)
+            else:
+                warnings.warn(f"generation {self.generation}: the operators produced no new genome",
+                              RuntimeWarning, stacklevel=2)
         best = self.best()
         record["best"] = best[1] if best else math.nan
         record.update(self.archive.stats())

@@ -2,6 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests run beside other work on 2 cores; one thread avoids oversubscription stalls.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = f"{ROOT / 'examples' / 'robust_regression.py'}:RobustRegression"
@@ -23,3 +27,7 @@ def write_plugin(tmp_path):
         return f"{path}:{class_name}"
 
     return write
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+JITTER_SPEC = f"{FIXTURES / 'jitter.py'}:JitterOperator"
