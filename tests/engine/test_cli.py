@@ -139,3 +139,25 @@ def test_resume_after_sigkill_evaluates_nothing_twice(tmp_path, capsys):
     assert all(after[cid] == fitness for cid, fitness in before)
     summary = run_json(capsys, ["replay", str(out), "--json"])
     assert summary["generations"] == 5
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "engine", "run", *FAST, "--pop", "4", "--gens", "3", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            if sqlite3.connect(out / "run.sqlite").execute("SELECT count(*) FROM evaluations").fetchone()[0] >= 3:
+                break
+        except sqlite3.Error:
+            pass
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "continue with python -m engine run --resume" in err
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    summary = run_json(capsys, ["replay", str(out), "--json"])
+    assert summary["generations"] == 4
