@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from engine.genome import GenomeError
+from engine.genome import GenomeError, is_out_of_memory
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ class Interface:
             losses = self.call(fn, inputs)
         except GenomeError:
             raise
-        except (MemoryError,) as exc:
-            raise GenomeError(f"out of memory: {exc}", status="oom") from exc
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise GenomeError(f"out of memory: {type(exc).__name__}: {str(exc)[:300]}", status="oom") from exc
             raise GenomeError(f"raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(losses, torch.Tensor):
             raise GenomeError(f"returned {type(losses).__name__}; expected a tensor of per-example losses")
