@@ -1,0 +1,45 @@
+"""Time the quick-start job and check that it finds a loss that beats the DPO seed.
+
+Usage: python benchmarks/quickstart_run.py [--pop 8] [--gens 12] [--workers 2] [--seed 0]
+Runs ``python -m engine run`` as a user would, then reads the run's summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pop", default="8")
+    parser.add_argument("--gens", default="12")
+    parser.add_argument("--workers", default="2")
+    parser.add_argument("--seed", default="0")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [sys.executable, "-m", "engine", "run", "--pop", args.pop, "--gens", args.gens,
+                   "--workers", args.workers, "--seed", args.seed, "--out", str(out), "--quiet"]
+        start = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True)
+        wall = time.perf_counter() - start
+        summary = json.loads((out / "summary.json").read_text())
+    best, baseline = summary["best_fitness"], summary["baseline_fitness"]
+    print(f"wall time: {wall:.1f} s for {summary['evaluations']} evaluations "
+          f"({summary['generations']} generations, {args.workers} workers)")
+    print(f"best: {summary['best_name']} {best:.4f}  vs  {summary['baseline']} seed {baseline:.4f}  "
+          f"({'beats' if best > baseline else 'does not beat'} it by {best - baseline:+.4f})")
+    print(f"invalid {summary['invalid']}, dedup saved {summary['dedup_saved']}, offspring valid share "
+          f"{summary['offspring_valid_share']:.2f}, coverage {summary['coverage']:.3f}, QD score {summary['qd_score']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
