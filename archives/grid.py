@@ -40,6 +40,7 @@ class MapElitesArchive:
             solution_dim=(), dims=[d.bins for d in self.space], ranges=[(d.low, d.high) for d in self.space],
             solution_dtype=object, qd_score_offset=fitness_floor,
         )
+        self._elites: list[ArchiveElite] | None = None
 
     def vector(self, descriptors: dict[str, float]) -> np.ndarray:
         """Descriptor values in axis order; missing or non-finite values sit at an axis' low end."""
@@ -55,19 +56,34 @@ class MapElitesArchive:
             np.array([candidate_id], dtype=object), np.array([fitness], dtype=float),
             self.vector(descriptors)[None, :],
         )["status"][0]
+        if status:
+            self._elites = None
         return {0: "not_added", 1: "improved", 2: "new"}[int(status)]
 
+    def add_many(self, entries: list[tuple[int, float, dict[str, float]]]) -> None:
+        """Offer several candidates at once (one pyribs call per generation instead of one each)."""
+        if not entries:
+            return
+        status = self._grid.add(
+            np.array([e[0] for e in entries] + [None], dtype=object)[:-1],
+            np.array([e[1] for e in entries], dtype=float),
+            np.stack([self.vector(e[2]) for e in entries]),
+        )["status"]
+        if np.any(status):
+            self._elites = None
+
     def elites(self) -> list[ArchiveElite]:
-        """All elites, best first."""
-        data = self._grid.data(["solution", "objective", "measures", "index"])
-        elites = [
-            ArchiveElite(int(solution), float(objective), tuple(int(i) for i in self._grid.int_to_grid_index([index])[0]),
-                         tuple(float(m) for m in measures))
-            for solution, objective, measures, index in zip(
-                data["solution"], data["objective"], data["measures"], data["index"]
-            )
-        ]
-        return sorted(elites, key=lambda e: (-e.fitness, e.candidate_id))
+        """All elites, best first (cached until the archive changes: operators ask often)."""
+        if self._elites is None:
+            data = self._grid.data(["solution", "objective", "measures", "index"])
+            cells = self._grid.int_to_grid_index(data["index"]) if len(data["index"]) else []
+            elites = [
+                ArchiveElite(int(solution), float(objective), tuple(int(i) for i in cell),
+                             tuple(float(m) for m in measures))
+                for solution, objective, measures, cell in zip(data["solution"], data["objective"], data["measures"], cells)
+            ]
+            self._elites = sorted(elites, key=lambda e: (-e.fitness, e.candidate_id))
+        return list(self._elites)
 
     @property
     def cells(self) -> int:

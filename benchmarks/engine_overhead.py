@@ -43,18 +43,52 @@ def overhead(pop: int = 8, gens: int = 30) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(fitness="instant", pop=pop, gens=gens, executor="serial", out=tmp)
         store = RunStore.create(tmp, config.to_dict())
-        engine = Engine(config, Instant(), [load_operator("symbolic")], store)
+        operator = load_operator("symbolic")
+        spent = {"operator": 0.0, "worker": 0.0}
+
+        def timed(method, key):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    spent[key] += time.perf_counter() - start
+            return call
+
+        for name in ("mutate", "crossover", "propose"):
+            setattr(operator, name, timed(getattr(operator, name), "operator"))
+        engine = Engine(config, Instant(), [operator], store)
 
         class Direct(SerialExecutor):
+            """In-process; times the worker-side work (compile, contract checks, fingerprint, descriptors)."""
+
             def __init__(self):
                 self.fitness = Instant()
 
+            def run(self, tasks, seed, decide, on_result):
+                super().run(tasks, seed, decide, timed(on_result, "callback"))
+
+        from engine import evaluation
+
+        original = evaluation.run_candidate
+        evaluation.run_candidate = timed(original, "worker")
+        import engine.executor as executor_module
+
+        executor_module.run_candidate = evaluation.run_candidate
+        spent["callback"] = 0.0
         start = time.perf_counter()
         engine.run(Direct())
         wall = time.perf_counter() - start
+        executor_module.run_candidate = original
         candidates = len(store.candidates())
-    print(f"engine overhead: {1000 * wall / candidates:.1f} ms per candidate "
-          f"({candidates} candidates, {gens + 1} generations, {wall:.2f} s, serial, instant scoring)")
+    per = lambda seconds: 1000 * seconds / candidates  # noqa: E731
+    worker = spent["worker"] - spent["callback"]
+    driver = wall - spent["operator"] - spent["worker"] + spent["callback"]
+    print(f"per candidate ({candidates} candidates, {gens + 1} generations, {wall:.2f} s, instant scoring):")
+    print(f"  total                                  {per(wall):6.1f} ms")
+    print(f"  symbolic operator                      {per(spent['operator']):6.1f} ms")
+    print(f"  worker-side checks (compile, contract, fingerprint, descriptors) {per(worker):6.1f} ms")
+    print(f"  engine bookkeeping (dedup, archive, store, selection)           {per(driver):6.1f} ms")
 
 
 def scaling(n: int = 16) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import hashlib
 import math
 
@@ -127,6 +128,20 @@ def check_genome(code: str, arg_counts: tuple[int, ...] | None = None) -> ast.Fu
     Raises:
         GenomeError: with a message that names the line and the rule broken.
     """
+    if not isinstance(code, str):
+        raise GenomeError(f"genome code must be a string, got {type(code).__name__}")
+    # Operators and the engine check the same source several times; passing checks are cached.
+    _check_cached(code, tuple(arg_counts) if arg_counts is not None else None)
+    return parse_genome(code)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_cached(code: str, arg_counts: tuple[int, ...] | None) -> None:
+    _check_uncached(code, arg_counts)
+
+
+def _check_uncached(code: str, arg_counts: tuple[int, ...] | None = None) -> ast.FunctionDef:
+    """The checks behind :func:`check_genome`."""
     module, function = parse_genome(code)
     nodes = list(ast.walk(module))
     if len(nodes) > MAX_AST_NODES:
@@ -324,8 +339,33 @@ def normalise(code: str) -> str:
 
 def code_hash(code: str) -> str:
     """Hash of the normalised AST: equal for genomes that differ only in names and layout."""
+    if not isinstance(code, str):
+        raise GenomeError(f"genome code must be a string, got {type(code).__name__}")
+    return _code_hash(code)
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_hash(code: str) -> str:
+    """Hash of the normalised AST: equal for genomes that differ only in names and layout."""
     return hashlib.sha256(normalise(code).encode()).hexdigest()[:16]
 
 
 def function_name(code: str) -> str:
     return parse_genome(code)[1].name
+
+
+def code_size(code: str) -> int:
+    """Syntax nodes of the normalised genome (a generic complexity descriptor). Counted
+    without unparsing and parsing again: normalising only renames (the count is unchanged)
+    and drops imports, a leading docstring and annotations, which are left out here."""
+    _, function = parse_genome(code)
+    body = function.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        function.body = body[1:]
+    function.returns = None
+    arguments = function.args
+    for argument in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):
+        if argument is not None:
+            argument.annotation = None
+    return 1 + sum(1 for _ in ast.walk(function))  # 1: the module node

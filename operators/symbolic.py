@@ -890,6 +890,15 @@ class _Liveness:
         self.expanding: set[str] = set()
         # Names whose value depends on a parameter (the rest are constants such as tau).
         self.varying = _varying(values, self.params)
+        self._read_cache: dict[int, set[str]] = {}
+
+    def _reads(self, node: ast.AST) -> set[str]:
+        """Names ``node`` reads, memoised: the walk is repeated for every sub-expression."""
+        # Keyed by id(): every node stays alive (held by the function) while this object is used.
+        key = id(node)
+        if key not in self._read_cache:
+            self._read_cache[key] = set(_loaded(node))
+        return self._read_cache[key]
 
     def live(self, node: ast.AST) -> bool:
         if isinstance(node, (ast.Compare, ast.BoolOp)):
@@ -926,7 +935,7 @@ class _Liveness:
             return {"": float(node.value)}
         if self.beta is not None and _is_beta(node):
             return {"": self.beta}
-        if isinstance(node, ast.expr) and not set(_loaded(node)) & self.varying:
+        if isinstance(node, ast.expr) and not self._reads(node) & self.varying:
             return {"~": 1.0}
         if isinstance(node, ast.Name):
             if node.id in self.params:
