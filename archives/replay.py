@@ -2,35 +2,39 @@
 from the run log alone (no plug-in import needed)."""
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from archives.reading import RunData, cell_label, error_kind, llm_usage, read_run, spearman
 from archives.store import RunStore
-from engine.candidate import FAILED
+from engine.candidate import FAILED, EvalResult
 
 
-def summarize(store: RunStore, top: int = 5) -> dict[str, Any]:
-    """The run's key numbers (the ``replay --json`` object)."""
-    config = store.meta("config", {})
-    fitness_name = store.meta("fitness_name") or config.get("fitness")
-    baseline = store.meta("baseline")
-    candidates = {c.id: c for c in store.candidates()}
-    results = {r.candidate_id: r for _, r in store.evaluations(fitness_name)}
-    generations = store.generations()
+def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: RunData | None = None) -> dict[str, Any]:
+    """The run's key numbers (the ``replay --json`` object), as of generation ``at_gen``
+    (default: everything stored). ``data`` skips reading the store again."""
+    data = data if data is not None else read_run(store, at_gen)
+    config = data.config
+    fitness_name = data.fitness_name
+    baseline = data.baseline
+    candidates = data.candidates
+    results = data.results
+    generations = data.generations
     last = generations[-1] if generations else None
     counters = (last["state"].get("counters", {}) if last else {}) or {}
 
     statuses = Counter(r.status for r in results.values())
-    scored = [(candidates[cid], r) for cid, r in results.items() if r.ok and cid in candidates]
-    scored.sort(key=lambda pair: (-pair[1].fitness, pair[0].id))
+    scored = data.scored()
     best = scored[0] if scored else None
     baseline_result = next(
         (r for c, r in scored if baseline and c.name == baseline and c.operator == "seed"), None
     )
 
-    operators: dict[str, dict[str, Any]] = defaultdict(lambda: {"made": 0, "valid": 0, "scored": 0, "improved": 0})
+    operators: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"made": 0, "valid": 0, "scored": 0, "failed": 0, "improved": 0})
     for candidate in candidates.values():
         result = results.get(candidate.id)
         stats = operators[candidate.operator]
@@ -39,6 +43,8 @@ def summarize(store: RunStore, top: int = 5) -> dict[str, Any]:
             continue
         if result.status != "invalid":
             stats["valid"] += 1
+        if result.status in FAILED:
+            stats["failed"] += 1
         if result.ok:
             stats["scored"] += 1
             parent_scores = [results[p].fitness for p in candidate.parents if p in results and results[p].ok]
@@ -50,11 +56,25 @@ def summarize(store: RunStore, top: int = 5) -> dict[str, Any]:
     offspring = [c for c in candidates.values() if c.operator != "seed" and c.id in results]
     valid_offspring = sum(results[c.id].status != "invalid" for c in offspring)
 
+    failures: dict[str, dict[str, Any]] = {}
+    for cid, result in results.items():
+        if result.status not in FAILED:
+            continue
+        kind = error_kind(result.status, result.error)
+        entry = failures.setdefault(kind, {"kind": kind, "status": result.status, "count": 0,
+                                           "example": result.error, "example_id": cid})
+        entry["count"] += 1
+
+    labels = sorted(data.extra)
+    key_metrics = _key_metrics([r for _, r in scored[:top]])
+    elites = data.elites()
     behaviour_duplicates = statuses.get("duplicate", 0)
     hash_duplicates = int(counters.get("hash_duplicates", 0))
     summary = {
-        "run": str(store.path.parent),
+        "run": str(data.path),
         "fitness": fitness_name,
+        "at_gen": data.at_gen,
+        "last_generation": data.last_generation,
         "evaluations": sum(n for s, n in statuses.items() if s != "duplicate"),
         "unique_genomes": len(candidates),
         "invalid": statuses.get("invalid", 0),
@@ -69,6 +89,7 @@ def summarize(store: RunStore, top: int = 5) -> dict[str, Any]:
         "coverage": last["record"].get("coverage") if last else 0.0,
         "qd_score": last["record"].get("qd_score") if last else 0.0,
         "elites": last["record"].get("elites") if last else 0,
+        "cells": last["record"].get("cells") if last else None,
         "dedup_saved": hash_duplicates + behaviour_duplicates,
         "hash_duplicates": hash_duplicates,
         "behaviour_duplicates": behaviour_duplicates,
@@ -80,13 +101,78 @@ def summarize(store: RunStore, top: int = 5) -> dict[str, Any]:
             {k: g["record"].get(k) for k in ("gen", "evals", "ok", "invalid", "max", "mean", "best", "coverage")}
             for g in generations
         ],
-        "top": [
-            {"id": c.id, "name": c.name, "fitness": r.fitness, "generation": c.generation, "operator": c.operator,
-             "parents": list(c.parents)}
-            for c, r in scored[:top]
+        "key_metrics": key_metrics,
+        "extra_fitness": labels,
+        "top": [_row(c, r, data, key_metrics, labels) for c, r in scored[:top]],
+        "seeds": [
+            {"id": c.id, "name": c.name, "fitness": data.fitness_of(c.id)}
+            for c in candidates.values() if c.operator == "seed"
         ],
+        "axes": [{k: a.get(k) for k in ("name", "low", "high", "bins")} for a in data.space],
+        "elite_cells": [
+            {"cell": list(e["cell"]), "region": cell_label(data.space, e["cell"]), "id": e["id"], "name": e["name"],
+             "fitness": e["fitness"], "generation": e.get("generation"), "operator": e.get("operator")}
+            for e in sorted(elites, key=lambda e: tuple(e["cell"]))
+        ],
+        "failure_kinds": sorted(failures.values(), key=lambda f: (-f["count"], f["kind"])),
+        "llm": llm_usage(data.llm_calls) if data.llm_calls else None,
+        # Flat LLM totals (0 for a run without LLM operators), handy for scripts.
+        "llm_calls": len(data.llm_calls),
+        "llm_tokens_in": sum(int(row.get("tokens_in") or 0) for row in data.llm_calls),
+        "llm_tokens_out": sum(int(row.get("tokens_out") or 0) for row in data.llm_calls),
+        "llm_cost_usd": sum(float(row.get("cost_usd") or 0.0) for row in data.llm_calls),
+        "stopped": store.meta("stopped") if hasattr(store, "meta") else None,
+        "transfer": _transfer(data, labels),
     }
     return _finite(summary)
+
+
+def _key_metrics(rows: list[EvalResult], limit: int = 3) -> list[str]:
+    """The first scalar metrics the best losses share (bookkeeping such as seconds left out)."""
+    names: list[str] = []
+    for result in rows:
+        for key, value in result.metrics.items():
+            if key in names or key in ("seconds", "steps") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and all(isinstance(r.metrics.get(key), (int, float)) for r in rows):
+                names.append(key)
+    return names[:limit]
+
+
+def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], labels: list[str]) -> dict[str, Any]:
+    return {
+        "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "generation": candidate.generation,
+        "operator": candidate.operator, "parents": list(candidate.parents),
+        "metrics": {k: result.metrics.get(k) for k in key_metrics},
+        "extra": {label: _extra_value(data.extra[label].get(candidate.id)) for label in labels},
+    }
+
+
+def _extra_value(result: EvalResult | None) -> float | str | None:
+    """A re-evaluation as shown beside the run's fitness: its fitness, else its status."""
+    if result is None:
+        return None
+    return result.fitness if result.ok else result.status
+
+
+def _transfer(data: RunData, labels: list[str]) -> dict[str, Any]:
+    """Scores on other fitness plug-ins (``reevaluate``) beside the run's fitness."""
+    if not labels:
+        return {"labels": [], "rows": [], "spearman": {}}
+    ids = sorted({cid for label in labels for cid in data.extra[label]},
+                 key=lambda cid: (-(data.fitness_of(cid) if data.fitness_of(cid) is not None else -math.inf), cid))
+    rows = [
+        {"id": cid, "name": data.candidates[cid].name, "fitness": data.fitness_of(cid),
+         "extra": {label: _extra_value(data.extra[label].get(cid)) for label in labels}}
+        for cid in ids
+    ]
+    correlation = {}
+    for label in labels:
+        pairs = [(data.fitness_of(cid), r.fitness) for cid, r in data.extra[label].items()
+                 if r.ok and data.fitness_of(cid) is not None]
+        correlation[label] = spearman(pairs)
+    return {"labels": labels, "rows": rows, "spearman": correlation,
+            "how": {label: data.reevaluations.get(label) for label in labels}}
 
 
 def _finite(value: Any) -> Any:
@@ -101,22 +187,29 @@ def _finite(value: Any) -> Any:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: numbers rounded, text escaped (names and errors may hold [brackets])."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return str(value)
+    from rich.markup import escape
+
+    return escape(str(value))
 
 
-def render_summary(summary: dict[str, Any], console=None) -> None:
-    """Print the summary as tables (rich)."""
+def render_summary(summary: dict[str, Any], console=None, detail: bool = False, max_rows: int = 20) -> None:
+    """Print the summary as tables (rich). ``detail`` adds the archive's cells, fitness per
+    generation, failures by kind, LLM usage and re-evaluations (``replay``); ``max_rows``
+    caps the long tables."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     baseline = summary["baseline_fitness"]
+    when = f"  state after generation {summary['at_gen']} of {summary['last_generation']}" \
+        if summary.get("at_gen") is not None else ""
     console.print(f"[bold]Run[/bold] {summary['run']}  fitness={summary['fitness']}  "
-                  f"generations={summary['generations']}/{summary['generations_planned']}")
+                  f"generations={summary['generations']}/{summary['generations_planned']}{when}")
     console.print(
         f"evaluations {summary['evaluations']}  unique genomes {summary['unique_genomes']}  "
         f"invalid {summary['invalid']}  failed {sum(summary['failed'].values()) - summary['invalid']}  "
@@ -125,13 +218,24 @@ def render_summary(summary: dict[str, Any], console=None) -> None:
     )
     console.print(f"archive: {summary['elites']} elites, coverage {_fmt(summary['coverage'], 3)}, "
                   f"QD score {_fmt(summary['qd_score'], 3)}")
+    if summary.get("llm_calls"):
+        console.print(f"LLM: {summary['llm_calls']} calls, {summary['llm_tokens_in']} tokens in, "
+                      f"{summary['llm_tokens_out']} out, estimated ${summary['llm_cost_usd']:.4f}")
+    if summary.get("stopped"):
+        console.print(f"stopped early in generation {summary['stopped']['generation']}: {summary['stopped']['reason']}")
+    key_metrics = summary.get("key_metrics", [])
+    labels = summary.get("extra_fitness", [])
     table = Table(title="Best losses", show_lines=False)
-    for column in ("id", "name", "fitness", f"vs {summary['baseline'] or 'baseline'}", "gen", "operator"):
-        table.add_column(column)
+    for column in ("id", "name", "fitness", f"vs {summary['baseline'] or 'baseline'}", *key_metrics, *labels,
+                   "gen", "operator"):
+        table.add_column(_fmt(column))
     for row in summary["top"]:
         delta = row["fitness"] - baseline if baseline is not None else None
-        table.add_row(str(row["id"]), row["name"], _fmt(row["fitness"]),
-                      "-" if delta is None else f"{delta:+.4f}", str(row["generation"]), row["operator"])
+        table.add_row(str(row["id"]), _fmt(row["name"]), _fmt(row["fitness"]),
+                      "-" if delta is None else f"{delta:+.4f}",
+                      *(_fmt(row.get("metrics", {}).get(k)) for k in key_metrics),
+                      *(_fmt(row.get("extra", {}).get(label)) for label in labels),
+                      str(row["generation"]), row["operator"])
     console.print(table)
     if baseline is not None and summary["best_fitness"] is not None:
         verdict = "beats" if summary["best_fitness"] > baseline else "does not beat"
@@ -141,8 +245,151 @@ def render_summary(summary: dict[str, Any], console=None) -> None:
     for column in ("operator", "made", "valid share", "improved on parent"):
         ops.add_column(column)
     for name, stats in sorted(summary["operators"].items()):
-        ops.add_row(name, str(stats["made"]), _fmt(stats["valid_share"], 2), _fmt(stats["improved_share"], 2))
+        ops.add_row(_fmt(name), str(stats["made"]), _fmt(stats["valid_share"], 2), _fmt(stats["improved_share"], 2))
     console.print(ops)
+    if detail:
+        _render_detail(summary, console, max_rows)
+
+
+def _render_detail(summary: dict[str, Any], console, max_rows: int) -> None:
+    from rich.table import Table
+
+    def capped(rows: list, what: str) -> list:
+        if len(rows) > max_rows:
+            console.print(f"({len(rows) - max_rows} more {what} not shown; see --json or --export)")
+        return rows[:max_rows]
+
+    cells = summary.get("elite_cells", [])
+    if cells:
+        grid = Table(title=f"Archive elites by region ({len(cells)} of {summary.get('cells') or '?'} cells filled)")
+        for column in ("cell", "region", "id", "name", "fitness", "gen", "operator"):
+            grid.add_column(column)
+        best_first = sorted(cells, key=lambda e: -e["fitness"])[:max_rows]
+        for cell in sorted(best_first, key=lambda e: tuple(e["cell"])):
+            grid.add_row(str(tuple(cell["cell"])), _fmt(cell["region"]), str(cell["id"]), _fmt(cell["name"]),
+                         _fmt(cell["fitness"]), _fmt(cell["generation"]), str(cell["operator"]))
+        console.print(grid)
+        if len(cells) > max_rows:
+            console.print(f"(the {max_rows} best of {len(cells)} cells shown; see --json or --export)")
+    history = summary.get("history", [])
+    if history:
+        generations = Table(title="Fitness per generation")
+        for column in ("gen", "evals", "ok", "invalid", "best so far", "max", "mean", "coverage"):
+            generations.add_column(column)
+        step = max(1, math.ceil(len(history) / max_rows))
+        shown = history[::step] if history[-1] in history[::step] else [*history[::step], history[-1]]
+        for g in shown:
+            generations.add_row(str(g["gen"]), str(g["evals"]), str(g["ok"]), str(g["invalid"]), _fmt(g["best"]),
+                                _fmt(g["max"]), _fmt(g["mean"]), _fmt(g["coverage"], 3))
+        console.print(generations)
+        if step > 1:
+            console.print(f"(every {step}th generation shown)")
+    failures = summary.get("failure_kinds", [])
+    if failures:
+        kinds = Table(title="Invalid and failed losses by kind")
+        for column in ("count", "kind", "example (candidate)"):
+            kinds.add_column(column)
+        for failure in capped(failures, "kinds"):
+            example = (failure["example"] or "")[:120]
+            kinds.add_row(str(failure["count"]), _fmt(failure["kind"]), _fmt(f"{example} ({failure['example_id']})"))
+        console.print(kinds)
+    llm = summary.get("llm")
+    if llm:
+        calls = Table(title="LLM calls")
+        for column in ("operator / model", "calls", "failed", "tokens in", "tokens out", "cost USD", "seconds"):
+            calls.add_column(column)
+        for key, group in [*sorted(llm["by_model"].items()), ("total", llm)]:
+            calls.add_row(_fmt(key), str(group["calls"]), str(group["failed_calls"]), str(group["tokens_in"]),
+                          str(group["tokens_out"]), f"{group['cost_usd']:.4f}", f"{group['latency_s']:.1f}")
+        console.print(calls)
+    transfer = summary.get("transfer") or {}
+    if transfer.get("rows"):
+        labels = transfer["labels"]
+        scores = Table(title="Re-evaluated on other fitness plug-ins")
+        for column in ("id", "name", summary["fitness"] or "fitness", *labels):
+            scores.add_column(_fmt(column))
+        for row in capped(transfer["rows"], "re-evaluated losses"):
+            scores.add_row(str(row["id"]), _fmt(row["name"]), _fmt(row["fitness"]),
+                           *(_fmt(row["extra"].get(label)) for label in labels))
+        console.print(scores)
+        for label in labels:
+            rho = transfer["spearman"].get(label)
+            if rho is not None:
+                console.print(f"rank correlation (Spearman) of {summary['fitness']} with {label}: {rho:+.2f}",
+                              markup=False)
+
+
+def candidate_report(data: RunData, candidate_id: int) -> dict[str, Any]:
+    """One candidate with its evaluations (run fitness first, then re-evaluations), its
+    ancestors (``lineage``: depth, id, name, fitness, operator, generation) and the LLM calls
+    that produced it (``show --json``)."""
+    candidate = data.candidates[candidate_id]
+    evaluations = []
+    if candidate_id in data.results:
+        evaluations.append({"fitness_name": data.fitness_name, **data.results[candidate_id].to_dict()})
+    for label in sorted(data.extra):
+        if candidate_id in data.extra[label]:
+            evaluations.append({"fitness_name": label, **data.extra[label][candidate_id].to_dict()})
+    lineage = [
+        {"depth": depth, "id": cid, "name": data.candidates[cid].name if cid in data.candidates else "?",
+         "fitness": data.fitness_of(cid),
+         "operator": data.candidates[cid].operator if cid in data.candidates else None,
+         "generation": data.candidates[cid].generation if cid in data.candidates else None}
+        for depth, cid in data.lineage(candidate_id)[1:]
+    ]
+    calls = [row for row in data.llm_calls if row.get("candidate_id") == candidate_id]
+    return _finite({**candidate.to_dict(), "evaluations": evaluations, "lineage": lineage, "llm_calls": calls})
+
+
+def render_candidate(report: dict[str, Any], console=None) -> None:
+    """Print a :func:`candidate_report`: header, thought, code (syntax-highlighted in a
+    terminal), evaluations, lineage and the prompt and reply that produced it."""
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.markup import escape
+    from rich.syntax import Syntax
+    from rich.text import Text
+
+    console = console or Console()
+    console.print(f"[bold]{report['id']} {report['name']}[/bold]  generation {report['generation']}  "
+                  f"operator {report['operator']}  parents {report['parents'] or '-'}")
+    if report["thought"]:
+        console.print(f"thought: {report['thought']}", markup=False, highlight=False)
+    console.print(Syntax(report["code"], "python"))
+    for evaluation in report["evaluations"]:
+        line = f"{evaluation['fitness_name']}: {evaluation['status']}"
+        line += f" fitness {evaluation['fitness']:.4f}" if evaluation["status"] == "ok" else f" {evaluation['error']}"
+        console.print(line + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
+    if report["lineage"]:
+        console.print("[bold]lineage[/bold] (ancestors, nearest first)")
+        for ancestor in report["lineage"]:
+            console.print(f"{'  ' * ancestor['depth']}<- {ancestor['id']} {ancestor['name']}  "
+                          f"fitness {_fmt(ancestor['fitness'])}  gen {_fmt(ancestor['generation'])}  "
+                          f"{ancestor['operator']}", markup=False, highlight=False)
+    else:
+        console.print("lineage: no parents (a seed or a fresh proposal)")
+    for call in report["llm_calls"]:
+        usage = ", ".join(f"{key} {call[key]}" for key in ("tokens_in", "tokens_out", "cost_usd", "latency_s")
+                          if call.get(key) is not None)
+        title = (f"LLM call {call.get('id', '')}: {call.get('operator') or '?'} / {call.get('model') or '?'}"
+                 f" ({call.get('kind') or 'call'}, attempt {call.get('attempt', '?')})")
+        console.print(Panel(Text(_prompt_text(call.get("prompt"))), title=escape(f"{title} - prompt"),
+                            subtitle=escape(usage) or None))
+        if call.get("reply") is not None:
+            console.print(Panel(Text(str(call["reply"])), title="reply"))
+        if call.get("error"):
+            console.print(f"error: {call['error']}", markup=False, highlight=False)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A stored prompt (a JSON list of chat messages, or plain text) as readable text."""
+    try:
+        messages = json.loads(prompt) if isinstance(prompt, str) else prompt
+    except ValueError:
+        return str(prompt)
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        return "\n\n".join(f"[{m.get('role', '?')}]\n{m.get('content', '')}" for m in messages)
+    return str(prompt if prompt is not None else "")
 
 
 def open_run(path: str | Path) -> RunStore:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,6 +55,34 @@ CREATE TABLE IF NOT EXISTS generations (
 );
 """
 
+#: LLM calls (prompt, reply, tokens, cost); added in place to stores written before it existed,
+#: which simply have no rows. ``prompt`` is the JSON list of chat messages sent.
+_LLM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id INTEGER REFERENCES candidates(id),
+    operator TEXT NOT NULL,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    generation INTEGER,
+    request_seed INTEGER,
+    prompt TEXT NOT NULL,
+    reply TEXT,
+    tokens_in INTEGER NOT NULL DEFAULT 0,
+    tokens_out INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS llm_calls_candidate ON llm_calls(candidate_id);
+"""
+
+#: Columns of ``llm_calls`` a caller may set (``id`` and ``created`` are filled in).
+LLM_CALL_FIELDS = ("candidate_id", "operator", "model", "kind", "attempt", "generation", "request_seed", "prompt",
+                   "reply", "tokens_in", "tokens_out", "latency_s", "cost_usd", "error")
+
 
 class StoreError(Exception):
     """A run store is missing, corrupt, of another format or in the wrong state."""
@@ -65,6 +94,9 @@ class RunStore:
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self.path = path
         self._db = connection
+        # LLM calls are recorded from the operators' threads: on a connection of their own.
+        self._calls_db: sqlite3.Connection | None = None
+        self._calls_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------
     @staticmethod
@@ -84,7 +116,7 @@ class RunStore:
             raise StoreError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         store = cls(path, cls._connect(path))
-        store._db.executescript(_SCHEMA)
+        store._db.executescript(_SCHEMA + _LLM_SCHEMA)
         store.set_meta("format", FORMAT)
         store.set_meta("version", VERSION)
         store.set_meta("created", time.time())
@@ -115,6 +147,8 @@ class RunStore:
                 "Use the evoloss release that wrote it, or start a new run."
             )
         store = cls(path, connection)
+        if not readonly:
+            store._db.executescript(_LLM_SCHEMA)
         try:
             store._db.execute("SELECT count(*) FROM candidates").fetchone()
             store._db.execute("SELECT count(*) FROM evaluations").fetchone()
@@ -123,6 +157,10 @@ class RunStore:
         return store
 
     def close(self) -> None:
+        with self._calls_lock:
+            if self._calls_db is not None:
+                self._calls_db.close()
+                self._calls_db = None
         self._db.close()
 
     def _transaction(self):
@@ -166,6 +204,31 @@ class RunStore:
             (generation, json.dumps(record), json.dumps(state), time.time()),
         )
 
+    def add_llm_call(self, **call: Any) -> int:
+        """Record one LLM call (thread-safe; committed at once) and return its id. Keys are
+        :data:`LLM_CALL_FIELDS`; ``operator``, ``model``, ``kind``, ``attempt`` and ``prompt``
+        are required."""
+        unknown = sorted(set(call) - set(LLM_CALL_FIELDS))
+        if unknown:
+            raise ValueError(f"add_llm_call: unknown field(s) {unknown}; known: {list(LLM_CALL_FIELDS)}")
+        names = [name for name in LLM_CALL_FIELDS if name in call]
+        with self._calls_lock:
+            if self._calls_db is None:
+                self._calls_db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+                self._calls_db.execute("PRAGMA synchronous=NORMAL")
+            cursor = self._calls_db.execute(
+                f"INSERT INTO llm_calls ({', '.join(names)}, created) VALUES ({', '.join('?' * len(names))}, ?)",
+                [call[name] for name in names] + [time.time()],
+            )
+            return int(cursor.lastrowid)
+
+    def link_llm_calls(self, call_ids: list[int] | tuple[int, ...], candidate_id: int) -> None:
+        """Mark the calls that produced ``candidate_id``."""
+        if call_ids:
+            with self._transaction():
+                self._db.executemany("UPDATE llm_calls SET candidate_id = ? WHERE id = ?",
+                                     [(candidate_id, call_id) for call_id in call_ids])
+
     # -- reading ----------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -188,6 +251,38 @@ class RunStore:
                 fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
                 duplicate_of=r["duplicate_of"],
             )
+
+    def llm_calls(self, candidate_id: int | None = None, operator: str | None = None) -> list[dict[str, Any]]:
+        """Recorded LLM calls in order, optionally those of one candidate or one operator
+        (a store written before LLM operators existed has none)."""
+        where, values = [], []
+        if candidate_id is not None:
+            where.append("candidate_id = ?")
+            values.append(candidate_id)
+        if operator is not None:
+            where.append("operator = ?")
+            values.append(operator)
+        query = "SELECT * FROM llm_calls" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        try:
+            return [dict(row) for row in self._db.execute(query, values)]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+
+    def llm_totals(self) -> dict[str, Any]:
+        """Calls, tokens in and out and estimated cost of the run's LLM calls."""
+        try:
+            row = self._db.execute(
+                "SELECT count(*), coalesce(sum(tokens_in), 0), coalesce(sum(tokens_out), 0), "
+                "coalesce(sum(cost_usd), 0.0), coalesce(sum(error IS NOT NULL AND reply IS NULL), 0) FROM llm_calls"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            row = (0, 0, 0, 0.0, 0)
+        return {"calls": int(row[0]), "tokens_in": int(row[1]), "tokens_out": int(row[2]), "cost_usd": float(row[3]),
+                "failed_calls": int(row[4])}
 
     def generations(self) -> list[dict[str, Any]]:
         return [

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {run,evaluate,replay,show,list}``.
+"""Command line: ``python -m engine {run,evaluate,replay,show,reevaluate,list}``.
 
 ``main(argv)`` returns the exit code: 0 success, 1 a failed evaluation (``evaluate``),
 2 bad input (flag, file, plug-in, run folder), 130 interrupted (everything finished is saved).
@@ -39,14 +39,16 @@ class LiveProgress:
         self.best = math.nan
         self.gen_scores: list[float] = []
         self.coverage = 0.0
+        self.llm = ""
         self.progress = Progress(
             TextColumn("gen {task.fields[gen]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("best {task.fields[best]} mean {task.fields[mean]} invalid {task.fields[invalid]} "
-                       "coverage {task.fields[coverage]}"),
+                       "coverage {task.fields[coverage]}{task.fields[llm]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=True, disable=quiet,
         )
-        self.task = self.progress.add_task("run", total=total, gen=0, best="-", mean="-", invalid="0%", coverage="0%")
+        self.task = self.progress.add_task("run", total=total, gen=0, best="-", mean="-", invalid="0%", coverage="0%",
+                                           llm="")
 
     def __enter__(self):
         self.progress.start()
@@ -66,6 +68,9 @@ class LiveProgress:
             if payload.ok:
                 self.gen_scores.append(payload.fitness)
                 self.best = payload.fitness if math.isnan(self.best) else max(self.best, payload.fitness)
+        elif kind == "llm":
+            self.llm = (f" llm {payload['calls']} calls {payload['tokens_in'] + payload['tokens_out']} tokens "
+                        f"${payload['cost_usd']:.4f}")
         elif kind == "generation":
             self.coverage = payload.get("coverage", 0.0)
             if not self.quiet:
@@ -73,13 +78,14 @@ class LiveProgress:
                     f"gen {payload['gen']:>3}  evals {payload['evals']:>3}  ok {payload['ok']:>3}  "
                     f"invalid {payload['invalid']:>2}  max {_num(payload.get('max'))}  mean {_num(payload.get('mean'))}  "
                     f"best {_num(payload.get('best'))}  coverage {payload.get('coverage', 0):.3f}  "
-                    f"qd {payload.get('qd_score', 0):.2f}",
+                    f"qd {payload.get('qd_score', 0):.2f}" + (" " + self.llm.strip() if self.llm else ""),
                     soft_wrap=True,
                 )
         mean = sum(self.gen_scores) / len(self.gen_scores) if self.gen_scores else math.nan
         self.progress.update(
             self.task, completed=self.done, gen=self.generation, best=_num(self.best), mean=_num(mean),
             invalid=f"{(self.invalid / self.done if self.done else 0):.0%}", coverage=f"{self.coverage:.0%}",
+            llm=self.llm,
         )
 
 
@@ -93,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from archives.store import RunStore
     from engine.engine import Engine
     from engine.executor import make_executor
-    from engine.plugins import load_fitness, load_operator
+    from engine.plugins import load_fitness, load_operators
 
     if args.resume:
         store = RunStore.open(args.resume)
@@ -112,13 +118,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         store = None
     fitness = load_fitness(config.fitness, config.fitness_options)
     seeds = _checked_seeds(fitness)
-    operators = [load_operator(spec.strip()) for spec in config.operator.split(",") if spec.strip()]
-    if not operators:
+    if not [spec for spec in config.operator.split(",") if spec.strip()]:
         raise UsageError("--operator names no operator")
+    # LLM operators are checked here (key, server, model folder), before the run folder is made.
+    operators = load_operators(config)
     if store is None:
         store = RunStore.create(config.out, config.to_dict())
     run_dir = Path(config.out)
-    total = max(len(seeds), config.pop) + config.pop * config.gens
+    if config.strategy == "sequential":
+        total = max(len(seeds), 1) + config.gens
+    else:
+        total = max(len(seeds), config.pop) + config.pop * config.gens
     progress = LiveProgress(total, quiet=args.quiet)
     engine = Engine(config, fitness, operators, store, on_event=progress)
     if args.resume:
@@ -134,6 +144,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: every finished evaluation is saved in {run_dir}; continue with "
               f"python -m engine run --resume {run_dir}", file=sys.stderr)
         return 130
+    finally:
+        for operator in operators:
+            close = getattr(operator, "close", None)
+            if callable(close):
+                close()
+    if engine.stop_reason:
+        print(f"stopped after generation {engine.generation - 1}: {engine.stop_reason}. Everything is saved in "
+              f"{run_dir}; to go on, raise the budget and resume: python -m engine run --resume {run_dir} "
+              "--max-llm-calls N --max-cost-usd USD", file=sys.stderr)
     summary = summarize(store)
     summary["wall_seconds"] = time.perf_counter() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -170,6 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"--code: cannot read {path}: {exc.strerror or exc}") from exc
     options = dict(args.fitness_options or [])
+    if args.preset is not None:
+        options["preset"] = args.preset
     fitness = load_fitness(args.fitness, options)  # fail fast, in this process, on a bad plug-in
     results = []
     try:
@@ -200,44 +221,128 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from archives.reading import read_run
     from archives.replay import open_run, render_summary, summarize
 
+    if args.export and args.export[0] not in ("csv", "parquet"):
+        raise UsageError(f"--export: format must be csv or parquet, got {args.export[0]!r}")
     store = open_run(args.run)
-    summary = summarize(store, top=args.top)
-    store.close()
+    try:
+        data = read_run(store, args.at_gen)
+    finally:
+        store.close()
+    summary = summarize(None, top=args.top, data=data)
     if args.json:
         print(json.dumps(summary))
     else:
-        render_summary(summary)
+        render_summary(summary, detail=True, max_rows=args.rows)
+    if args.export or args.plots:
+        _replay_files(args, data)
     return 0
 
 
+def _replay_files(args: argparse.Namespace, data) -> None:
+    """``replay --export`` and ``--plots``; file lists go to stderr so ``--json`` stays clean."""
+    from archives.analysis import Run
+
+    run = Run(data)
+    try:
+        if args.export:
+            fmt, directory = args.export
+            written = run.export(directory, fmt)
+            print(f"exported {', '.join(p.name for p in written)} to {directory}", file=sys.stderr)
+        if args.plots:
+            from archives.plots import write_plots
+
+            written, notes = write_plots(run, args.plots, top=args.top)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"plots: {', '.join(str(p) for p in written) or 'none'}", file=sys.stderr)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    from archives.replay import open_run
+    from archives.reading import read_run
+    from archives.replay import candidate_report, open_run, render_candidate
 
     store = open_run(args.run)
-    candidates = {c.id: c for c in store.candidates()}
-    if args.id not in candidates:
-        raise UsageError(f"{args.run} has no candidate {args.id} (ids 0..{max(candidates, default=-1)})")
-    candidate = candidates[args.id]
-    evaluations = [(name, r) for name, r in store.evaluations() if r.candidate_id == args.id]
-    store.close()
+    try:
+        data = read_run(store)
+    finally:
+        store.close()
+    if args.id not in data.candidates:
+        raise UsageError(f"{args.run} has no candidate {args.id} (ids 0..{max(data.candidates, default=-1)})")
+    report = candidate_report(data, args.id)
     if args.json:
-        print(json.dumps({**candidate.to_dict(), "evaluations": [{"fitness_name": n, **r.to_dict()} for n, r in evaluations]}))
-        return 0
-    from rich.console import Console
-    from rich.syntax import Syntax
+        print(json.dumps(report))
+    else:
+        render_candidate(report)
+    return 0
 
-    console = Console()
-    console.print(f"[bold]{candidate.id} {candidate.name}[/bold]  generation {candidate.generation}  "
-                  f"operator {candidate.operator}  parents {list(candidate.parents) or '-'}")
-    if candidate.thought:
-        console.print(f"thought: {candidate.thought}")
-    console.print(Syntax(candidate.code, "python"))
-    for name, result in evaluations:
-        line = f"{name}: {result.status}"
-        line += f" fitness {result.fitness:.4f}" if result.ok else f" {result.error}"
-        console.print(line + f" ({result.seconds:.2f} s)")
+
+def cmd_reevaluate(args: argparse.Namespace) -> int:
+    from archives.reading import read_run
+    from archives.store import RunStore
+    from engine.executor import make_executor
+    from engine.plugins import load_fitness
+    from engine.reevaluate import choose, fitness_label, reevaluate
+
+    if not (args.top or args.elites or args.ids):
+        raise UsageError("say which losses to re-score: --top K, --elites or --ids 3,7")
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be positive, got {args.top}")
+    try:
+        ids = [int(i) for i in args.ids.split(",") if i.strip()] if args.ids else None
+    except ValueError as exc:
+        raise UsageError(f"--ids: expected comma-separated candidate ids, got {args.ids!r}") from exc
+    options = dict(args.fitness_options or [])
+    store = RunStore.open(args.run)
+    try:
+        data = read_run(store)
+        fitness = load_fitness(args.fitness, options)  # fail fast, in this process, on a bad plug-in
+        label = args.label or fitness_label(fitness.name, options, args.seed)
+        if label == data.fitness_name:
+            raise UsageError(f"{label!r} is the fitness the run was scored on; pass another --fitness, a "
+                             "--fitness-opt, a --seed or a --label")
+        seed = args.seed if args.seed is not None else int(data.config.get("eval_seed", 0))
+        chosen = choose(data, top=args.top, elites=args.elites, ids=ids)
+        done = data.extra.get(label, {})
+        todo = [c for c in chosen if c.id not in done or (args.retry_failed and not done[c.id].ok)]
+        if not chosen:
+            raise UsageError(f"{args.run} has no scored loss to re-evaluate")
+        history = store.meta("reevaluations", {}) or {}
+        history[label] = {"fitness": args.fitness, "fitness_name": fitness.name, "fitness_options": options,
+                          "seed": seed, "time": time.time()}
+        store.set_meta("reevaluations", history)
+        if len(todo) < len(chosen) and not args.json:
+            print(f"{len(chosen) - len(todo)} of {len(chosen)} already scored on {label}; scoring {len(todo)}")
+        config = RunConfig(fitness=args.fitness, fitness_options=options, executor=args.executor,
+                           workers=args.workers, timeout=args.timeout, memory_limit_gb=args.memory_limit_gb)
+
+        def report(result) -> None:
+            if not args.json:
+                candidate = data.candidates[result.candidate_id]
+                score = f"{result.fitness:.4f}" if result.ok else f"{result.status}: {result.error}"
+                print(f"{candidate.id} {candidate.name}: {data.fitness_name} {_num(data.fitness_of(candidate.id))}  "
+                      f"{label} {score}", flush=True)
+
+        results = []
+        if todo:
+            with make_executor(config, args.fitness, log_path=data.path / "workers.log") as executor:
+                results = reevaluate(store, label, todo, executor, seed, on_result=report)
+    finally:
+        store.close()
+    by_id = {**done, **{r.candidate_id: r for r in results}}
+    if args.json:
+        print(json.dumps({"label": label, "seed": seed, "scored": len(results), "rows": [
+            {"id": c.id, "name": c.name, "fitness": data.fitness_of(c.id), "other_status": by_id[c.id].status,
+             "other_fitness": by_id[c.id].fitness, "error": by_id[c.id].error}
+            for c in chosen if c.id in by_id
+        ]}))
+    else:
+        print(f"stored {len(results)} score(s) on {label} in {data.path}; compare with: python -m engine replay "
+              f"{data.path}")
     return 0
 
 
@@ -268,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fitness", default=RunConfig.fitness)
     evaluate.add_argument("--fitness-opt", dest="fitness_options", action="append", default=None,
                           type=parse_option, metavar="KEY=VALUE")
+    evaluate.add_argument("--preset", default=None, metavar="NAME", help="the fitness plug-in's preset")
     evaluate.add_argument("--code", required=True, help="file holding one loss function")
     evaluate.add_argument("--seed", type=int, default=RunConfig.eval_seed)
     evaluate.add_argument("--timeout", type=float, default=RunConfig.timeout)
@@ -276,10 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    replay = sub.add_parser("replay", help="summarise a run")
+    replay = sub.add_parser("replay", help="summarise a run: best losses, archive, generations, operators, "
+                                           "failures, LLM cost; plots and export")
     replay.add_argument("run")
-    replay.add_argument("--json", action="store_true")
-    replay.add_argument("--top", type=int, default=5)
+    replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    replay.add_argument("--top", type=int, default=5, help="best losses listed (and drawn in the loss-shape plot)")
+    replay.add_argument("--at-gen", type=int, default=None, metavar="N", help="the run as it was after generation N")
+    replay.add_argument("--rows", type=int, default=20, help="rows shown per long table")
+    replay.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    replay.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
+                        help="write the run's tables into DIR as csv or parquet")
     replay.set_defaults(handler=cmd_replay)
 
     show = sub.add_parser("show", help="print one candidate of a run")
@@ -287,6 +399,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
+
+    reeval = sub.add_parser("reevaluate", help="re-score a run's best losses on another fitness plug-in or preset")
+    reeval.add_argument("run")
+    reeval.add_argument("--fitness", required=True, help="the other fitness: a name, path.py:Class or module:Class")
+    reeval.add_argument("--fitness-opt", dest="fitness_options", action="append", default=None,
+                        type=parse_option, metavar="KEY=VALUE")
+    which = reeval.add_mutually_exclusive_group()
+    which.add_argument("--top", type=int, default=None, metavar="K", help="the K best losses of the run")
+    which.add_argument("--elites", action="store_true", help="every elite of the run's archive")
+    which.add_argument("--ids", help="comma-separated candidate ids")
+    reeval.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's)")
+    reeval.add_argument("--label", help="name the scores are stored under (default: plug-in name and options)")
+    reeval.add_argument("--retry-failed", action="store_true", help="score again losses that failed on it before")
+    reeval.add_argument("--executor", choices=("process", "serial"), default=RunConfig.executor)
+    reeval.add_argument("--workers", type=int, default=RunConfig.workers)
+    reeval.add_argument("--timeout", type=float, default=RunConfig.timeout)
+    reeval.add_argument("--memory-limit-gb", type=float, default=RunConfig.memory_limit_gb)
+    reeval.add_argument("--json", action="store_true", help="print one JSON object")
+    reeval.set_defaults(handler=cmd_reevaluate)
 
     listing = sub.add_parser("list", help="name the fitness plug-ins and operators found")
     listing.add_argument("--json", action="store_true")

@@ -28,7 +28,43 @@ class RunConfig:
     fitness_options: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "keyword options for the fitness plug-in (CLI: --fitness-opt KEY=VALUE, repeatable)"))
     operator: str = field(default="symbolic", metadata=_help(
-        "operator(s) making offspring, comma-separated (e.g. symbolic)"))
+        "operator(s) making offspring, comma-separated: symbolic, openai:MODEL, openai:MODEL@URL, "
+        "anthropic:MODEL, anthropic:MODEL@URL, hf:PATH, replay:RUN, path.py:Class, module:Class"))
+    operator_choice: str = field(default="bandit", metadata=_help(
+        "how an operator is picked per offspring when several are given: bandit (sliding-window "
+        "Thompson sampling on recent valid rate and fitness gain), ucb (sliding-window UCB1) or uniform"))
+    bandit_window: int = field(default=50, metadata=_help(
+        "outcomes per operator the bandit remembers (older ones are forgotten)"))
+    strategy: str = field(default="population", metadata=_help(
+        "population (pop offspring per generation from the archive) or sequential (the DiscoPOP "
+        "paper's single chain: one proposal per generation with the whole history in context)"))
+    context_best: int = field(default=5, metadata=_help("best elites shown to operators (LLM prompts)"))
+    context_diverse: int = field(default=3, metadata=_help(
+        "elites from distant archive cells shown to operators besides the best"))
+    context_order: str = field(default="ascending", metadata=_help(
+        "order of the elites in prompts: ascending (best last, nearest the question) or descending"))
+    context_errors: int = field(default=3, metadata=_help("recent failures (with their errors) shown in prompts"))
+    llm_retries: int = field(default=3, metadata=_help(
+        "re-prompts with the error ('Code not valid. Error: ...') when a reply has no valid code"))
+    llm_check: str = field(default="tests", metadata=_help(
+        "what a reply must pass before it is accepted: tests (static check and the interface's unit "
+        "tests, run in an isolated process unless --executor serial) or static"))
+    llm_timeout: float = field(default=120.0, metadata=_help("seconds allowed per LLM request"))
+    llm_http_retries: int = field(default=4, metadata=_help(
+        "retries of one LLM request on 429, 5xx, timeouts and connection errors (exponential "
+        "backoff, honouring Retry-After; the official clients' own machinery)"))
+    llm_concurrency: int = field(default=8, metadata=_help("LLM requests in flight at once"))
+    llm_temperature: float = field(default=0.7, metadata=_help("sampling temperature of LLM operators"))
+    llm_max_tokens: int = field(default=2048, metadata=_help("maximum tokens per LLM reply"))
+    llm_prices: str | None = field(default=None, metadata=_help(
+        "TOML file of model prices in USD per million tokens (model = {input = 2.5, output = 10}), "
+        "overriding the built-in table"))
+    max_llm_calls: int = field(default=0, metadata=_help(
+        "stop the run after this many LLM calls, keeping everything (0: no limit)"))
+    max_cost_usd: float = field(default=0.0, metadata=_help(
+        "stop the run once the estimated LLM cost reaches this many USD (0: no limit)"))
+    operator_failure_limit: int = field(default=3, metadata=_help(
+        "an operator that fails this many times in a row sits out the rest of the generation"))
     pop: int = field(default=8, metadata=_help("offspring per generation"))
     gens: int = field(default=12, metadata=_help("generations after the initial population"))
     cxpb: float = field(default=0.3, metadata=_help("probability that an offspring comes from crossover"))
@@ -56,7 +92,8 @@ class RunConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
-        for name in ("pop", "workers", "tournament_size", "hof_size", "max_attempts"):
+        for name in ("pop", "workers", "tournament_size", "hof_size", "max_attempts", "bandit_window",
+                     "llm_concurrency", "llm_max_tokens", "operator_failure_limit"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -80,6 +117,21 @@ class RunConfig:
             raise ValueError(f"fitness_options must be a table of options, got {self.fitness_options!r}")
         if self.code_size_bins < 0:
             raise ValueError(f"code_size_bins must be >= 0, got {self.code_size_bins!r}")
+        choices = {"operator_choice": ("bandit", "ucb", "uniform"), "strategy": ("population", "sequential"),
+                   "context_order": ("ascending", "descending"), "llm_check": ("tests", "static")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("context_best", "context_diverse", "context_errors", "llm_retries", "llm_http_retries",
+                     "max_llm_calls"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        positive("llm_timeout", self.llm_timeout)
+        if self.llm_temperature < 0:
+            raise ValueError(f"llm_temperature must be >= 0, got {self.llm_temperature!r}")
+        if self.max_cost_usd < 0:
+            raise ValueError(f"max_cost_usd must be >= 0 (0: no limit), got {self.max_cost_usd!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "fitness_options":
             parser.add_argument("--fitness-opt", dest="fitness_options", action="append", type=parse_option,
                                 default=None, metavar="KEY=VALUE", help=help_text)
+            parser.add_argument("--preset", dest="preset", default=None, metavar="NAME",
+                                help="the fitness plug-in's preset (same as --fitness-opt preset=NAME)")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = {"int": int, "float": float}.get(str(f.type), str)
@@ -161,4 +215,7 @@ def resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Run
             options.update(dict(value))
             value = options
         data[f.name] = value
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        data["fitness_options"] = {**data.get("fitness_options", {}), "preset": preset}
     return RunConfig.from_dict(data)

@@ -1,5 +1,8 @@
 """Finding plug-ins: built-in names, the ``evoloss.fitness`` entry-point group, ``path.py:Class``
-and ``module:Class``. Every failure names the spec, the file and what is wrong."""
+and ``module:Class``; for operators also LLM providers (``openai:MODEL``, ``anthropic:MODEL``,
+``hf:PATH``, ``replay:RUN``), recognised by their prefix before anything else so that
+``openai:gpt-4o`` is never taken for ``module:Class``. Every failure names the spec, the file and
+what is wrong."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +23,10 @@ FITNESS_REGISTRY: dict[str, str] = {
 OPERATOR_REGISTRY: dict[str, str] = {
     "symbolic": "operators.symbolic:SymbolicOperator",
 }
+
+#: LLM operator specs (``PROVIDER:...``), built by :mod:`operators.llm`.
+LLM_PROVIDER_SPECS = ("openai:MODEL", "openai:MODEL@URL", "anthropic:MODEL", "anthropic:MODEL@URL", "hf:PATH",
+                      "replay:RUN")
 
 FITNESS_GROUP = "evoloss.fitness"
 OPERATOR_GROUP = "evoloss.operators"
@@ -132,10 +139,58 @@ def load_fitness(spec: str | type, options: dict[str, Any] | None = None):
     return plugin
 
 
+def _is_llm_spec(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.strip().partition(":")[0] in {s.partition(":")[0] for s in LLM_PROVIDER_SPECS} \
+        and ":" in spec
+
+
+def load_operators(config) -> list:
+    """The run's operators from ``config.operator`` (comma-separated), in order. LLM operators
+    share one budget, price table and reply checker, and are checked before any work starts
+    (key set, server reachable, model folder loadable): a failure names the variable, URL or
+    folder."""
+    specs = [spec.strip() for spec in str(config.operator).split(",") if spec.strip()]
+    operators, factory = [], None
+    for spec in specs:
+        if _is_llm_spec(spec):
+            from operators.llm import LLMOperatorFactory
+            from operators.providers import ProviderSetupError
+
+            try:
+                factory = factory or LLMOperatorFactory(config)
+                operators.extend(factory.build(spec))
+            except ProviderSetupError as exc:
+                raise PluginError(str(exc)) from exc
+        else:
+            operators.append(load_operator(spec))
+    for operator in operators:
+        preflight = getattr(operator, "preflight", None)
+        if callable(preflight):
+            from operators.providers import ProviderSetupError
+
+            try:
+                preflight()
+            except ProviderSetupError as exc:
+                raise PluginError(str(exc)) from exc
+    return operators
+
+
 def load_operator(spec: str | type, options: dict[str, Any] | None = None):
-    """Build one operator from its spec (``symbolic``, ``path.py:Class``, ``module:Class``)."""
+    """Build one operator from its spec (``symbolic``, ``path.py:Class``, ``module:Class``, or an
+    LLM provider such as ``openai:MODEL``; ``options`` may then hold ``config``, a RunConfig)."""
     from operators.base import Operator
 
+    if _is_llm_spec(spec):
+        from engine.config import RunConfig
+        from operators.llm import LLMOperatorFactory
+        from operators.providers import ProviderSetupError
+
+        options = dict(options or {})
+        config = options.pop("config", None) or RunConfig(**options)
+        try:
+            return LLMOperatorFactory(config).build(spec)[0]
+        except ProviderSetupError as exc:
+            raise PluginError(str(exc)) from exc
     cls = resolve_class(spec, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator")
     try:
         return cls(**(options or {}))
@@ -147,5 +202,5 @@ def available() -> dict[str, list[str]]:
     """Names of the fitness plug-ins and operators that can be used."""
     return {
         "fitness": sorted(set(FITNESS_REGISTRY) | set(_entry_points(FITNESS_GROUP))),
-        "operators": sorted(set(OPERATOR_REGISTRY) | set(_entry_points(OPERATOR_GROUP))),
+        "operators": sorted(set(OPERATOR_REGISTRY) | set(_entry_points(OPERATOR_GROUP))) + list(LLM_PROVIDER_SPECS),
     }

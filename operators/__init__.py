@@ -1,4 +1,8 @@
 """How genomes are made: the operator contract and the built-in operators."""
-from operators.base import Context, Elite, Offspring, Operator, OperatorError
+from operators.base import (
+    BudgetExhausted, Context, Elite, Offspring, Operator, OperatorError, OperatorExhausted,
+)
 
-__all__ = ["Context", "Elite", "Offspring", "Operator", "OperatorError"]
+__all__ = [
+    "BudgetExhausted", "Context", "Elite", "Offspring", "Operator", "OperatorError", "OperatorExhausted",
+]

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.candidate import Candidate
+from engine.candidate import Candidate, EvalResult
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,15 @@ class Context:
 
     Attributes:
         interface: The fitness plug-in's function contract (signature, description, example).
-        rng: The run's seeded random generator; operators draw all randomness from it.
+        rng: A seeded random generator (the engine derives one per offspring slot from the run's,
+            so slots made concurrently stay reproducible); operators draw all randomness from it.
         best: The archive's best elites, best first.
         diverse: Elites from distinct archive cells, for variety.
         errors: Recent failures as ``(name, message)``, newest last.
         generation: The generation being asked.
+        history: Every finished candidate with its result, oldest first; filled only for
+            ``--strategy sequential`` (the DiscoPOP single-chain loop feeds it all back).
+        scores: Fitness of every successfully scored candidate by id (a parent's score).
     """
 
     interface: Any
@@ -41,25 +45,45 @@ class Context:
     diverse: list[Elite] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     generation: int = 0
+    history: list[tuple[Candidate, EvalResult]] = field(default_factory=list)
+    scores: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Offspring:
-    """A proposed genome before the engine turns it into a :class:`Candidate`."""
+    """A proposed genome before the engine turns it into a :class:`Candidate`.
+
+    ``llm_calls`` are the run-store ids of the LLM calls that produced it; the engine links
+    them to the candidate it admits.
+    """
 
     name: str
     code: str
     thought: str = ""
+    llm_calls: tuple[int, ...] = ()
 
 
 class OperatorError(Exception):
     """An operator could not produce an offspring (the slot falls back or is retried)."""
 
 
+class OperatorExhausted(OperatorError):
+    """The operator can make nothing more for now (a replay ran out of recorded answers): the
+    engine stops choosing it for the rest of the generation."""
+
+
+class BudgetExhausted(OperatorError):
+    """A run-wide budget is spent (``--max-llm-calls``, ``--max-cost-usd``): the engine keeps
+    the offspring already made, finishes the generation with them and stops the run."""
+
+
 class Operator(ABC):
     """Makes genomes. ``name`` is how the CLI names it (``symbolic``)."""
 
     name: ClassVar[str] = ""
+    #: Whether the engine may call this operator from several threads at once (network-bound
+    #: operators such as LLM clients); others are called one at a time in the driver.
+    concurrent: ClassVar[bool] = False
 
     @abstractmethod
     def mutate(self, parent: Candidate, context: Context) -> Offspring:

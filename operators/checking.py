@@ -1,0 +1,124 @@
+"""Checking an LLM reply before it becomes a candidate, so that the operator can re-prompt with
+the error as the DiscoPOP paper does ("Code not valid. Error: ...").
+
+The static check (:func:`engine.genome.check_genome`) only parses the code and is safe in the
+driver. The interface's unit tests (:meth:`fitness.base.Interface.check`) *run* the genome, so
+with ``--executor process`` they run in one long-lived isolated worker of the same kind as the
+evaluation workers (own process group, memory limit, no secrets in its environment, killed on
+timeout), reached through :class:`engine.executor.ProcessExecutor` with the
+:class:`ContractCheck` plug-in below, which runs the checks and skips training. A check
+takes milliseconds once the worker is up (one torch import, about a second, at first use).
+With ``--executor serial`` (debugging, no isolation anyway) they run in-process.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from engine.genome import GenomeError, check_genome, compile_genome
+from fitness.base import Fitness, Score
+
+
+class ContractCheck(Fitness):
+    """A fitness plug-in that wraps another one's interface and scores every loss 0: running it
+    through the evaluation machinery runs the contract checks (and nothing else) in a worker.
+
+    Args:
+        fitness: The wrapped plug-in's spec.
+        fitness_options: Its options.
+    """
+
+    name = "contract-check"
+
+    def __init__(self, fitness: str, fitness_options: dict[str, Any] | None = None) -> None:
+        from engine.plugins import load_fitness
+
+        self.inner = load_fitness(fitness, fitness_options or {})
+        self.interface = self.inner.interface
+
+    def seeds(self):
+        return []
+
+    def evaluate(self, fn, seed):
+        return Score(0.0)
+
+
+class ReplyChecker:
+    """Static check, then (``mode == "tests"``) the interface's unit tests, in-process or in an
+    isolated worker. Thread-safe: concurrent operator threads share one worker.
+
+    Args:
+        mode: ``tests`` or ``static``.
+        isolated: Run the unit tests in a worker process (else in-process).
+        fitness: Spec of the fitness plug-in (for the worker).
+        fitness_options: Its options.
+        timeout: Seconds allowed per check in the worker.
+        memory_limit_gb: The worker's address-space limit.
+    """
+
+    def __init__(self, mode: str = "tests", isolated: bool = True, fitness: str | None = None,
+                 fitness_options: dict[str, Any] | None = None, timeout: float = 60.0,
+                 memory_limit_gb: float = 4.0) -> None:
+        self.mode = mode
+        self.isolated = isolated and isinstance(fitness, str)
+        self.fitness = fitness
+        self.fitness_options = dict(fitness_options or {})
+        self.timeout = timeout
+        self.memory_limit_gb = memory_limit_gb
+        self.lock = threading.Lock()
+        self.executor = None
+
+    def warm_up(self) -> None:
+        """Start the isolated worker in the background (its torch import then overlaps the
+        evaluation workers' start-up instead of delaying the first reply)."""
+        if self.mode == "tests" and self.isolated and self.executor is None:
+            threading.Thread(target=self._start_quietly, daemon=True, name="evoloss-reply-checker").start()
+
+    def _start_quietly(self) -> None:
+        try:
+            self._start()
+        except Exception:  # noqa: BLE001 - check() starts it again and reports the error
+            pass
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.executor is None:
+                from engine.executor import ProcessExecutor
+
+                executor = ProcessExecutor(
+                    f"{__name__}:ContractCheck", {"fitness": self.fitness, "fitness_options": self.fitness_options},
+                    workers=1, timeout=self.timeout, memory_limit_gb=self.memory_limit_gb,
+                )
+                try:
+                    executor.start()
+                except BaseException:
+                    executor.close()
+                    raise
+                self.executor = executor
+
+    def check(self, code: str, interface) -> None:
+        """Raise :class:`GenomeError` with a readable message if ``code`` breaks the contract."""
+        check_genome(code, interface.arg_counts)
+        if self.mode != "tests":
+            return
+        if not self.isolated:
+            import torch
+
+            fn = compile_genome(code, interface.arg_counts)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                interface.check(fn)
+            return
+        results = []
+        self._start()
+        with self.lock:
+            self.executor.run([(0, code)], 0, None, results.append)
+        result = results[0]
+        if result.status != "ok":
+            raise GenomeError(result.error or result.status, status=result.status)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.executor is not None:
+                self.executor.close()
+                self.executor = None
