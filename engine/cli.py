@@ -120,6 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = _checked_seeds(fitness)
     if not [spec for spec in config.operator.split(",") if spec.strip()]:
         raise UsageError("--operator names no operator")
+    if config.executor == "ray":
+        from engine.ray_executor import import_ray
+
+        import_ray()  # a missing Ray is reported before the run folder is made
     # LLM operators are checked here (key, server, model folder), before the run folder is made.
     operators = load_operators(config)
     if store is None:

@@ -77,7 +77,15 @@ class RunConfig:
         "run folder (created if missing); default runs/<fitness>-<timestamp>"))
     workers: int = field(default=2, metadata=_help("evaluation worker processes"))
     executor: str = field(default="process", metadata=_help(
-        "process (isolated workers, the default) or serial (in-process, no isolation: debugging only)"))
+        "process (isolated workers, the default), ray (isolated workers on a local Ray instance or a "
+        "cluster: pip install 'evoloss[ray]') or serial (in-process, no isolation: debugging only)"))
+    ray_address: str | None = field(default=None, metadata=_help(
+        "with --executor ray: the cluster to join (auto, or ray://host:port); unset starts a local Ray "
+        "instance with --workers x --cpus-per-eval CPUs"))
+    cpus_per_eval: float = field(default=1.0, metadata=_help(
+        "with --executor ray: CPUs each evaluation reserves"))
+    gpus_per_eval: float = field(default=0.0, metadata=_help(
+        "with --executor ray: GPUs each evaluation reserves (a fraction such as 0.5 shares a GPU)"))
     timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
     memory_limit_gb: float = field(default=4.0, metadata=_help("address-space limit per worker in GiB"))
     tournament_size: int = field(default=3, metadata=_help("tournament size for parent selection"))
@@ -111,8 +119,13 @@ class RunConfig:
                 f"cxpb + mutpb must be at most 1 (the rest are fresh proposals), got "
                 f"{self.cxpb} + {self.mutpb} = {self.cxpb + self.mutpb:g}"
             )
-        if self.executor not in ("process", "serial"):
-            raise ValueError(f"executor must be 'process' or 'serial', got {self.executor!r}")
+        if self.executor not in ("process", "ray", "serial"):
+            raise ValueError(f"executor must be 'process', 'ray' or 'serial', got {self.executor!r}")
+        for name in ("cpus_per_eval", "gpus_per_eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.cpus_per_eval == 0 and self.gpus_per_eval == 0:
+            raise ValueError("cpus_per_eval and gpus_per_eval cannot both be 0: an evaluation must reserve something")
         if not isinstance(self.fitness_options, dict):
             raise ValueError(f"fitness_options must be a table of options, got {self.fitness_options!r}")
         if self.code_size_bins < 0:

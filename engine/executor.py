@@ -1,5 +1,6 @@
-"""Executors run evaluations: ``process`` (isolated worker processes, the default) and
-``serial`` (in-process, for debugging).
+"""Executors run evaluations: ``process`` (isolated worker processes, the default), ``ray``
+(the same workers inside Ray actors: :mod:`engine.ray_executor`) and ``serial`` (in-process,
+for debugging).
 
 Each process worker runs in its own session (process group) with an address-space limit and
 an environment holding no secrets. A task that overruns its wall-clock timeout has its
@@ -260,7 +261,8 @@ class ProcessExecutor:
             worker.task, worker.deadline = None, float("inf")
             on_result(EvalResult(**message["result"]))
 
-    def _death_result(self, task: Task, code: int) -> EvalResult:
+    @staticmethod
+    def _death_result(task: Task, code: int) -> EvalResult:
         if code < 0:
             name = signal.Signals(-code).name
             if -code == signal.SIGKILL:
@@ -275,6 +277,14 @@ def make_executor(config, fitness_spec: Any, log_path: str | os.PathLike | None 
     """The executor named by ``config.executor``."""
     if config.executor == "serial":
         return SerialExecutor(fitness_spec, config.fitness_options)
+    if config.executor == "ray":
+        from engine.ray_executor import RayExecutor
+
+        return RayExecutor(
+            fitness_spec, config.fitness_options, workers=config.workers, timeout=config.timeout,
+            memory_limit_gb=config.memory_limit_gb, log_path=log_path, address=config.ray_address,
+            cpus_per_eval=config.cpus_per_eval, gpus_per_eval=config.gpus_per_eval,
+        )
     return ProcessExecutor(
         fitness_spec, config.fitness_options, workers=config.workers, timeout=config.timeout,
         memory_limit_gb=config.memory_limit_gb, log_path=log_path,

@@ -23,6 +23,24 @@ def _warm_up(torch) -> None:
     optimiser.step()
 
 
+def _watch_parent(interval: float = 1.0) -> None:
+    """End this worker's process group if its parent dies (a killed Ray actor or driver): an
+    orphaned worker would otherwise go on running a genome, perhaps one that never stops."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="evoloss-parent-watch").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -40,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # A worker never needs core dumps, and a crashing genome should not write one.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
+    _watch_parent()
     conn = Connection(args.fd)
     try:
         import torch
