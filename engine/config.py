@@ -87,7 +87,9 @@ class RunConfig:
     gpus_per_eval: float = field(default=0.0, metadata=_help(
         "with --executor ray: GPUs each evaluation reserves (a fraction such as 0.5 shares a GPU)"))
     timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
-    memory_limit_gb: float = field(default=4.0, metadata=_help("address-space limit per worker in GiB"))
+    memory_limit_gb: float = field(default=4.0, metadata=_help(
+        "address-space limit per worker in GiB; 0 turns it off (CUDA reserves huge address ranges, so GPU "
+        "runs need 0 and rely on the timeout and the GPU's own memory)"))
     tournament_size: int = field(default=3, metadata=_help("tournament size for parent selection"))
     hof_size: int = field(default=10, metadata=_help("hall-of-fame size"))
     max_attempts: int = field(default=10, metadata=_help(
@@ -109,7 +111,8 @@ class RunConfig:
         if not isinstance(self.gens, int) or self.gens < 0:
             raise ValueError(f"gens must be a non-negative integer, got {self.gens!r}")
         positive("timeout", self.timeout)
-        positive("memory_limit_gb", self.memory_limit_gb)
+        if self.memory_limit_gb < 0:
+            raise ValueError(f"memory_limit_gb must be >= 0 (0: no limit), got {self.memory_limit_gb!r}")
         for name in ("cxpb", "mutpb"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

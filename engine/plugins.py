@@ -17,6 +17,8 @@ from typing import Any
 #: Built-in fitness plug-ins (imported lazily so one broken plug-in cannot hide the others).
 FITNESS_REGISTRY: dict[str, str] = {
     "synthetic-pref": "fitness.synthetic_pref:SyntheticPreference",
+    "cifar10": "fitness.cifar10:Cifar10",
+    "dpo": "fitness.dpo:DPOFitness",
 }
 
 #: Built-in operators.

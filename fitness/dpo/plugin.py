@@ -1,0 +1,219 @@
+"""The ``dpo`` fitness plug-in: a candidate loss fine-tunes a language model with TRL's
+``DPOTrainer`` and the result is scored (the DiscoPOP paper's inner loop, Lu et al. 2024,
+arXiv:2406.08414, sec. 4: zephyr-7b-gemma-sft trained on argilla/dpo-mix-7k, scored by MT-Bench).
+
+One evaluation: load the preference data (once per worker), load a fresh policy, build a
+:class:`fitness.dpo.trainer.CandidateDPOTrainer` whose loss is the candidate (reference
+log-probabilities from the on-disk cache, computed with the policy before training on a
+miss), train, score with the chosen scorer, and release the model.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import tempfile
+import time
+from typing import Any, Callable
+
+from engine.genome import GenomeError
+from fitness.base import Fitness, Score, Seed
+from fitness.dpo.data import check_local, is_local
+from fitness.dpo.settings import DPOSettings, resolve_settings
+from fitness.preference import PreferenceInterface, preference_seeds
+from fitness.synthetic_pref import SyntheticPreference, loss_shape_descriptors
+
+#: The lowest sensible fitness per scorer (the QD score counts from it): accuracy 0, an MT-Bench
+#: rating of 1, a reward of -10 log-odds.
+_FLOORS = {"heldout": 0.0, "mtbench": 1.0, "reward-model": -10.0}
+
+
+def _require_packages() -> None:
+    missing = []
+    for package in ("trl", "transformers", "datasets", "accelerate"):
+        try:
+            __import__(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise RuntimeError(f"the dpo fitness needs {', '.join(missing)}: pip install -e '.[dpo]' "
+                           "(install torch first, pinned, as the README says)")
+
+
+class DPOFitness(Fitness):
+    """DPO fine-tuning through TRL with the candidate as the loss.
+
+    Args:
+        preset: ``tiny`` (default; CPU seconds), ``imdb-gpt2`` or ``zephyr-gemma-mtbench``.
+        **options: Any field of :class:`fitness.dpo.settings.DPOSettings`, overriding the preset.
+    """
+
+    name = "dpo"
+    interface = PreferenceInterface()
+    baseline = "dpo"
+    descriptor_space = SyntheticPreference.descriptor_space
+    fitness_floor = 0.0
+
+    def __init__(self, preset: str | None = None, **options: Any) -> None:
+        self.preset = preset or "tiny"
+        self.settings: DPOSettings = resolve_settings(self.preset, options)
+        self.interface = PreferenceInterface(beta=self.settings.beta)
+        self.fitness_floor = _FLOORS[self.settings.scorer]
+        if is_local(self.settings.dataset):
+            check_local(self.settings.dataset)
+        if self.settings.scorer == "mtbench":
+            # A judge without a key fails here, in the driver, not after hours of training.
+            self._make_judge()
+        self._data = None
+        self._tokenizer = None
+        self._reference_cache = None
+        self._prepared = None  # tokenised data, kept across the candidates a worker scores
+
+    def seeds(self) -> list[Seed]:
+        return preference_seeds()
+
+    def descriptors(self, fn: Callable) -> dict[str, float]:
+        return loss_shape_descriptors(self.interface, fn)
+
+    # -- pieces reused across the candidates a worker scores -----------------------------------
+    def _make_judge(self):
+        from fitness.dpo.mtbench import Judge, MTBenchError
+
+        s = self.settings
+        try:
+            return Judge(s.judge, s.resolved_cache_dir() / "judge", temperature=s.judge_temperature,
+                         max_tokens=s.judge_max_tokens, timeout=s.judge_timeout, retries=s.judge_retries,
+                         api_key_file=s.judge_api_key_file)
+        except MTBenchError as exc:
+            raise ValueError(str(exc)) from exc
+
+    def reference_cache(self):
+        from fitness.dpo.reference_cache import ReferenceCache
+
+        if self._reference_cache is None:
+            self._reference_cache = ReferenceCache(self.settings.resolved_cache_dir())
+        return self._reference_cache
+
+    def data(self):
+        from fitness.dpo.data import load_preference_data
+
+        if self._data is None:
+            self._data = load_preference_data(self.settings)
+        return self._data
+
+    def tokenizer(self):
+        from fitness.dpo.models import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.settings)
+        return self._tokenizer
+
+    # -- training ---------------------------------------------------------------------------
+    def training_arguments(self, output_dir: str, seed: int):
+        """TRL's ``DPOConfig`` for ``settings`` (the reference is always precomputed)."""
+        import torch
+        from trl import DPOConfig
+
+        s = self.settings
+        return DPOConfig(
+            output_dir=output_dir, seed=seed, beta=s.beta, learning_rate=s.learning_rate,
+            num_train_epochs=s.epochs, max_steps=s.max_steps, per_device_train_batch_size=s.per_device_batch,
+            per_device_eval_batch_size=s.per_device_batch, gradient_accumulation_steps=s.grad_accumulation,
+            lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio, optim=s.optimizer,
+            weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, bf16=s.precision == "bf16",
+            fp16=s.precision == "fp16", activation_checkpointing=s.gradient_checkpointing, max_length=s.max_length,
+            precompute_ref_log_probs=True, precompute_ref_batch_size=s.ref_batch_size,
+            use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", eval_strategy="no",
+            logging_steps=s.logging_steps, disable_tqdm=True, dataloader_num_workers=0,
+        )
+
+    def build_trainer(self, loss_fn: Callable, seed: int, output_dir: str, model=None):
+        """A :class:`CandidateDPOTrainer` for the candidate ``loss_fn`` (four tensors -> losses)."""
+        from datasets import Dataset
+
+        from fitness.dpo.models import load_model
+        from fitness.dpo.trainer import CandidateDPOTrainer
+
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        data, tokenizer = self.data(), self.tokenizer()
+        model = model if model is not None else load_model(self.settings, tokenizer)
+        if self._prepared is None:
+            train, heldout = Dataset.from_list(data.train), Dataset.from_list(data.heldout)
+        else:
+            train, heldout = self._prepared["train"], self._prepared["eval"]
+        trainer = CandidateDPOTrainer(
+            model=model, args=self.training_arguments(output_dir, seed), processing_class=tokenizer,
+            train_dataset=train, eval_dataset=heldout, preference_loss=loss_fn,
+            reference_cache=self.reference_cache(), max_prompt_length=self.settings.max_prompt_length,
+            tokenized=self._prepared,
+        )
+        self._prepared = dict(trainer.prepared)
+        # Metrics go to the Score (and trainer.state.log_history), not to stdout: the CLI's
+        # --json output and the worker log stay clean.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def evaluate(self, fn: Callable, seed: int) -> Score:
+        _require_packages()
+        import datasets
+        import torch
+        import transformers
+
+        from fitness.dpo import scorers
+        from fitness.dpo.models import load_model
+
+        start = time.perf_counter()
+        s = self.settings
+        loss_fn = self.interface.bind(fn)
+        judge = self._make_judge() if s.scorer == "mtbench" else None
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        cache = self.reference_cache()
+        hits, misses = cache.hits, cache.misses
+        trainer = policy = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="evoloss-dpo-") as output_dir:
+                trainer = self.build_trainer(loss_fn, seed, output_dir)
+                setup_seconds = time.perf_counter() - start
+                result = trainer.train()
+                train_seconds = time.perf_counter() - start - setup_seconds
+                if not math.isfinite(result.training_loss):
+                    raise GenomeError(f"the training loss is not finite ({result.training_loss}) after "
+                                      f"{trainer.state.global_step} steps", status="error")
+                policy = scorers.TrainedPolicy(trainer, self.tokenizer(), self.data(), s, seed,
+                                               lambda: load_model(s, self.tokenizer()))
+                # Held-out accuracy and margins are cheap: reported whatever the scorer.
+                fitness, metrics = scorers.heldout(policy)
+                if s.scorer == "reward-model":
+                    fitness, scored = scorers.reward_model(policy)
+                    metrics.update(scored)
+                elif s.scorer == "mtbench":
+                    fitness, scored = scorers.mtbench(policy, judge)
+                    metrics.update(scored)
+                metrics.update(self._training_metrics(trainer, result))
+                metrics.update({
+                    "preset": self.preset, "scorer": s.scorer, "train_seconds": train_seconds,
+                    "setup_seconds": setup_seconds, "seconds": time.perf_counter() - start,
+                    "reference_cache_hits": cache.hits - hits, "reference_cache_misses": cache.misses - misses,
+                    "reference_forwards": trainer.reference_forwards,
+                })
+                return Score(fitness=float(fitness), metrics=metrics)
+        finally:
+            if judge is not None:
+                judge.close()
+            # Release the policy (and its optimiser state) before the next candidate.
+            trainer = policy = None
+            if torch.cuda.is_available():
+                gc.collect()  # the trainer holds reference cycles; a full collection takes ~0.2 s
+                torch.cuda.empty_cache()
+
+    @staticmethod
+    def _training_metrics(trainer, result) -> dict[str, Any]:
+        """The run's steps and loss, and TRL's last logged reward metrics."""
+        metrics: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_loss": result.training_loss}
+        for entry in trainer.state.log_history:
+            for key, value in entry.items():
+                if key.startswith(("rewards/", "logps/")) or key == "entropy":
+                    metrics[f"train_{key.replace('/', '_')}"] = value
+        return metrics
