@@ -21,77 +21,19 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from engine.candidate import Candidate  # noqa: E402
 from engine.genome import GenomeError, check_genome, code_hash, compile_genome  # noqa: E402
-from fitness.base import Interface, losses_of  # noqa: E402
+from fitness.base import Interface  # noqa: E402
 from operators.base import Context, OperatorError  # noqa: E402
 from operators.symbolic import SymbolicOperator  # noqa: E402
+from tests.fixtures.losses import GENERIC_SEEDS, PREFERENCE_SEEDS, GenericFixture, PreferenceFixture  # noqa: E402
 
-SIGNATURE = (
-    "(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):\n"
-)
-PREAMBLE = (
-    "    pi_logratios = policy_chosen_logps - policy_rejected_logps\n"
-    "    ref_logratios = reference_chosen_logps - reference_rejected_logps\n"
-    "    logits = pi_logratios - ref_logratios\n"
-)
-FIXTURES = {
-    "dpo": f"def dpo{SIGNATURE}{PREAMBLE}    losses = -F.logsigmoid(self.beta * logits)\n    return losses\n",
-    "hinge": f"def hinge{SIGNATURE}{PREAMBLE}    return torch.relu(1 - self.beta * logits)\n",
-    "ipo": f"def ipo{SIGNATURE}{PREAMBLE}    losses = (logits - 1 / (2 * self.beta)) ** 2\n    return losses\n",
-    "lrml": (
-        f"def lrml{SIGNATURE}{PREAMBLE}"
-        "    logistic = -F.logsigmoid(self.beta * logits)\n"
-        "    exponential = torch.exp(-self.beta * logits)\n"
-        "    weight = torch.sigmoid(logits / 0.05)\n"
-        "    return logistic * (1 - weight) + exponential * weight\n"
-    ),
-    "dpo_short": "def dpo_short(self, pc, pr, rc, rr):\n    return -F.logsigmoid(self.beta * ((pc - pr) - (rc - rr)))\n",
-}
-GENERIC_FIXTURES = {
-    "l1": "def l1(pred, target):\n    return (pred - target).abs()\n",
-    "mse": "def mse(pred, target):\n    diff = pred - target\n    return diff * diff\n",
-}
-
-
-class PreferenceFixture(Interface):
-    """The published preference-loss form with realistic sequence log-probabilities."""
-
-    example = FIXTURES["dpo"]
-    arg_counts = (5,)
-    beta = 0.05  # what genomes see as self.beta
-
-    def sample_inputs(self, batch_size, generator):
-        reference_chosen = -(20.0 + 100.0 * torch.rand(batch_size, generator=generator))
-        reference_rejected = -(20.0 + 100.0 * torch.rand(batch_size, generator=generator))
-        policy_chosen = reference_chosen + 8.0 * torch.randn(batch_size, generator=generator)
-        policy_rejected = reference_rejected + 8.0 * torch.randn(batch_size, generator=generator)
-        return {
-            "policy_chosen_logps": policy_chosen.requires_grad_(True),
-            "policy_rejected_logps": policy_rejected.requires_grad_(True),
-            "reference_chosen_logps": reference_chosen,
-            "reference_rejected_logps": reference_rejected,
-        }
-
-    def call(self, fn, inputs):
-        return losses_of(fn(SimpleNamespace(beta=self.beta), *inputs.values()))
-
-
-class GenericFixture(Interface):
-    """A regression loss ``f(pred, target)``."""
-
-    example = GENERIC_FIXTURES["l1"]
-    arg_counts = (2,)
-
-    def sample_inputs(self, batch_size, generator):
-        pred = torch.randn(batch_size, generator=generator).requires_grad_(True)
-        return {"pred": pred, "target": torch.randn(batch_size, generator=generator)}
+FIXTURES = PREFERENCE_SEEDS
+GENERIC_FIXTURES = GENERIC_SEEDS
 
 
 def suites(which: str) -> list[tuple[str, Interface, dict[str, str]]]:

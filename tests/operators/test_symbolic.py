@@ -8,87 +8,14 @@ import re
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from engine.candidate import Candidate
 from engine.genome import GenomeError, check_genome, code_hash, compile_genome
-from fitness.base import Interface, losses_of
+from fitness.base import Interface
 from operators.base import Context, Elite, Offspring, OperatorError
 from operators.symbolic import CROSSOVERS, MUTATIONS, PRIMITIVES, SymbolicOperator
+from tests.fixtures.losses import GENERIC, GENERIC_SEEDS, IPO, LRML, PREFERENCE, PREFERENCE_SEEDS, _preference
 
-SIGNATURE = (
-    "(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):\n"
-)
-PREAMBLE = (
-    "    pi_logratios = policy_chosen_logps - policy_rejected_logps\n"
-    "    ref_logratios = reference_chosen_logps - reference_rejected_logps\n"
-    "    logits = pi_logratios - ref_logratios\n"
-)
-
-
-def _preference(name: str, body: str) -> str:
-    return f"def {name}{SIGNATURE}{PREAMBLE}{body}"
-
-
-DPO = _preference("dpo", "    losses = -F.logsigmoid(self.beta * logits)\n    return losses\n")
-HINGE = _preference("hinge", "    return torch.relu(1 - self.beta * logits)\n")
-IPO = _preference("ipo", "    losses = (logits - 1 / (2 * self.beta)) ** 2\n    return losses\n")
-LRML = _preference(
-    "lrml",
-    "    logistic = -F.logsigmoid(self.beta * logits)\n"
-    "    exponential = torch.exp(-self.beta * logits)\n"
-    "    weight = torch.sigmoid(logits / 0.05)\n"
-    "    return logistic * (1 - weight) + exponential * weight\n",
-)
-ONE_LINE = "def dpo_short(self, pc, pr, rc, rr):\n    return -F.logsigmoid(self.beta * ((pc - pr) - (rc - rr)))\n"
-PREFERENCE_SEEDS = {"dpo": DPO, "hinge": HINGE, "ipo": IPO, "lrml": LRML, "dpo_short": ONE_LINE}
-
-L1 = "def l1(pred, target):\n    return (pred - target).abs()\n"
-MSE = "def mse(pred, target):\n    diff = pred - target\n    return diff * diff\n"
-GENERIC_SEEDS = {"l1": L1, "mse": MSE}
-
-
-class PreferenceFixture(Interface):
-    """The paper's published form, with realistic sequence log-probabilities."""
-
-    signature = "def loss" + SIGNATURE.rstrip("\n")
-    example = DPO
-    arg_counts = (5,)
-    beta = 0.05  # what genomes see as self.beta
-    # F.logsigmoid on some small CPU tensors (e.g. 7 elements) takes milliseconds in torch 2.13
-    batch_sizes = (1, 16)
-
-    def sample_inputs(self, batch_size, generator):
-        reference_chosen = -(20.0 + 100.0 * torch.rand(batch_size, generator=generator))
-        reference_rejected = -(20.0 + 100.0 * torch.rand(batch_size, generator=generator))
-        policy_chosen = reference_chosen + 8.0 * torch.randn(batch_size, generator=generator)
-        policy_rejected = reference_rejected + 8.0 * torch.randn(batch_size, generator=generator)
-        return {
-            "policy_chosen_logps": policy_chosen.requires_grad_(True),
-            "policy_rejected_logps": policy_rejected.requires_grad_(True),
-            "reference_chosen_logps": reference_chosen,
-            "reference_rejected_logps": reference_rejected,
-        }
-
-    def call(self, fn, inputs):
-        return losses_of(fn(SimpleNamespace(beta=self.beta), *inputs.values()))
-
-
-class GenericFixture(Interface):
-    """A regression loss ``f(pred, target)``: nothing about preferences."""
-
-    signature = "def loss(pred, target):"
-    example = L1
-    arg_counts = (2,)
-    batch_sizes = (1, 16)
-
-    def sample_inputs(self, batch_size, generator):
-        pred = torch.randn(batch_size, generator=generator).requires_grad_(True)
-        return {"pred": pred, "target": torch.randn(batch_size, generator=generator)}
-
-
-PREFERENCE = PreferenceFixture()
-GENERIC = GenericFixture()
 
 
 def candidates(seeds: dict[str, str]) -> list[Candidate]:
