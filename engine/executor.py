@@ -56,21 +56,16 @@ class Task:
     attempts: int = 0
 
 
-class SerialExecutor:
-    """Scores candidates one at a time in this process: no timeout, no isolation.
-
-    For debugging plug-ins and for tests; use the process executor for untrusted genomes.
-    """
-
-    def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, **_: Any) -> None:
-        self.fitness = load_fitness(fitness_spec, fitness_options)
+class Executor:
+    """What every executor offers: ``start()``, ``run(tasks, seed, decide, on_result)`` (calls
+    ``on_result`` in the driver as each evaluation finishes) and ``close()``; a context manager
+    starts and closes it."""
 
     def start(self) -> None:
         pass
 
     def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
-        for candidate_id, code in tasks:
-            on_result(run_candidate(self.fitness, candidate_id, code, seed, decide=decide))
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -83,6 +78,20 @@ class SerialExecutor:
         self.close()
 
 
+class SerialExecutor(Executor):
+    """Scores candidates one at a time in this process: no timeout, no isolation.
+
+    For debugging plug-ins and for tests; use the process executor for untrusted genomes.
+    """
+
+    def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, **_: Any) -> None:
+        self.fitness = load_fitness(fitness_spec, fitness_options)
+
+    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+        for candidate_id, code in tasks:
+            on_result(run_candidate(self.fitness, candidate_id, code, seed, decide=decide))
+
+
 @dataclass
 class _Worker:
     process: subprocess.Popen
@@ -93,7 +102,7 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
 
 
-class ProcessExecutor:
+class ProcessExecutor(Executor):
     """A pool of isolated worker processes (see the module docstring).
 
     Args:
@@ -123,13 +132,6 @@ class ProcessExecutor:
         self._log = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def start(self) -> None:
         if self.log_path:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from engine.candidate import EvalResult
 from engine.evaluation import Decide
-from engine.executor import OnResult, ProcessExecutor, Task
+from engine.executor import Executor, OnResult, ProcessExecutor, Task
 from engine.plugins import PluginError
 
 INSTALL_HINT = "pip install 'evoloss[ray]' (or pip install 'ray>=2.9')"
@@ -136,7 +136,7 @@ class _Slot:
     deadline: float = float("inf")
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Evaluations as Ray actors (see the module docstring).
 
     Args:
@@ -178,13 +178,6 @@ class RayExecutor:
         self._actor_class = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def start(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
