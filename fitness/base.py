@@ -215,6 +215,12 @@ class Fitness(ABC):
         names in :attr:`descriptor_space`."""
         return {}
 
+    def resources(self) -> dict[str, float]:
+        """What one evaluation needs: ``{"cpus": ..., "gpus": ...}``. The Ray executor reserves
+        this per evaluation unless ``--cpus-per-eval`` / ``--gpus-per-eval`` say otherwise; a
+        plug-in whose presets differ (a CPU toy and an 8-GPU recipe) answers per instance."""
+        return {"cpus": 1.0, "gpus": 0.0}
+
     @abstractmethod
     def evaluate(self, fn: Callable, seed: int) -> Score:
         """Train with ``fn`` as the loss and score the result; deterministic for ``seed``.
