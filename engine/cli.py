@@ -98,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from archives.replay import render_summary, summarize
     from archives.store import RunStore
     from engine.engine import Engine
-    from engine.executor import make_executor
+    from engine.executor import make_executor, plugin_resources
+    from engine.ladder import check_compatible
     from engine.plugins import load_fitness, load_operators
 
     if args.resume:
@@ -116,7 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = config.run_dir()
         config.out = str(run_dir)
         store = None
-    fitness = load_fitness(config.fitness, config.fitness_options)
+    stages = [load_fitness(stage.spec, stage.options) for stage in config.stages()]
+    try:
+        check_compatible(stages)
+        resources = plugin_resources(stages)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    fitness = stages[0]
     seeds = _checked_seeds(fitness)
     if not [spec for spec in config.operator.split(",") if spec.strip()]:
         raise UsageError("--operator names no operator")
@@ -133,8 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         total = max(len(seeds), 1) + config.gens
     else:
         total = max(len(seeds), config.pop) + config.pop * config.gens
+    if config.max_evals:
+        total = min(total, config.max_evals)
     progress = LiveProgress(total, quiet=args.quiet)
-    engine = Engine(config, fitness, operators, store, on_event=progress)
+    engine = Engine(config, stages, operators, store, on_event=progress)
     if args.resume:
         engine.restore()
         progress.done = sum(r.status != "duplicate" for r in engine.results.values())
@@ -142,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", RuntimeWarning)
-            with make_executor(config, config.fitness, log_path=run_dir / "workers.log") as executor, progress:
+            with make_executor(config, log_path=run_dir / "workers.log", resources=resources) as executor, progress:
                 engine.run(executor)
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished evaluation is saved in {run_dir}; continue with "

@@ -19,14 +19,23 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 
+
 @dataclass
 class RunConfig:
     """Settings of one evolutionary run (the evolving state lives in :class:`engine.Engine`)."""
 
-    fitness: str = field(default="synthetic-pref", metadata=_help(
-        "fitness plug-in: a registered name, an entry point, path.py:Class or module:Class"))
+    fitness: str | list[str] = field(default="synthetic-pref", metadata=_help(
+        "fitness plug-in: a registered name, an entry point, path.py:Class or module:Class; or a fidelity "
+        "ladder, cheapest first: 'synthetic-pref>dpo' (a list in TOML); see --promote"))
     fitness_options: dict[str, Any] = field(default_factory=dict, metadata=_help(
-        "keyword options for the fitness plug-in (CLI: --fitness-opt KEY=VALUE, repeatable)"))
+        "keyword options for the fitness plug-in (CLI: --fitness-opt KEY=VALUE, repeatable; with a ladder "
+        "STAGE.KEY=VALUE for one stage, KEY=VALUE for the last)"))
+    promote: float = field(default=0.25, metadata=_help(
+        "with a fidelity ladder: the fraction of a stage's successfully scored candidates promoted to the "
+        "next stage (per generation; with --async, the top fraction of all scores on the stage so far)"))
+    promote_above: float | None = field(default=None, metadata=_help(
+        "with a fidelity ladder: promote only candidates scoring at least this on their stage (combined "
+        "with --promote; --promote 1 makes it a pure threshold)"))
     operator: str = field(default="symbolic", metadata=_help(
         "operator(s) making offspring, comma-separated: symbolic, openai:MODEL, openai:MODEL@URL, "
         "anthropic:MODEL, anthropic:MODEL@URL, hf:PATH, replay:RUN, path.py:Class, module:Class"))
@@ -67,6 +76,13 @@ class RunConfig:
         "an operator that fails this many times in a row sits out the rest of the generation"))
     pop: int = field(default=8, metadata=_help("offspring per generation"))
     gens: int = field(default=12, metadata=_help("generations after the initial population"))
+    asynchronous: bool = field(default=False, metadata=_help(
+        "steady-state search (--async): a new offspring is made the moment a worker frees up, its parents "
+        "drawn from the archive as it stands; --pop then counts evaluations per logbook generation",
+        flag="--async"))
+    max_evals: int = field(default=0, metadata=_help(
+        "stop after this many candidates have been evaluated (on the first fidelity stage), in either mode "
+        "(0: --pop and --gens decide)"))
     cxpb: float = field(default=0.3, metadata=_help("probability that an offspring comes from crossover"))
     mutpb: float = field(default=0.6, metadata=_help(
         "probability that an offspring comes from mutation (the rest are fresh proposals)"))
@@ -82,10 +98,12 @@ class RunConfig:
     ray_address: str | None = field(default=None, metadata=_help(
         "with --executor ray: the cluster to join (auto, or ray://host:port); unset starts a local Ray "
         "instance with --workers x --cpus-per-eval CPUs"))
-    cpus_per_eval: float = field(default=1.0, metadata=_help(
-        "with --executor ray: CPUs each evaluation reserves"))
-    gpus_per_eval: float = field(default=0.0, metadata=_help(
-        "with --executor ray: GPUs each evaluation reserves (a fraction such as 0.5 shares a GPU)"))
+    cpus_per_eval: float | None = field(default=None, metadata=_help(
+        "with --executor ray: CPUs each evaluation reserves (unset: what the fitness plug-in asks for, "
+        "usually 1)"))
+    gpus_per_eval: float | None = field(default=None, metadata=_help(
+        "with --executor ray: GPUs each evaluation reserves, a fraction such as 0.5 shares a GPU (unset: what "
+        "the fitness plug-in asks for)"))
     timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "address-space limit per worker in GiB; 0 turns it off (CUDA reserves huge address ranges, so GPU "
@@ -125,10 +143,22 @@ class RunConfig:
         if self.executor not in ("process", "ray", "serial"):
             raise ValueError(f"executor must be 'process', 'ray' or 'serial', got {self.executor!r}")
         for name in ("cpus_per_eval", "gpus_per_eval"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.cpus_per_eval == 0 and self.gpus_per_eval == 0:
             raise ValueError("cpus_per_eval and gpus_per_eval cannot both be 0: an evaluation must reserve something")
+        from engine.ladder import parse_fitness
+
+        parse_fitness(self.fitness)
+        if not 0.0 < self.promote <= 1.0:
+            raise ValueError(f"promote must be a fraction in (0, 1], got {self.promote!r}")
+        if not isinstance(self.asynchronous, bool):
+            raise ValueError(f"asynchronous must be true or false, got {self.asynchronous!r}")
+        if not isinstance(self.max_evals, int) or isinstance(self.max_evals, bool) or self.max_evals < 0:
+            raise ValueError(f"max_evals must be a non-negative integer (0: no limit), got {self.max_evals!r}")
+        if self.asynchronous and self.strategy == "sequential":
+            raise ValueError("--async and --strategy sequential do not go together: the sequential chain waits "
+                             "for each result by design")
         if not isinstance(self.fitness_options, dict):
             raise ValueError(f"fitness_options must be a table of options, got {self.fitness_options!r}")
         if self.code_size_bins < 0:
@@ -152,6 +182,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def stages(self):
+        """The fidelity stages (one unless ``fitness`` is a ladder), each a
+        :class:`engine.ladder.StageSpec` with its own options."""
+        from engine.ladder import parse_fitness, split_options
+
+        return split_options(parse_fitness(self.fitness), self.fitness_options)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -166,7 +203,10 @@ class RunConfig:
         import time
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{self.fitness.replace(':', '_').replace('/', '_')}-{stamp}-{os.getpid()}"
+        from engine.ladder import parse_fitness
+
+        name = "-".join(parse_fitness(self.fitness)).replace(":", "_").replace("/", "_")
+        return Path("runs") / f"{name}-{stamp}-{os.getpid()}"
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -211,7 +251,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="the fitness plug-in's preset (same as --fitness-opt preset=NAME)")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        flag = f.metadata.get("flag", flag)
+        if str(f.type) == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
         parser.add_argument(flag, dest=f.name, type=kind, default=None,
                             help=f"{help_text} (default: {default})")
 

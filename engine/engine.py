@@ -28,6 +28,7 @@ from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
 from engine.config import RunConfig
 from engine.genome import GenomeError, check_genome, code_hash, code_size
+from engine.ladder import check_compatible, promote_generation, stage_labels
 from fitness.base import Descriptor
 from operators.bandit import make_chooser
 from operators.base import BudgetExhausted, Context, Elite, Offspring, Operator, OperatorExhausted
@@ -36,7 +37,10 @@ CODE_SIZE = "code_size"
 
 
 class _MaxFitness(base.Fitness):
-    weights = (1.0,)
+    # (fidelity level, score): DEAP compares fitness values lexicographically, so a candidate
+    # scored on a more expensive stage of a fidelity ladder ranks above any scored only on a
+    # cheaper one, and scores are compared within a stage. Without a ladder the level is 0.
+    weights = (1.0, 1.0)
 
 
 class Individual:
@@ -44,9 +48,17 @@ class Individual:
 
     __slots__ = ("candidate", "fitness")
 
-    def __init__(self, candidate: Candidate, value: float) -> None:
+    def __init__(self, candidate: Candidate, value: float, level: int = 0) -> None:
         self.candidate = candidate
-        self.fitness = _MaxFitness((value,))
+        self.fitness = _MaxFitness((float(level), value))
+
+    @property
+    def score(self) -> float:
+        return self.fitness.values[1]
+
+    @property
+    def level(self) -> int:
+        return int(self.fitness.values[0])
 
 
 @contextmanager
@@ -107,7 +119,8 @@ class Engine:
 
     Args:
         config: The run's settings.
-        fitness: The fitness plug-in (its seeds, interface and descriptor space are used here).
+        fitness: The fitness plug-in (its seeds, interface and descriptor space are used here),
+            or the stages of a fidelity ladder, cheapest first (:mod:`engine.ladder`).
         operators: Operators making offspring; one is chosen per offspring (``--operator-choice``).
         store: The run log; the engine writes every candidate and evaluation to it.
         on_event: Optional callback ``(kind, payload)`` for progress displays.
@@ -118,20 +131,31 @@ class Engine:
         if not operators:
             raise ValueError("the engine needs at least one operator")
         self.config = config
-        self.fitness = fitness
+        self.stages = list(fitness) if isinstance(fitness, (list, tuple)) else [fitness]
+        if not self.stages:
+            raise ValueError("the engine needs at least one fitness plug-in")
+        check_compatible(self.stages)
+        #: What the run store files each stage's scores under.
+        self.labels = stage_labels(s.name for s in self.stages)
+        self.fitness = self.stages[0]  # seeds and the function contract come from the first stage
         self.operators = list(operators)
         self.store = store
         self.run_dir = store.path.parent
         self.on_event = on_event or (lambda kind, payload: None)
         self.rng = random.Random(config.seed)
-        space = list(fitness.descriptor_space)
-        if config.code_size_bins:
-            space.append(Descriptor(CODE_SIZE, 0, 240, config.code_size_bins, "syntax nodes of the normalised code"))
-        if not space:
-            space.append(Descriptor(CODE_SIZE, 0, 240, 1, "syntax nodes of the normalised code"))
-        self.archive = MapElitesArchive(space, fitness_floor=fitness.fitness_floor)
+        spaces = [self._space(stage) for stage in self.stages]
+        space = spaces[0]
+        #: One MAP-Elites grid per fidelity stage; ``archive`` is the most expensive stage's.
+        self.archives = [MapElitesArchive(sp, fitness_floor=stage.fitness_floor)
+                         for sp, stage in zip(spaces, self.stages)]
+        self.archive = self.archives[-1]
         self.candidates: dict[int, Candidate] = {}
-        self.results: dict[int, EvalResult] = {}
+        #: Results per stage (candidate id -> result); ``results`` is stage 0's, which every
+        #: candidate gets.
+        self.stage_results: list[dict[int, EvalResult]] = [{} for _ in self.stages]
+        self.results = self.stage_results[0]
+        #: Stage of each evaluation handed to the executor and not yet recorded.
+        self.running: dict[int, int] = {}
         self.by_hash: dict[str, int] = {}
         self.by_fingerprint: dict[str, int] = {}
         self.generation = 0
@@ -139,7 +163,7 @@ class Engine:
         self.pending: list[Candidate] | None = None
         self._resumed_batch = False
         self.hall_of_fame = tools.HallOfFame(config.hof_size, similar=lambda a, b: a.candidate.id == b.candidate.id)
-        self.statistics = tools.Statistics(key=lambda ind: ind.fitness.values[0])
+        self.statistics = tools.Statistics(key=lambda ind: ind.score)
         for name, function in (("max", np.max), ("mean", np.mean), ("min", np.min), ("std", np.std)):
             self.statistics.register(name, function)
         self.logbook = tools.Logbook()
@@ -161,37 +185,64 @@ class Engine:
             if callable(attach):
                 attach(store)
         store.set_meta("stopped", None)
-        store.set_meta("fitness_name", fitness.name)
-        store.set_meta("baseline", fitness.baseline)
+        store.set_meta("fitness_name", self.labels[0])
+        store.set_meta("baseline", self.fitness.baseline)
         store.set_meta("descriptor_space", [dataclasses.asdict(d) for d in space])
+        store.set_meta("fidelity_ladder", self.labels if len(self.stages) > 1 else None)
+
+    def _space(self, stage) -> list[Descriptor]:
+        space = list(stage.descriptor_space)
+        if self.config.code_size_bins:
+            space.append(Descriptor(CODE_SIZE, 0, 240, self.config.code_size_bins, "syntax nodes of the normalised code"))
+        if not space:
+            space.append(Descriptor(CODE_SIZE, 0, 240, 1, "syntax nodes of the normalised code"))
+        return space
+
+    @property
+    def ladder(self) -> bool:
+        return len(self.stages) > 1
 
     # -- restoring ----------------------------------------------------------------------------
     def restore(self) -> None:
         """Rebuild the evolving state from the store (``--resume``): candidates, results,
         dedup tables, archive, hall of fame, logbook, counters and the random state."""
         candidates = self.store.candidates()
-        results = {r.candidate_id: r for name, r in self.store.evaluations(self.fitness.name)}
+        for stage, label in enumerate(self.labels):
+            self.stage_results[stage].update((r.candidate_id, r) for _, r in self.store.evaluations(label))
+        results = self.results
         generations = self.store.generations()
         for candidate in candidates:
             self.candidates[candidate.id] = candidate
             self.by_hash.setdefault(candidate.code_hash, candidate.id)
         self.next_id = max(self.candidates, default=-1) + 1
-        self.results = results
         for result in results.values():
             if result.fingerprint and result.status != "duplicate":
                 self.by_fingerprint.setdefault(result.fingerprint, result.candidate_id)
-        for entry in generations:
-            members = [c for c in candidates if c.generation == entry["generation"]]
-            self._absorb(members)
-            self.logbook.record(**entry["record"])
-            self.generation = entry["generation"] + 1
+        if self.config.asynchronous:
+            # Steady state: results arrive in any order, so everything scored goes back into the
+            # archive at once; what was running when the driver died is run again first
+            # (engine.steady).
+            self._absorb([c for c in candidates if c.id in results])
+            for entry in generations:
+                self.logbook.record(**entry["record"])
+                self.generation = entry["generation"] + 1
+        else:
+            for entry in generations:
+                members = [c for c in candidates if c.generation == entry["generation"]]
+                self._absorb(members)
+                self.logbook.record(**entry["record"])
+                self.generation = entry["generation"] + 1
         if generations:
             state = generations[-1]["state"]
             self.counters.update(state.get("counters", {}))
             self.rng.setstate(_tuple_state(state["rng"]))
             self.chooser.restore(state.get("chooser"))
         asked = self.store.meta("rng_after_ask")
-        if asked and asked["generation"] == self.generation and any(
+        if self.config.asynchronous:
+            # Proposals in steady state depend on the order results arrived in, which no run
+            # repeats; a resumed run draws from a generator seeded by where it stands.
+            self.rng.seed(f"{self.config.seed}/resume/{len(candidates)}")
+        elif asked and asked["generation"] == self.generation and any(
             c.generation == self.generation for c in candidates
         ):
             self.rng.setstate(_tuple_state(asked["rng"]))
@@ -214,12 +265,14 @@ class Engine:
         invalid: list[EvalResult] = []
         if generation == 0:
             for seed in self.fitness.seeds():
-                self._admit(Offspring(seed.name, seed.code, seed.thought), (), "seed", batch, invalid)
+                if len(self.candidates) < self.eval_budget:
+                    self._admit(Offspring(seed.name, seed.code, seed.thought), (), "seed", batch, invalid)
         if self.config.strategy == "sequential":
             # The DiscoPOP loop: one proposal per generation (the seeds alone in generation 0).
             slots = 1 if generation > 0 or not batch else 0
         else:
             slots = self.config.pop if generation > 0 else max(0, self.config.pop - len(batch))
+        slots = min(slots, self.eval_budget - len(self.candidates))
         self._fill(slots, self._context(), generation == 0, batch, invalid)
         self.store.add_candidates(batch)
         for candidate in batch:
@@ -397,12 +450,13 @@ class Engine:
         self._record(result)
 
     def _record(self, result: EvalResult) -> None:
-        self.store.add_evaluation(result, self.fitness.name)
-        self.results[result.candidate_id] = result
+        stage = self.running.pop(result.candidate_id, 0)
+        self.store.add_evaluation(result, self.labels[stage])
+        self.stage_results[stage][result.candidate_id] = result
         if result.status in ("invalid", "error", "timeout", "oom"):
             name = self.candidates[result.candidate_id].name if result.candidate_id in self.candidates else "?"
             self.errors.append((name, result.error or result.status))
-        self.on_event("result", result)
+        self.on_event("result" if stage == 0 else "stage_result", result)
 
     # -- tell -----------------------------------------------------------------------------------
     def tell(self, results: list[EvalResult]) -> dict[str, Any]:
@@ -424,7 +478,21 @@ class Engine:
                 self.chooser.update(candidate.operator.rpartition(":")[0],
                                     self._reward(candidate, by_id[candidate.id], reference))
         self._absorb(members)
+        record = self.finish_generation(members)
+        self.pending = None
+        return record
+
+    def finish_generation(self, members: list[Candidate], state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Close a generation over ``members`` (already scored and absorbed): its logbook record,
+        saved with the random state, the elite archive rewritten. Returns the record."""
+        by_id = {c.id: self.results[c.id] for c in members}
         ok = [Individual(c, by_id[c.id].fitness) for c in members if by_id[c.id].ok]
+        ladder: dict[str, Any] = {}
+        for stage in range(1, len(self.stages)):
+            scored = [self.stage_results[stage][c.id] for c in members if c.id in self.stage_results[stage]]
+            good = [r.fitness for r in scored if r.ok]
+            ladder[self.labels[stage]] = {"evals": len(scored), "ok": len(good),
+                                          "max": max(good) if good else math.nan}
         record: dict[str, Any] = {
             "gen": self.generation, "evals": sum(by_id[c.id].status != "duplicate" for c in members),
             "ok": len(ok), "invalid": sum(by_id[c.id].status == "invalid" for c in members),
@@ -437,20 +505,22 @@ class Engine:
             record.update({"max": math.nan, "mean": math.nan, "min": math.nan, "std": math.nan})
             if members:
                 warnings.warn(f"generation {self.generation}: none of its {len(members)} candidates was scored "
-                              "successfully; see their errors with 'replay' or 'show'", RuntimeWarning, stacklevel=2)
+                              "successfully; see their errors with 'replay' or 'show'", RuntimeWarning, stacklevel=3)
             else:
                 warnings.warn(f"generation {self.generation}: the operators produced no new genome",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
         best = self.best()
         record["best"] = best[1] if best else math.nan
+        if ladder:
+            record["stages"] = ladder
+            record["best_fidelity"] = self.labels[self._top(best[0].id)[0]] if best else None
         record.update(self.archive.stats())
         self.logbook.record(**record)
-        self.store.finish_generation(self.generation, record, {"rng": self.rng.getstate(), "counters": self.counters,
-                                                               "chooser": self.chooser.state()})
+        self.store.finish_generation(self.generation, record, {
+            "rng": self.rng.getstate(), "counters": self.counters, "chooser": self.chooser.state(), **(state or {})})
         self._write_elites()
         self.on_event("generation", record)
         self.generation += 1
-        self.pending = None
         return record
 
     def _reward(self, candidate: Candidate, result: EvalResult, reference: float | None) -> float:
@@ -463,36 +533,73 @@ class Engine:
         return 1.0 if bar is None or result.fitness > bar else 0.5
 
     def _absorb(self, members: list[Candidate]) -> None:
-        """Put a finished generation's successful candidates into the archive and hall of fame."""
-        scored, entries = [], []
-        for candidate in sorted(members, key=lambda c: c.id):
-            result = self.results.get(candidate.id)
-            if result is None or not result.ok:
-                continue
-            descriptors = {**result.descriptors, CODE_SIZE: float(code_size(candidate.code))}
-            entries.append((candidate.id, result.fitness, descriptors))
-            scored.append(Individual(candidate, result.fitness))
-        # In id order within one batch: pyribs keeps the first of equal objectives in a cell,
-        # as adding them one by one would.
-        self.archive.add_many(entries)
+        """Put finished candidates' successful results into each stage's archive, and each
+        candidate, at the highest stage it reached, into the hall of fame."""
+        members = sorted(members, key=lambda c: c.id)
+        for stage, archive in enumerate(self.archives):
+            entries = []
+            for candidate in members:
+                result = self.stage_results[stage].get(candidate.id)
+                if result is not None and result.ok:
+                    descriptors = {**result.descriptors, CODE_SIZE: float(code_size(candidate.code))}
+                    entries.append((candidate.id, result.fitness, descriptors))
+            # In id order within one batch: pyribs keeps the first of equal objectives in a cell,
+            # as adding them one by one would.
+            archive.add_many(entries)
+        scored = []
+        for candidate in members:
+            top = self._top(candidate.id)
+            if top is not None:
+                scored.append(Individual(candidate, top[1].fitness, top[0]))
         if scored:
+            known = {ind.candidate.id for ind in scored}
+            # A candidate promoted since it entered keeps one entry, at its new level.
+            for index in reversed(range(len(self.hall_of_fame))):
+                if self.hall_of_fame[index].candidate.id in known:
+                    self.hall_of_fame.remove(index)
             self.hall_of_fame.update(scored)
+
+    def _top(self, candidate_id: int) -> tuple[int, EvalResult] | None:
+        """The highest stage on which the candidate was scored successfully, and that result."""
+        for stage in reversed(range(len(self.stages))):
+            result = self.stage_results[stage].get(candidate_id)
+            if result is not None and result.ok:
+                return stage, result
+        return None
 
     # -- views ----------------------------------------------------------------------------------
     def _elite_individuals(self) -> list[Individual]:
-        return [Individual(self.candidates[e.candidate_id], e.fitness) for e in self.archive.elites()]
+        """The parent pool: every stage's elites, each candidate once, at the highest stage it
+        reached (a candidate promoted but beaten in its cell there is no longer a parent)."""
+        pool, seen = [], set()
+        for level in reversed(range(len(self.archives))):
+            for elite in self.archives[level].elites():
+                cid = elite.candidate_id
+                if cid in seen or (level < len(self.archives) - 1 and self._top(cid)[0] > level):
+                    continue
+                seen.add(cid)
+                pool.append(Individual(self.candidates[cid], elite.fitness, level))
+        return pool
+
+    def _parent_archive(self) -> tuple[int, MapElitesArchive]:
+        """The most expensive stage whose archive holds anything (stage 0 when none does)."""
+        for level in reversed(range(len(self.archives))):
+            if len(self.archives[level].elites()):
+                return level, self.archives[level]
+        return 0, self.archives[0]
 
     def best(self) -> tuple[Candidate, float] | None:
         if not len(self.hall_of_fame):
             return None
         top = self.hall_of_fame[0]
-        return top.candidate, top.fitness.values[0]
+        return top.candidate, top.score
 
     def _context(self, n_best: int | None = None, n_diverse: int | None = None) -> Context:
         n_best = self.config.context_best if n_best is None else n_best
         n_diverse = self.config.context_diverse if n_diverse is None else n_diverse
-        elites = self.archive.elites()
-        best = [self._elite(e.candidate_id, e.fitness) for e in elites[:n_best]]
+        level, archive = self._parent_archive()
+        elites = archive.elites()
+        best = [self._elite(ind.candidate.id, ind.score, ind.level) for ind in self._elite_individuals()[:n_best]]
         diverse: list[Elite] = []
         chosen = list(elites[:1])
         rest = list(elites[1:])
@@ -501,7 +608,7 @@ class Engine:
             far = max(rest, key=lambda e: min(sum((a - b) ** 2 for a, b in zip(e.cell, c.cell)) for c in chosen))
             rest.remove(far)
             chosen.append(far)
-            diverse.append(self._elite(far.candidate_id, far.fitness))
+            diverse.append(self._elite(far.candidate_id, far.fitness, level))
         history = []
         if self.config.strategy == "sequential":
             history = [(self.candidates[cid], self.results[cid]) for cid in sorted(self.candidates)
@@ -510,45 +617,83 @@ class Engine:
         return Context(interface=self.fitness.interface, rng=self.rng, best=best, diverse=diverse,
                        errors=list(self.errors), generation=self.generation, history=history, scores=scores)
 
-    def _elite(self, candidate_id: int, fitness: float) -> Elite:
-        return Elite(self.candidates[candidate_id], fitness, self.results[candidate_id].metrics)
+    def _elite(self, candidate_id: int, fitness: float, level: int = 0) -> Elite:
+        metrics = self.stage_results[level][candidate_id].metrics
+        if self.ladder:
+            metrics = {**metrics, "fidelity": self.labels[level]}
+        return Elite(self.candidates[candidate_id], fitness, metrics)
 
     def elite_records(self) -> list[dict[str, Any]]:
+        """The elites of the most expensive stage reached (with a ladder, ``fidelity`` names it)."""
+        level, archive = self._parent_archive()
         records = []
-        for elite in self.archive.elites():
+        for elite in archive.elites():
             candidate = self.candidates[elite.candidate_id]
             records.append({
                 "id": candidate.id, "name": candidate.name, "fitness": elite.fitness, "cell": list(elite.cell),
-                "descriptors": dict(zip(self.archive.names, elite.descriptors)), "operator": candidate.operator,
+                "descriptors": dict(zip(archive.names, elite.descriptors)), "operator": candidate.operator,
                 "generation": candidate.generation, "parents": list(candidate.parents), "thought": candidate.thought,
-                "code": candidate.code,
+                "code": candidate.code, **({"fidelity": self.labels[level]} if self.ladder else {}),
             })
         return records
 
     def _write_elites(self) -> None:
         best = self.best()
+        level, archive = self._parent_archive()
         write_elites(self.run_dir, self.elite_records(), {
-            "generation": self.generation, "fitness": self.fitness.name,
+            "generation": self.generation, "fitness": self.labels[level],
             "best_id": best[0].id if best else None, "best_fitness": best[1] if best else None,
-            **self.archive.stats(),
+            **({"fidelity_ladder": self.labels} if self.ladder else {}),
+            **archive.stats(),
         })
 
     # -- the loop -------------------------------------------------------------------------------
+    @property
+    def eval_budget(self) -> float:
+        """How many candidates the run may create in all (``--max-evals``; unlimited when 0)."""
+        return self.config.max_evals or math.inf
+
     def run(self, executor) -> None:
         """Ask, evaluate, tell, until generation ``config.gens`` is done, or until a budget is
         spent (``stop_reason`` says which): the generation in progress is then finished with the
-        offspring already made, saved, and the loop ends."""
+        offspring already made, saved, and the loop ends. With ``--async`` the steady-state loop
+        (:mod:`engine.steady`) runs instead."""
+        if self.config.asynchronous:
+            from engine.steady import SteadyState
+
+            SteadyState(self).run(executor)
+            return
         while self.generation <= self.config.gens:
+            if len(self.candidates) >= self.eval_budget and self.pending is None:
+                break  # --max-evals reached
             batch = self.ask()
             if not batch and self.stop_reason is not None:
                 self.pending = None  # nothing was made: --resume redoes this generation
                 break
-            todo = [(c.id, c.code) for c in batch if c.id not in self.results]
-            self.on_event("ask", {"generation": self.generation, "candidates": len(batch), "todo": len(todo)})
-            executor.run(todo, self.config.eval_seed, self.claim, self.record)
+            for stage in range(len(self.stages)):
+                todo = self.stage_todo(batch, stage)
+                if stage == 0:
+                    self.on_event("ask", {"generation": self.generation, "candidates": len(batch), "todo": len(todo)})
+                elif todo:
+                    self.on_event("promote", {"generation": self.generation, "stage": self.labels[stage],
+                                              "candidates": [c.id for c in todo]})
+                self.running.update((c.id, stage) for c in todo)
+                executor.run([(c.id, c.code, stage) for c in todo], self.config.eval_seed, self.claim, self.record)
             self.tell([self.results[c.id] for c in batch])
             if self.stop_reason is not None:
                 break  # a spent budget: this generation is finished and saved
+
+    def stage_todo(self, batch: list[Candidate], stage: int) -> list[Candidate]:
+        """The candidates of ``batch`` still to be scored on ``stage``: on stage 0 all of them;
+        on a later stage those promoted from the one before (:func:`engine.ladder.promote_generation`),
+        decided from the stored results alone so that a resumed run promotes the same ones."""
+        done = self.stage_results[stage]
+        if stage == 0:
+            return [c for c in batch if c.id not in done]
+        below = self.stage_results[stage - 1]
+        scores = {c.id: below[c.id].fitness for c in batch if c.id in below and below[c.id].ok}
+        chosen = set(promote_generation(scores, self.config.promote, self.config.promote_above))
+        return [c for c in batch if c.id in chosen and c.id not in done]
 
 
 def _tuple_state(state: Any) -> Any:

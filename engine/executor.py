@@ -51,20 +51,67 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
 
 @dataclass
 class Task:
+    """One evaluation: a candidate's code scored on fidelity stage ``stage`` (0 unless the run
+    climbs a fidelity ladder)."""
+
     candidate_id: int
     code: str
+    stage: int = 0
     attempts: int = 0
+
+
+class TaskSource:
+    """Where an executor takes its next task when a worker is free.
+
+    The generational loop hands over a fixed list (:class:`ListSource`); the steady-state loop
+    makes the next offspring the moment a worker frees up, so its source may have nothing ready
+    yet (an LLM call in flight) without being finished.
+    """
+
+    #: Longest wait for results before the executor asks the source again while it has
+    #: free workers and the source is not exhausted.
+    poll_interval: float = 0.05
+
+    def take(self) -> Task | None:
+        """The next task, or None when none is ready now."""
+        raise NotImplementedError
+
+    def exhausted(self) -> bool:
+        """True once no task will ever come again."""
+        raise NotImplementedError
+
+
+class ListSource(TaskSource):
+    """A fixed list of tasks: ``(candidate_id, code)`` or ``(candidate_id, code, stage)``."""
+
+    poll_interval = float("inf")
+
+    def __init__(self, tasks: Iterable[tuple]) -> None:
+        self.queue: deque[Task] = deque(Task(*task[:3]) for task in tasks)
+
+    def take(self) -> Task | None:
+        return self.queue.popleft() if self.queue else None
+
+    def exhausted(self) -> bool:
+        return not self.queue
+
+
+def as_source(tasks: Iterable[tuple] | TaskSource) -> TaskSource:
+    return tasks if isinstance(tasks, TaskSource) else ListSource(tasks)
 
 
 class Executor:
     """What every executor offers: ``start()``, ``run(tasks, seed, decide, on_result)`` (calls
-    ``on_result`` in the driver as each evaluation finishes) and ``close()``; a context manager
-    starts and closes it."""
+    ``on_result`` in the driver as each evaluation finishes; ``tasks`` is a list of
+    ``(candidate_id, code[, stage])`` or a :class:`TaskSource`) and ``close()``; a context
+    manager starts and closes it. A plug-in with several fidelity stages is given as a list of
+    ``(spec, options)`` pairs; a task's stage picks one."""
 
     def start(self) -> None:
         pass
 
-    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+    def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
+            on_result: OnResult) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -85,11 +132,24 @@ class SerialExecutor(Executor):
     """
 
     def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, **_: Any) -> None:
-        self.fitness = load_fitness(fitness_spec, fitness_options)
+        self.stages = [load_fitness(spec, options) for spec, options in stage_specs(fitness_spec, fitness_options)]
 
-    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
-        for candidate_id, code in tasks:
-            on_result(run_candidate(self.fitness, candidate_id, code, seed, decide=decide))
+    def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
+            on_result: OnResult) -> None:
+        source = as_source(tasks)
+        while not source.exhausted():
+            task = source.take()
+            if task is None:
+                time.sleep(min(source.poll_interval, 0.05))
+                continue
+            on_result(run_candidate(self.stages[task.stage], task.candidate_id, task.code, seed, decide=decide))
+
+
+def stage_specs(fitness_spec: Any, fitness_options: dict[str, Any] | None = None) -> list[tuple[Any, dict[str, Any]]]:
+    """The fidelity stages an executor serves: one ``(spec, options)`` pair, or a list of them."""
+    if isinstance(fitness_spec, (list, tuple)):
+        return [(spec, dict(options or {})) for spec, options in fitness_spec]
+    return [(fitness_spec, dict(fitness_options or {}))]
 
 
 @dataclass
@@ -118,10 +178,10 @@ class ProcessExecutor(Executor):
     def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, workers: int = 2,
                  timeout: float = 120.0, memory_limit_gb: float = 4.0, log_path: str | os.PathLike | None = None,
                  startup_timeout: float = 120.0) -> None:
-        if not isinstance(fitness_spec, str):
+        self.stages = stage_specs(fitness_spec, fitness_options)
+        if not all(isinstance(spec, str) for spec, _ in self.stages):
             raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
-        self.fitness_spec = fitness_spec
-        self.fitness_options = dict(fitness_options or {})
+        self.fitness_spec = " > ".join(spec for spec, _ in self.stages)
         self.n_workers = workers
         self.timeout = timeout
         self.memory_limit = int(memory_limit_gb * 1024**3)
@@ -162,7 +222,7 @@ class ProcessExecutor(Executor):
         parent, child = socket.socketpair()
         command = [
             sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
-            "--fitness", self.fitness_spec, "--options", json.dumps(self.fitness_options),
+            "--stages", json.dumps(self.stages),
             "--memory-limit", str(self.memory_limit),
             "--sys-path", json.dumps([os.path.abspath(p or ".") for p in sys.path]),
         ]
@@ -211,22 +271,37 @@ class ProcessExecutor(Executor):
         return fresh
 
     # -- scheduling -------------------------------------------------------------------------
-    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+    def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
+            on_result: OnResult) -> None:
         """Score every task; ``on_result`` is called in the driver as each one finishes."""
-        queue: deque[Task] = deque(Task(cid, code) for cid, code in tasks)
+        source = as_source(tasks)
+        retries: deque[Task] = deque()  # tasks whose worker died, retried before new ones
         try:
-            while queue or any(w.task for w in self.workers):
+            while True:
                 for worker in self.workers:
-                    if worker.task is None and queue:
-                        task = queue.popleft()
+                    if worker.task is None:
+                        task = retries.popleft() if retries else source.take()
+                        if task is None:
+                            break
                         worker.task, worker.deadline = task, time.monotonic() + self.timeout
-                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed})
+                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed,
+                                          "stage": task.stage})
                 busy = [w for w in self.workers if w.task]
-                wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-                ready = wait([w.conn for w in busy], timeout=wait_for)
+                more = bool(retries) or not source.exhausted()
+                if not busy and not more:
+                    return
+                wait_for = min([w.deadline for w in busy], default=float("inf")) - time.monotonic()
+                if more and len(busy) < len(self.workers):
+                    wait_for = min(wait_for, source.poll_interval)
+                wait_for = max(0.0, wait_for)
+                if busy:
+                    ready = wait([w.conn for w in busy], timeout=wait_for)
+                else:
+                    time.sleep(wait_for)
+                    ready = []
                 for worker in busy:
                     if worker.conn in ready:
-                        self._receive(worker, queue, decide, on_result)
+                        self._receive(worker, retries, decide, on_result)
                 now = time.monotonic()
                 for worker in list(self.workers):
                     if worker.task and now >= worker.deadline:
@@ -242,7 +317,7 @@ class ProcessExecutor(Executor):
                 self._kill(worker)
             raise
 
-    def _receive(self, worker: _Worker, queue: deque[Task], decide: Decide | None, on_result: OnResult) -> None:
+    def _receive(self, worker: _Worker, retries: deque[Task], decide: Decide | None, on_result: OnResult) -> None:
         task = worker.task
         assert task is not None
         try:
@@ -252,7 +327,7 @@ class ProcessExecutor(Executor):
             self._replace(worker)
             task.attempts += 1
             if task.attempts < 2:
-                queue.appendleft(task)
+                retries.appendleft(task)
                 return
             on_result(self._death_result(task, code))
             return
@@ -275,19 +350,49 @@ class ProcessExecutor(Executor):
         return EvalResult(task.candidate_id, "error", error=f"the worker exited with code {code} twice on this genome")
 
 
-def make_executor(config, fitness_spec: Any, log_path: str | os.PathLike | None = None):
-    """The executor named by ``config.executor``."""
+def plugin_resources(fitnesses: Iterable[Any]) -> dict[str, float]:
+    """What one evaluation needs across every stage's plug-in (the largest of each)."""
+    needs = {"cpus": 0.0, "gpus": 0.0}
+    for fitness in fitnesses:
+        try:
+            asked = dict(fitness.resources())
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in method is the plug-in's error
+            raise PluginError(f"fitness {getattr(fitness, 'name', fitness)!r}: resources() failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        for key in needs:
+            value = asked.get(key, 1.0 if key == "cpus" else 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise PluginError(f"fitness {getattr(fitness, 'name', fitness)!r}: resources() gave {key}={value!r}; "
+                                  "expected a number >= 0")
+            needs[key] = max(needs[key], float(value))
+    if needs["cpus"] == 0 and needs["gpus"] == 0:
+        needs["cpus"] = 1.0
+    return needs
+
+
+def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike | None = None,
+                  resources: dict[str, float] | None = None):
+    """The executor named by ``config.executor``, serving every fidelity stage of the run.
+
+    ``resources`` is what the plug-ins ask for per evaluation (:func:`plugin_resources`);
+    ``--cpus-per-eval`` / ``--gpus-per-eval`` override it."""
+    if fitness_spec is None:
+        fitness_spec = [(stage.spec, stage.options) for stage in config.stages()]
+    options = None if isinstance(fitness_spec, (list, tuple)) else config.fitness_options
     if config.executor == "serial":
-        return SerialExecutor(fitness_spec, config.fitness_options)
+        return SerialExecutor(fitness_spec, options)
     if config.executor == "ray":
         from engine.ray_executor import RayExecutor
 
+        resources = resources or {"cpus": 1.0, "gpus": 0.0}
+        cpus = config.cpus_per_eval if config.cpus_per_eval is not None else resources["cpus"]
+        gpus = config.gpus_per_eval if config.gpus_per_eval is not None else resources["gpus"]
         return RayExecutor(
-            fitness_spec, config.fitness_options, workers=config.workers, timeout=config.timeout,
+            fitness_spec, options, workers=config.workers, timeout=config.timeout,
             memory_limit_gb=config.memory_limit_gb, log_path=log_path, address=config.ray_address,
-            cpus_per_eval=config.cpus_per_eval, gpus_per_eval=config.gpus_per_eval,
+            cpus_per_eval=cpus, gpus_per_eval=gpus,
         )
     return ProcessExecutor(
-        fitness_spec, config.fitness_options, workers=config.workers, timeout=config.timeout,
+        fitness_spec, options, workers=config.workers, timeout=config.timeout,
         memory_limit_gb=config.memory_limit_gb, log_path=log_path,
     )

@@ -295,7 +295,11 @@ def compile_genome(code: str, arg_counts: tuple[int, ...] | None = None):
         exec(compile(module, "<genome>", "exec"), namespace)  # noqa: S102 - checked above
     except Exception as exc:  # the def itself cannot raise, but be explicit about failure
         raise GenomeError(f"cannot build function: {type(exc).__name__}: {exc}") from exc
-    return namespace[function.name]
+    fn = namespace[function.name]
+    # The source travels with the function: a plug-in that trains in other processes (the dpo
+    # plug-in's accelerate launcher) compiles it there again from this text.
+    fn.__evoloss_source__ = code
+    return fn
 
 
 class _Normaliser(ast.NodeTransformer):

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from engine.candidate import EvalResult
 from engine.evaluation import Decide
-from engine.executor import Executor, OnResult, ProcessExecutor, Task
+from engine.executor import Executor, OnResult, ProcessExecutor, Task, TaskSource, as_source, stage_specs
 from engine.plugins import PluginError
 
 INSTALL_HINT = "pip install 'evoloss[ray]' (or pip install 'ray>=2.9')"
@@ -73,7 +73,7 @@ def local_ray_options(temp_dir: str) -> dict[str, Any]:
 class _EvaluationActor:
     """One evaluation slot (a Ray actor): a process-executor worker driven call by call."""
 
-    def __init__(self, fitness_spec: str, fitness_options: dict[str, Any], timeout: float, memory_limit_gb: float,
+    def __init__(self, stages: list, timeout: float, memory_limit_gb: float,
                  log_path: str | None, sys_path: list[str], startup_timeout: float) -> None:
         # Plug-ins given as module:Class resolve as they do on the driver.
         for entry in reversed(sys_path):
@@ -81,7 +81,7 @@ class _EvaluationActor:
                 sys.path.insert(0, entry)
         if log_path and not os.path.isdir(os.path.dirname(log_path)):
             log_path = None  # a node that does not share the run folder
-        self.pool = ProcessExecutor(fitness_spec, fitness_options, workers=1, timeout=timeout,
+        self.pool = ProcessExecutor(stages, workers=1, timeout=timeout,
                                     memory_limit_gb=memory_limit_gb, log_path=log_path,
                                     startup_timeout=startup_timeout)
         self.pool.start()
@@ -90,11 +90,11 @@ class _EvaluationActor:
     def ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "worker_pid": self.pool.workers[0].process.pid}
 
-    def submit(self, candidate_id: int, code: str, seed: int) -> dict[str, Any]:
+    def submit(self, candidate_id: int, code: str, seed: int, stage: int = 0) -> dict[str, Any]:
         """Start one evaluation; returns its probe (fingerprint) or its end."""
         self.deadline = time.monotonic() + self.pool.timeout
         try:
-            self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed})
+            self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed, "stage": stage})
         except OSError:
             return self._died()
         return self._next()
@@ -159,10 +159,10 @@ class RayExecutor(Executor):
                  address: str | None = None, cpus_per_eval: float = 1.0, gpus_per_eval: float = 0.0,
                  startup_timeout: float = 120.0) -> None:
         self.ray = import_ray()
-        if not isinstance(fitness_spec, str):
+        self.stages = stage_specs(fitness_spec, fitness_options)
+        if not all(isinstance(spec, str) for spec, _ in self.stages):
             raise PluginError("the ray executor needs the fitness plug-in as a string spec (name or path.py:Class)")
-        self.fitness_spec = fitness_spec
-        self.fitness_options = dict(fitness_options or {})
+        self.fitness_spec = " > ".join(spec for spec, _ in self.stages)
         self.n_workers = workers
         self.timeout = timeout
         self.memory_limit_gb = memory_limit_gb
@@ -239,7 +239,7 @@ class RayExecutor(Executor):
 
     def _new_actor(self):
         return self._actor_class.remote(
-            self.fitness_spec, self.fitness_options, self.timeout, self.memory_limit_gb, self.log_path,
+            self.stages, self.timeout, self.memory_limit_gb, self.log_path,
             [os.path.abspath(p or ".") for p in sys.path], self.startup_timeout,
         )
 
@@ -280,20 +280,34 @@ class RayExecutor(Executor):
         self.restarts += 1
 
     # -- scheduling -------------------------------------------------------------------------
-    def run(self, tasks: Iterable[tuple[int, str]], seed: int, decide: Decide | None, on_result: OnResult) -> None:
+    def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
+            on_result: OnResult) -> None:
         """Score every task; ``on_result`` is called in the driver as each one finishes."""
         ray = self.ray
-        queue: deque[Task] = deque(Task(cid, code) for cid, code in tasks)
+        source = as_source(tasks)
+        queue: deque[Task] = deque()  # retries, before new tasks
         inflight: dict[Any, _Slot] = {}
         backstop = self.timeout + self.startup_timeout + 60.0
         try:
-            while queue or inflight:
+            while True:
                 for slot in self.slots:
-                    if slot.task is None and queue:
-                        slot.task = queue.popleft()
+                    if slot.task is None:
+                        task = queue.popleft() if queue else source.take()
+                        if task is None:
+                            break
+                        slot.task = task
                         slot.deadline = time.monotonic() + backstop
-                        inflight[slot.actor.submit.remote(slot.task.candidate_id, slot.task.code, seed)] = slot
-                wait_for = max(0.0, min(s.deadline for s in inflight.values()) - time.monotonic())
+                        inflight[slot.actor.submit.remote(task.candidate_id, task.code, seed, task.stage)] = slot
+                more = bool(queue) or not source.exhausted()
+                if not inflight and not more:
+                    return
+                wait_for = min([s.deadline for s in inflight.values()], default=float("inf")) - time.monotonic()
+                if more and any(slot.task is None for slot in self.slots):
+                    wait_for = min(wait_for, source.poll_interval)
+                wait_for = max(0.0, wait_for)
+                if not inflight:
+                    time.sleep(wait_for)
+                    continue
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_for)
                 for ref in ready:
                     slot = inflight.pop(ref)

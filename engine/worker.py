@@ -44,8 +44,7 @@ def _watch_parent(interval: float = 1.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--fitness", required=True)
-    parser.add_argument("--options", default="{}")
+    parser.add_argument("--stages", required=True, help="JSON list of [fitness spec, options] (fidelity stages)")
     parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space (0: none)")
     parser.add_argument("--sys-path", default="[]")
     args = parser.parse_args(argv)
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.evaluation import run_candidate
         from engine.plugins import load_fitness
 
-        fitness = load_fitness(args.fitness, json.loads(args.options))
+        stages = [load_fitness(spec, options) for spec, options in json.loads(args.stages)]
         _warm_up(torch)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops cleanly
         from engine.plugins import PluginError
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if task is None:
             return 0
-        result = run_candidate(fitness, task["candidate_id"], task["code"], task["seed"], decide=decide)
+        result = run_candidate(stages[task.get("stage", 0)], task["candidate_id"], task["code"], task["seed"], decide=decide)
         conn.send({"type": "result", "result": result.to_dict()})
         sys.stdout.flush()
 

@@ -17,6 +17,12 @@ from typing import Any
 #: Scorers, by the name of the ``scorer`` option.
 SCORERS = ("heldout", "mtbench", "reward-model")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: Where training runs: in the evaluation worker, or in ranks started by ``accelerate launch``.
+LAUNCHERS = ("inprocess", "accelerate")
+#: How the accelerate launcher spreads training over its processes.
+STRATEGIES = ("ddp", "zero3", "fsdp")
+#: The options that only mean something to the accelerate launcher.
+LAUNCH_OPTIONS = ("num_processes", "distributed", "accelerate_config")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -76,6 +82,22 @@ class DPOSettings:
     ref_batch_size: int | None = field(default=None, metadata=_help(
         "pairs per forward pass when computing reference log-probabilities (default: per_device_batch)"))
     logging_steps: int = field(default=10, metadata=_help("optimiser steps between TRL metric logs"))
+
+    # -- where training runs ------------------------------------------------------------------
+    launcher: str = field(default="inprocess", metadata=_help(
+        "inprocess (train inside the evaluation worker, one device) or accelerate (write the loss to a "
+        "temporary folder and train with `accelerate launch -m fitness.dpo.launch` over num_processes "
+        "processes; scoring then runs in the worker on the saved policy)"))
+    num_processes: int = field(default=1, metadata=_help(
+        "training processes the accelerate launcher starts (one per GPU; on a machine without GPUs, CPU "
+        "processes that synchronise over gloo)"))
+    distributed: str = field(default="ddp", metadata=_help(
+        "how the accelerate launcher shares the work: ddp (a model copy per process), zero3 (DeepSpeed "
+        "ZeRO-3: parameters, gradients and optimiser state sharded; needs `pip install deepspeed` and "
+        "GPUs) or fsdp (PyTorch FSDP, full shard; GPUs)"))
+    accelerate_config: str | None = field(default=None, metadata=_help(
+        "an accelerate config file used instead of the generated one (multi-node runs, offloading); it "
+        "must agree with num_processes, precision, per_device_batch and grad_accumulation"))
 
     # -- scoring --------------------------------------------------------------------------
     scorer: str = field(default="heldout", metadata=_help(
@@ -175,6 +197,20 @@ class DPOSettings:
             raise bad("gradient_checkpointing", "true or false")
         if not self.judge.partition(":")[0] in ("openai", "anthropic") or ":" not in self.judge:
             raise bad("judge", "openai:MODEL, anthropic:MODEL, openai:MODEL@URL or anthropic:MODEL@URL")
+        if self.launcher not in LAUNCHERS:
+            raise bad("launcher", f"one of {', '.join(LAUNCHERS)}")
+        if self.distributed not in STRATEGIES:
+            raise bad("distributed", f"one of {', '.join(STRATEGIES)}")
+        integer("num_processes", 1)
+        if self.accelerate_config is not None and (not isinstance(self.accelerate_config, str)
+                                                   or not self.accelerate_config.strip()):
+            raise bad("accelerate_config", "a file path or None")
+        if self.launcher == "inprocess" and (self.num_processes != 1 or self.distributed != "ddp"
+                                             or self.accelerate_config is not None):
+            raise ValueError(
+                f"dpo options num_processes={self.num_processes}, distributed={self.distributed!r} and "
+                f"accelerate_config={self.accelerate_config!r} need launcher=accelerate (in-process training is one "
+                "process); set launcher=accelerate, or leave them at 1, ddp and None")
 
     def resolved_cache_dir(self) -> Path:
         """Where cached reference log-probabilities and judge replies live."""
@@ -212,6 +248,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_prompt_length": 512,
         "scorer": "mtbench",
         "judge": "openai:gpt-4",
+        # The paper trained on 8 A100s; the handbook's accelerate_configs/deepspeed_zero3.yaml.
+        "launcher": "accelerate",
+        "num_processes": 8,
+        "distributed": "zero3",
     },
     # Positive-sentiment generation on IMDb (the DPO paper's sec. 6.1 frontier): GPT-2 fine-tuned
     # on IMDb as the SFT model, pairs labelled by the distilbert-imdb classifier (Bradley-Terry
@@ -283,7 +323,13 @@ def resolve_settings(preset: str | None, overrides: dict[str, Any]) -> DPOSettin
     if preset not in PRESETS:
         raise ValueError(f"dpo: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     types = {f.name: str(f.type) for f in dataclasses.fields(DPOSettings)}
-    values = {**PRESETS[preset], **overrides}
+    preset_values = dict(PRESETS[preset])
+    if str(overrides.get("launcher", "")).strip().lower() == "inprocess":
+        # The launch options belong to the launcher: switching a multi-GPU preset to in-process
+        # training drops the preset's, while ones the user gave still meet the check below.
+        for name in LAUNCH_OPTIONS:
+            preset_values.pop(name, None)
+    values = {**preset_values, **overrides}
     for name, value in values.items():
         # The CLI and TOML have no null: "none" means None for the optional fields.
         if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in types[name]:

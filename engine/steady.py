@@ -1,0 +1,239 @@
+"""Steady-state (asynchronous) search: ``python -m engine run --async``.
+
+The generational loop waits for a whole generation before making the next, so one slow
+evaluation idles every other worker. Here the engine is a task source for the executor
+(:class:`engine.executor.TaskSource`): the moment a worker frees up it takes the next task,
+which is, in order,
+
+1. a promotion to the next fidelity stage (:func:`engine.ladder.promote_asha`), most
+   expensive stage first;
+2. a candidate of the initial population, or one that was running when the driver died;
+3. a new offspring whose parents are drawn from the archive as it stands.
+
+Operators that may run concurrently (LLM calls) are started ahead, up to one per worker, in
+background threads, so their latency overlaps evaluations; planning (the random draws, parent
+selection) and admitting (static check, dedup, the run store) stay in the driver thread. Each
+result goes into the archive as it arrives. Every ``--pop`` first-stage results close a
+logbook generation, saved with the ids it covers, so ``replay`` and ``--resume`` read a
+steady-state run like a generational one. The run ends after as many candidates as the
+generational mode would make (``--pop`` and ``--gens``) or ``--max-evals``, whichever is
+fewer, once every promotion they earned has been scored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import warnings
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from engine.candidate import Candidate, EvalResult
+from engine.executor import Task, TaskSource
+from engine.ladder import promote_asha
+from operators.base import BudgetExhausted, OperatorExhausted
+
+
+class SteadyState(TaskSource):
+    """Drives an :class:`engine.engine.Engine` in steady state (see the module docstring)."""
+
+    poll_interval = 0.02
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        config = engine.config
+        seeds = len(engine.fitness.seeds())
+        initial = max(seeds, config.pop)
+        #: Candidates the run makes in all (the generational mode's count, or --max-evals).
+        self.limit = min(initial + config.pop * config.gens, engine.eval_budget)
+        #: Stage-0 results that close generation g: initial + pop * g.
+        self.initial = initial
+        self.queue: deque[Candidate] = deque()
+        self.proposals: deque[tuple[Any, Future]] = deque()  # (plan, future) started ahead
+        self.lookahead = config.workers if any(getattr(op, "concurrent", False) for op in engine.operators) else 0
+        self.threads = ThreadPoolExecutor(max_workers=max(1, config.llm_concurrency),
+                                          thread_name_prefix="evoloss-operator") if self.lookahead else None
+        self.failures = 0  # operator failures and known genomes since the last new candidate
+        self.streak: Counter[str] = Counter()
+        self.benched: set[str] = set()
+        self.stopped_proposing = False
+        self.window: list[int] = []  # stage-0 results since the last closed generation
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, executor) -> None:
+        engine = self.engine
+        if engine.generation == 0 and not engine.candidates:
+            batch = engine.ask()  # the seeds and the initial population, as in generational mode
+            engine.pending = None
+            self.queue.extend(c for c in batch if c.id not in engine.results)
+        else:
+            self._resume()
+        engine.on_event("ask", {"generation": engine.generation, "candidates": len(self.queue),
+                                "todo": len(self.queue)})
+        try:
+            executor.run(self, engine.config.eval_seed, engine.claim, self.on_result)
+        finally:
+            if self.threads:
+                self.threads.shutdown(wait=False, cancel_futures=True)
+        if self.window or engine.generation == 0:
+            self._close_generation()
+
+    def _resume(self) -> None:
+        """After ``--resume``: run again what was running, and go on counting generations."""
+        engine = self.engine
+        closed: set[int] = set()
+        for entry in engine.store.generations():
+            closed.update(entry["state"].get("members", ()))
+        self.window = sorted(cid for cid in engine.results if cid not in closed)
+        self.queue.extend(c for cid, c in sorted(engine.candidates.items()) if cid not in engine.results)
+
+    # -- TaskSource -----------------------------------------------------------------------------
+    def take(self) -> Task | None:
+        engine = self.engine
+        promotion = self._promotion()
+        if promotion is not None:
+            return promotion
+        self._collect()
+        if not self.queue:
+            self._propose()
+            self._collect()
+        if not self.queue:
+            return None
+        candidate = self.queue.popleft()
+        engine.running[candidate.id] = 0
+        if self.lookahead:
+            self._propose()  # start the next operator calls while this one is evaluated
+        return Task(candidate.id, candidate.code, 0)
+
+    def exhausted(self) -> bool:
+        if self.queue or self.proposals or self._promotable():
+            return False
+        return not self._may_propose()
+
+    def _may_propose(self) -> bool:
+        engine = self.engine
+        return (not self.stopped_proposing and engine.stop_reason is None
+                and len(engine.candidates) < self.limit
+                and len(self.benched) < len(engine.operators))
+
+    # -- promotions -----------------------------------------------------------------------------
+    def _promotable(self) -> list[tuple[int, int]]:
+        """(candidate id, stage) pairs ready for a more expensive stage, that stage first."""
+        engine = self.engine
+        ready = []
+        for stage in reversed(range(1, len(engine.stages))):
+            below = engine.stage_results[stage - 1]
+            scores = {cid: r.fitness for cid, r in below.items() if r.ok}
+            started = {cid for cid in scores if cid in engine.stage_results[stage]
+                       or engine.running.get(cid) == stage}
+            ready += [(cid, stage) for cid in promote_asha(scores, started, engine.config.promote,
+                                                           engine.config.promote_above)]
+        return ready
+
+    def _promotion(self) -> Task | None:
+        ready = self._promotable()
+        if not ready:
+            return None
+        cid, stage = ready[0]
+        engine = self.engine
+        engine.running[cid] = stage
+        engine.on_event("promote", {"generation": engine.generation, "stage": engine.labels[stage],
+                                    "candidates": [cid]})
+        return Task(cid, engine.candidates[cid].code, stage)
+
+    # -- offspring ------------------------------------------------------------------------------
+    def _propose(self) -> None:
+        """Plan offspring until one is ready or started, keeping ``lookahead`` in flight."""
+        engine = self.engine
+        while self._may_propose() and len(engine.candidates) + len(self.proposals) < self.limit:
+            if self.queue and len(self.proposals) >= self.lookahead:
+                return
+            if not self.queue and self.proposals and len(self.proposals) >= max(1, self.lookahead):
+                return
+            usable = [op for op in engine.operators if op.name not in self.benched]
+            context = engine._context()
+            plan = engine._plan(usable, context, seeds_only=False)
+            if getattr(plan.operator, "concurrent", False) and self.threads:
+                self.proposals.append((plan, self.threads.submit(self._make, plan, context)))
+            else:
+                done: Future = Future()
+                done.set_result(self._make(plan, context))
+                self.proposals.append((plan, done))
+                self._collect()
+
+    def _make(self, plan, context):
+        return self.engine._make([plan], context)[0]
+
+    def _collect(self) -> None:
+        """Admit the offspring whose operators finished (in the order they were planned)."""
+        engine = self.engine
+        while self.proposals and self.proposals[0][1].done():
+            plan, future = self.proposals.popleft()
+            outcome = future.result()
+            name = plan.operator.name
+            admitted = False
+            if isinstance(outcome, Exception):
+                engine.counters["operator_failures"] += 1
+                engine.errors.append((name, f"{type(outcome).__name__}: {outcome}"))
+                engine.chooser.update(name, 0.0)
+                self.streak[name] += 1
+                if isinstance(outcome, BudgetExhausted):
+                    if engine.stop_reason is None:
+                        engine.stop_reason = str(outcome)
+                        engine.store.set_meta("stopped", {"generation": engine.generation, "reason": str(outcome)})
+                elif isinstance(outcome, OperatorExhausted) or self.streak[name] >= engine.config.operator_failure_limit:
+                    self.benched.add(name)
+            else:
+                self.streak[name] = 0
+                batch: list[Candidate] = []
+                invalid: list[EvalResult] = []
+                admitted = engine._admit(outcome, tuple(p.id for p in plan.parents), plan.label, batch, invalid)
+                if admitted:
+                    engine.store.add_candidates(batch)
+                    for candidate in batch:
+                        engine.store.link_llm_calls(engine._llm_links.pop(candidate.id, ()), candidate.id)
+                    for result in invalid:
+                        self.on_result(result)
+                    self.queue.extend(c for c in batch if c.id not in engine.results)
+                else:
+                    engine.chooser.update(name, 0.0)  # a known genome: wasted effort
+            if admitted:
+                self.failures = 0
+            else:
+                self.failures += 1
+                if self.failures >= engine.config.max_attempts * max(1, engine.config.workers):
+                    self.stopped_proposing = True
+                    engine.counters["unfilled_slots"] += 1
+                    warnings.warn(f"no new valid genome after {self.failures} attempts in a row; the steady-state "
+                                  "run stops making offspring and finishes what is running", RuntimeWarning,
+                                  stacklevel=2)
+        totals = engine.store.llm_totals()
+        if totals["calls"]:
+            engine.on_event("llm", totals)
+
+    # -- results --------------------------------------------------------------------------------
+    def on_result(self, result: EvalResult) -> None:
+        """One finished evaluation: saved, into the archive, and a generation closed every
+        ``--pop`` first-stage results."""
+        engine = self.engine
+        stage = engine.running.get(result.candidate_id, 0)
+        engine._record(result)
+        candidate = engine.candidates[result.candidate_id]
+        if stage == 0:
+            if candidate.operator != "seed":
+                elite_scores = [e.fitness for e in engine.archive.elites()]
+                reference = statistics.median(elite_scores) if elite_scores else None
+                engine.chooser.update(candidate.operator.rpartition(":")[0],
+                                      engine._reward(candidate, result, reference))
+            self.window.append(candidate.id)
+        engine._absorb([candidate])
+        if stage == 0 and len(engine.results) >= self.initial + engine.config.pop * engine.generation:
+            self._close_generation()
+
+    def _close_generation(self) -> None:
+        engine = self.engine
+        members = [engine.candidates[cid] for cid in self.window]
+        self.window = []
+        self.benched.clear()
+        engine.finish_generation(members, state={"members": [c.id for c in members]})
