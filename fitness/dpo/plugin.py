@@ -6,6 +6,11 @@ One evaluation: load the preference data (once per worker), load a fresh policy,
 :class:`fitness.dpo.trainer.CandidateDPOTrainer` whose loss is the candidate (reference
 log-probabilities from the on-disk cache, computed with the policy before training on a
 miss), train, score with the chosen scorer, and release the model.
+
+Where training runs is the ``launcher`` option: ``inprocess`` trains inside the evaluation
+worker on one device; ``accelerate`` trains in ``num_processes`` ranks started by ``accelerate
+launch`` (DDP, DeepSpeed ZeRO-3 or FSDP; :mod:`fitness.dpo.launcher`), which the 7B recipe
+needs, and the worker then scores the saved policy. Both record failures the same way.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import gc
 import math
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from engine.genome import GenomeError
 from fitness.base import Fitness, Score, Seed
@@ -25,6 +30,16 @@ from fitness.synthetic_pref import SyntheticPreference, loss_shape_descriptors
 #: The lowest sensible fitness per scorer (the QD score counts from it): accuracy 0, an MT-Bench
 #: rating of 1, a reward of -10 log-odds.
 _FLOORS = {"heldout": 0.0, "mtbench": 1.0, "reward-model": -10.0}
+
+
+class Training(NamedTuple):
+    """A finished training run: the trainer (its model is the trained policy), TRL's train
+    output and the seconds spent building the trainer and training."""
+
+    trainer: Any
+    result: Any
+    setup_seconds: float
+    train_seconds: float
 
 
 def _require_packages() -> None:
@@ -70,6 +85,18 @@ class DPOFitness(Fitness):
 
     def seeds(self) -> list[Seed]:
         return preference_seeds()
+
+    def resources(self) -> dict[str, float]:
+        """One evaluation's reservation: every GPU its training processes use (8 for the
+        zephyr recipe), one GPU for a model that needs one in-process (imdb-gpt2), else a CPU
+        (the tiny preset)."""
+        s = self.settings
+        if s.model == "tiny":
+            # CPU seconds; with the accelerate launcher, one CPU per training process.
+            return {"cpus": float(s.num_processes if s.launcher == "accelerate" else 1), "gpus": 0.0}
+        if s.launcher == "accelerate":
+            return {"cpus": float(s.num_processes), "gpus": float(s.num_processes)}
+        return {"cpus": 1.0, "gpus": 1.0}
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         return loss_shape_descriptors(self.interface, fn)
@@ -136,13 +163,16 @@ class DPOFitness(Fitness):
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         data, tokenizer = self.data(), self.tokenizer()
+        # The arguments come before the model: under an accelerate launch with DeepSpeed ZeRO-3
+        # they switch on zero.Init, so each rank loads only its shard of the weights.
+        args = self.training_arguments(output_dir, seed)
         model = model if model is not None else load_model(self.settings, tokenizer)
         if self._prepared is None:
             train, heldout = Dataset.from_list(data.train), Dataset.from_list(data.heldout)
         else:
             train, heldout = self._prepared["train"], self._prepared["eval"]
         trainer = CandidateDPOTrainer(
-            model=model, args=self.training_arguments(output_dir, seed), processing_class=tokenizer,
+            model=model, args=args, processing_class=tokenizer,
             train_dataset=train, eval_dataset=heldout, preference_loss=loss_fn,
             reference_cache=self.reference_cache(), max_prompt_length=self.settings.max_prompt_length,
             tokenized=self._prepared,
@@ -154,47 +184,66 @@ class DPOFitness(Fitness):
         trainer.remove_callback(ProgressCallback)
         return trainer
 
+    def train(self, loss_fn: Callable, seed: int, output_dir: str) -> Training:
+        """Build the trainer and train with ``loss_fn``; the same in the worker and in each rank
+        of an accelerate launch.
+
+        Raises:
+            GenomeError: (status ``error``) when the training loss is not finite.
+        """
+        start = time.perf_counter()
+        trainer = self.build_trainer(loss_fn, seed, output_dir)
+        setup_seconds = time.perf_counter() - start
+        result = trainer.train()
+        train_seconds = time.perf_counter() - start - setup_seconds
+        if not math.isfinite(result.training_loss):
+            raise GenomeError(f"the training loss is not finite ({result.training_loss}) after "
+                              f"{trainer.state.global_step} steps", status="error")
+        return Training(trainer, result, setup_seconds, train_seconds)
+
+    def trained_policy(self, seed: int, trainer=None, model=None):
+        """What the scorers get: the trainer, or (trained in other processes) the loaded policy."""
+        from fitness.dpo import scorers
+        from fitness.dpo.models import load_model
+
+        s = self.settings
+        return scorers.TrainedPolicy(trainer, self.tokenizer(), self.data(), s, seed,
+                                     lambda: load_model(s, self.tokenizer()), trained_model=model)
+
     def evaluate(self, fn: Callable, seed: int) -> Score:
         _require_packages()
         import datasets
-        import torch
         import transformers
 
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        if self.settings.launcher == "accelerate":
+            return self._evaluate_launched(fn, seed)
+        return self._evaluate_inprocess(fn, seed)
+
+    def _evaluate_inprocess(self, fn: Callable, seed: int) -> Score:
         from fitness.dpo import scorers
-        from fitness.dpo.models import load_model
 
         start = time.perf_counter()
         s = self.settings
         loss_fn = self.interface.bind(fn)
         judge = self._make_judge() if s.scorer == "mtbench" else None
-        transformers.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
         cache = self.reference_cache()
         hits, misses = cache.hits, cache.misses
-        trainer = policy = None
+        training = policy = None
         try:
             with tempfile.TemporaryDirectory(prefix="evoloss-dpo-") as output_dir:
-                trainer = self.build_trainer(loss_fn, seed, output_dir)
-                setup_seconds = time.perf_counter() - start
-                result = trainer.train()
-                train_seconds = time.perf_counter() - start - setup_seconds
-                if not math.isfinite(result.training_loss):
-                    raise GenomeError(f"the training loss is not finite ({result.training_loss}) after "
-                                      f"{trainer.state.global_step} steps", status="error")
-                policy = scorers.TrainedPolicy(trainer, self.tokenizer(), self.data(), s, seed,
-                                               lambda: load_model(s, self.tokenizer()))
+                training = self.train(loss_fn, seed, output_dir)
+                trainer = training.trainer
+                policy = self.trained_policy(seed, trainer=trainer)
                 # Held-out accuracy and margins are cheap: reported whatever the scorer.
                 fitness, metrics = scorers.heldout(policy)
-                if s.scorer == "reward-model":
-                    fitness, scored = scorers.reward_model(policy)
-                    metrics.update(scored)
-                elif s.scorer == "mtbench":
-                    fitness, scored = scorers.mtbench(policy, judge)
-                    metrics.update(scored)
-                metrics.update(self._training_metrics(trainer, result))
+                fitness = self._generation_score(policy, judge, fitness, metrics)
+                metrics.update(self._training_metrics(trainer, training.result))
                 metrics.update({
-                    "preset": self.preset, "scorer": s.scorer, "train_seconds": train_seconds,
-                    "setup_seconds": setup_seconds, "seconds": time.perf_counter() - start,
+                    "preset": self.preset, "scorer": s.scorer, "launcher": "inprocess",
+                    "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
+                    "seconds": time.perf_counter() - start,
                     "reference_cache_hits": cache.hits - hits, "reference_cache_misses": cache.misses - misses,
                     "reference_forwards": trainer.reference_forwards,
                 })
@@ -203,10 +252,61 @@ class DPOFitness(Fitness):
             if judge is not None:
                 judge.close()
             # Release the policy (and its optimiser state) before the next candidate.
-            trainer = policy = None
-            if torch.cuda.is_available():
-                gc.collect()  # the trainer holds reference cycles; a full collection takes ~0.2 s
-                torch.cuda.empty_cache()
+            training = trainer = policy = None
+            self._release_memory()
+
+    def _evaluate_launched(self, fn: Callable, seed: int) -> Score:
+        """Train in ranks started by ``accelerate launch``; score the result here."""
+        from fitness.dpo import launcher
+
+        start = time.perf_counter()
+        s = self.settings
+        code = launcher.source_of(fn)
+        self.interface.bind(fn)  # the parameter form is checked here, as in-process
+        judge = self._make_judge() if s.scorer == "mtbench" else None
+        policy = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="evoloss-dpo-launch-") as folder:
+                outcome = launcher.launch(self.preset, s, code, seed, folder, save_policy=s.scorer != "heldout")
+                fitness, metrics = outcome.fitness, dict(outcome.metrics)
+                if s.scorer != "heldout":
+                    # Generation runs here, on one device, as FastChat's MT-Bench answers do after
+                    # the handbook's multi-GPU training: the ranks have exited and freed the GPUs.
+                    policy = self.trained_policy(seed, model=launcher.load_policy(outcome.policy_dir, s))
+                    fitness = self._generation_score(policy, judge, fitness, metrics)
+                metrics.update({
+                    "preset": self.preset, "scorer": s.scorer, "launcher": "accelerate",
+                    "num_processes": s.num_processes, "distributed": s.distributed,
+                    "launch_seconds": outcome.seconds, "seconds": time.perf_counter() - start,
+                })
+                return Score(fitness=float(fitness), metrics=metrics)
+        finally:
+            if judge is not None:
+                judge.close()
+            policy = None
+            self._release_memory()
+
+    def _generation_score(self, policy, judge, fitness: float, metrics: dict[str, Any]) -> float:
+        """The reward-model or MT-Bench score (their metrics added to ``metrics``); for the
+        heldout scorer, ``fitness`` unchanged."""
+        from fitness.dpo import scorers
+
+        scorer = self.settings.scorer
+        if scorer == "reward-model":
+            fitness, scored = scorers.reward_model(policy)
+            metrics.update(scored)
+        elif scorer == "mtbench":
+            fitness, scored = scorers.mtbench(policy, judge)
+            metrics.update(scored)
+        return fitness
+
+    @staticmethod
+    def _release_memory() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            gc.collect()  # the trainer holds reference cycles; a full collection takes ~0.2 s
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _training_metrics(trainer, result) -> dict[str, Any]:

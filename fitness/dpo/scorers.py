@@ -18,7 +18,10 @@ from fitness.dpo.trainer import sequence_logps
 @dataclass
 class TrainedPolicy:
     """What a scorer gets: the trainer (its model is the trained policy), the tokenizer, the
-    data, the settings, the evaluation seed, and how to load a fresh reference model."""
+    data, the settings, the evaluation seed, and how to load a fresh reference model.
+
+    A policy trained in other processes (the accelerate launcher) comes without a trainer, as
+    ``trained_model`` loaded from its saved weights; the generation scorers need only that."""
 
     trainer: Any
     tokenizer: Any
@@ -26,15 +29,19 @@ class TrainedPolicy:
     settings: Any
     seed: int
     load_reference: Callable[[], Any]
+    trained_model: Any = None
 
     @property
     def model(self):
-        return self.trainer.model
+        return self.trained_model if self.trained_model is not None else self.trainer.model
 
 
 def heldout(policy: TrainedPolicy) -> tuple[float, dict[str, Any]]:
     """Held-out preference accuracy of the implicit reward ``beta * log(pi / pi_ref)`` (ties count
-    one half, so the untrained reference scores 0.5) and its margins; no judge, no generation."""
+    one half, so the untrained reference scores 0.5) and its margins; no judge, no generation.
+
+    Under distributed training every rank calls this (a ZeRO-3 or FSDP forward is collective):
+    each scores its shard of the held-out pairs, and the gathered values are the same on all."""
     trainer, beta = policy.trainer, policy.settings.beta
     loader = trainer.get_eval_dataloader(trainer.eval_dataset)
     model = trainer.model
@@ -44,9 +51,13 @@ def heldout(policy: TrainedPolicy) -> tuple[float, dict[str, Any]]:
         for batch in loader:
             batch = trainer._prepare_inputs(batch)
             chosen, rejected, _ = sequence_logps(model, batch)
-            for name, value in (("chosen", chosen), ("rejected", rejected), ("ref_chosen", batch["ref_chosen_logps"]),
-                                ("ref_rejected", batch["ref_rejected_logps"])):
-                parts[name].append(value.float().cpu())
+            values = (chosen.float(), rejected.float(), batch["ref_chosen_logps"].float(),
+                      batch["ref_rejected_logps"].float())
+            if trainer.accelerator.num_processes > 1:
+                # gather_for_metrics drops the pairs repeated to even out the last batch
+                values = trainer.accelerator.gather_for_metrics(values)
+            for name, value in zip(parts, values):
+                parts[name].append(value.cpu())
     chosen, rejected, ref_chosen, ref_rejected = (torch.cat(parts[k]) for k in parts)
     if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
         raise GenomeError("the trained model gives non-finite log-probabilities (training diverged)", status="error")

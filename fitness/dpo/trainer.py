@@ -121,7 +121,18 @@ class CandidateDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         rows = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
         key = key_of(self._precompute_model_hash, rows, self._reference_settings())
-        cached = self.reference_cache.load(key, len(dataset))
+        distributed = self.accelerator.num_processes > 1
+        cached = self.reference_cache.load(key, len(dataset)) if self.accelerator.is_main_process else None
+        if distributed:
+            # Rank 0's key and lookup decide for every rank: under ZeRO-3 each rank hashes its own
+            # shards, and a rank that found the entry while another computed it would leave the
+            # other waiting in a collective forever. (As TRL broadcasts its own cache fingerprint.)
+            from accelerate.utils import broadcast_object_list
+
+            shared = [key, None if cached is None else (cached[0].tolist(), cached[1].tolist())]
+            broadcast_object_list(shared, from_process=0)
+            key = shared[0]
+            cached = None if shared[1] is None else tuple(torch.tensor(v, dtype=torch.float32) for v in shared[1])
         if cached is None:
             # A miss: TRL computes them with the policy before training (it is the reference).
             computed = super()._precompute_ref_logps(dataset, name, batch_size)
@@ -166,7 +177,13 @@ class CandidateDPOTrainer(DPOTrainer):
             found = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise GenomeError(f"the loss returned {found} at training step {step}; expected shape "
                               f"{tuple(chosen.shape)}", status="error")
-        if not torch.isfinite(losses).all():
+        non_finite = not bool(torch.isfinite(losses).all())
+        if self.accelerator.num_processes > 1:
+            # Every rank stops at the same step, so rank 0 reports it: a rank stopping alone would
+            # leave the others waiting in the next collective until the launcher tears them down.
+            flag = torch.tensor([float(non_finite)], device=losses.device)
+            non_finite = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if non_finite:
             raise GenomeError(f"the loss became non-finite (nan or inf) at training step {step}", status="error")
         return losses
 

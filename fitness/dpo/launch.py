@@ -1,0 +1,116 @@
+"""``python -m fitness.dpo.launch --request FOLDER/request.json``: one training process (rank)
+of a dpo evaluation, started by ``accelerate launch`` (:mod:`fitness.dpo.launcher` writes the
+folder and runs the launch).
+
+Every rank rebuilds the plug-in from the request's settings, compiles the loss from its source
+with :func:`engine.genome.compile_genome` (the same static checks and restricted namespace as
+the evaluation worker), trains with :class:`fitness.dpo.trainer.CandidateDPOTrainer` and takes
+part in the held-out scoring (under ZeRO-3 and FSDP every forward pass is collective). With a
+generation scorer the trained policy is saved for the worker, which scores it on one device.
+Rank 0 writes ``result.json``; a rank that fails writes ``error-rank<k>.json`` holding the
+status and message the in-process path would record (:func:`engine.evaluation.classify`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _watch_parent(interval: float = 1.0) -> None:
+    """End this rank when its launcher is gone. torchrun starts each rank in a session of its
+    own, so the kill of the evaluation worker's process group (a timeout) does not reach it;
+    an orphaned rank would hold its GPU for as long as the training lasts."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                if os.getpgrp() == os.getpid():
+                    os.killpg(os.getpgrp(), signal.SIGKILL)  # the rank and its data-loader workers
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="evoloss-launcher-watch").start()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Written whole or not at all: the worker may read it the moment the launch exits."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, default=str))
+    os.replace(temporary, path)
+
+
+def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """Train and score one candidate in this rank; rank 0 returns the report, the others None."""
+    import datasets
+    import torch
+    import transformers
+
+    from engine.genome import compile_genome
+    from fitness.dpo import scorers
+    from fitness.dpo.plugin import DPOFitness
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    seed = int(request["seed"])
+    # As engine.evaluation.run_candidate does before evaluate: a genome may draw random numbers.
+    torch.manual_seed(seed)
+    # This rank trains in-process; generation scorers run in the worker afterwards, so no judge here.
+    options = {**request["settings"], "launcher": "inprocess", "num_processes": 1, "distributed": "ddp",
+               "accelerate_config": None, "scorer": "heldout"}
+    fitness = DPOFitness(preset=request["preset"], **options)
+    fn = compile_genome((folder / request["loss_file"]).read_text(), fitness.interface.arg_counts)
+    loss_fn = fitness.interface.bind(fn)
+    cache = fitness.reference_cache()
+    with tempfile.TemporaryDirectory(prefix="evoloss-dpo-rank-") as output_dir:
+        training = fitness.train(loss_fn, seed, output_dir)
+        trainer = training.trainer
+        heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
+        metrics.update(fitness._training_metrics(trainer, training.result))
+        if request.get("policy_dir"):
+            # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict.
+            trainer.save_model(str(folder / request["policy_dir"]))
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.accelerator.is_main_process:
+            return None
+        metrics.update({
+            "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
+            "reference_cache_hits": cache.hits, "reference_cache_misses": cache.misses,
+            "reference_forwards": trainer.reference_forwards, "world_size": trainer.accelerator.num_processes,
+        })
+        return {"status": "ok", "fitness": float(heldout), "metrics": metrics, "policy_dir": request.get("policy_dir")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fitness.dpo.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--request", required=True, help="request.json written by fitness.dpo.launcher")
+    args = parser.parse_args(argv)
+    request_file = Path(args.request).resolve()
+    folder = request_file.parent
+    rank = int(os.environ.get("RANK", "0"))
+    _watch_parent()
+    try:
+        report = train(json.loads(request_file.read_text()), folder)
+    except BaseException as exc:  # noqa: BLE001 - a genome may raise anything; the worker gets the report
+        from engine.evaluation import classify
+
+        status, message = classify(exc)
+        traceback.print_exc()  # into launch.log, for the record
+        _write_json(folder / f"error-rank{rank}.json", {"rank": rank, "status": status, "error": message})
+        return 1
+    if report is not None:
+        _write_json(folder / "result.json", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
