@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from engine.config import RunConfig, add_arguments, parse_option, resolve
 
@@ -106,9 +109,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         store = RunStore.open(args.resume)
         saved = store.meta("config")
         config = resolve(args, base=saved)
-        for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins"):
-            if getattr(config, locked) != saved.get(locked):
-                raise UsageError(f"--{locked.replace('_', '-')} cannot change when resuming {args.resume} "
+        for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins", "asynchronous",
+                       "promote", "promote_above"):
+            if getattr(config, locked) != saved.get(locked, getattr(RunConfig, locked, None)):
+                flag = "async" if locked == "asynchronous" else locked.replace("_", "-")
+                raise UsageError(f"--{flag} cannot change when resuming {args.resume} "
                                  f"(the run used {saved.get(locked)!r})")
         config.out = str(Path(args.resume))
         store.set_meta("config", config.to_dict())
@@ -149,10 +154,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.done = sum(r.status != "duplicate" for r in engine.results.values())
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _interrupts(engine, config.interrupt, progress):
             warnings.simplefilter("always", RuntimeWarning)
             with make_executor(config, log_path=run_dir / "workers.log", resources=resources) as executor, progress:
                 engine.run(executor)
+        if engine.draining:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished evaluation is saved in {run_dir}; continue with "
               f"python -m engine run --resume {run_dir}", file=sys.stderr)
@@ -175,6 +182,30 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"replay with: python -m engine replay {run_dir}")
     store.close()
     return 0
+
+
+@contextmanager
+def _interrupts(engine, mode: str, progress) -> Iterator[None]:
+    """Ctrl-C while a run is going: with ``--interrupt drain`` the first one lets running
+    evaluations finish (saved as usual) and starts nothing new; the next one, or the first with
+    ``--interrupt cancel``, stops everything at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        if mode == "drain" and not engine.draining:
+            engine.draining = True
+            progress.console.print("Ctrl-C: letting the running evaluations finish and starting no new ones; "
+                                   "Ctrl-C again stops them now")
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _checked_seeds(fitness) -> list:

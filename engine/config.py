@@ -105,6 +105,9 @@ class RunConfig:
         "with --executor ray: GPUs each evaluation reserves, a fraction such as 0.5 shares a GPU (unset: what "
         "the fitness plug-in asks for)"))
     timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
+    interrupt: str = field(default="drain", metadata=_help(
+        "what Ctrl-C does: drain (start nothing new, let running evaluations finish and save them, then stop; "
+        "a second Ctrl-C cancels them) or cancel (stop running evaluations at once); --resume goes on either way"))
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "address-space limit per worker in GiB; 0 turns it off (CUDA reserves huge address ranges, so GPU "
         "runs need 0 and rely on the timeout and the GPU's own memory)"))
@@ -164,7 +167,8 @@ class RunConfig:
         if self.code_size_bins < 0:
             raise ValueError(f"code_size_bins must be >= 0, got {self.code_size_bins!r}")
         choices = {"operator_choice": ("bandit", "ucb", "uniform"), "strategy": ("population", "sequential"),
-                   "context_order": ("ascending", "descending"), "llm_check": ("tests", "static")}
+                   "context_order": ("ascending", "descending"), "llm_check": ("tests", "static"),
+                   "interrupt": ("drain", "cancel")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

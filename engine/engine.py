@@ -27,6 +27,7 @@ from archives.grid import MapElitesArchive
 from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
 from engine.config import RunConfig
+from engine.executor import ListSource
 from engine.genome import GenomeError, check_genome, code_hash, code_size
 from engine.ladder import check_compatible, promote_generation, stage_labels
 from fitness.base import Descriptor
@@ -178,6 +179,8 @@ class Engine:
         self.chooser = make_chooser(config.operator_choice, config.bandit_window)
         #: Why the run stops before ``config.gens`` (a spent LLM budget), or None.
         self.stop_reason: str | None = None
+        #: Set (by a Ctrl-C handler) to start no new evaluation and stop once running ones end.
+        self.draining = False
         self._llm_links: dict[int, tuple[int, ...]] = {}
         for operator in self.operators:
             # Operators that keep records in the run store (LLM calls) get it here.
@@ -663,7 +666,7 @@ class Engine:
 
             SteadyState(self).run(executor)
             return
-        while self.generation <= self.config.gens:
+        while self.generation <= self.config.gens and not self.draining:
             if len(self.candidates) >= self.eval_budget and self.pending is None:
                 break  # --max-evals reached
             batch = self.ask()
@@ -671,6 +674,8 @@ class Engine:
                 self.pending = None  # nothing was made: --resume redoes this generation
                 break
             for stage in range(len(self.stages)):
+                if self.draining:
+                    return  # the generation is finished by --resume
                 todo = self.stage_todo(batch, stage)
                 if stage == 0:
                     self.on_event("ask", {"generation": self.generation, "candidates": len(batch), "todo": len(todo)})
@@ -678,7 +683,10 @@ class Engine:
                     self.on_event("promote", {"generation": self.generation, "stage": self.labels[stage],
                                               "candidates": [c.id for c in todo]})
                 self.running.update((c.id, stage) for c in todo)
-                executor.run([(c.id, c.code, stage) for c in todo], self.config.eval_seed, self.claim, self.record)
+                executor.run(_UnlessDraining(self, [(c.id, c.code, stage) for c in todo]), self.config.eval_seed,
+                             self.claim, self.record)
+            if self.draining:
+                return
             self.tell([self.results[c.id] for c in batch])
             if self.stop_reason is not None:
                 break  # a spent budget: this generation is finished and saved
@@ -694,6 +702,20 @@ class Engine:
         scores = {c.id: below[c.id].fitness for c in batch if c.id in below and below[c.id].ok}
         chosen = set(promote_generation(scores, self.config.promote, self.config.promote_above))
         return [c for c in batch if c.id in chosen and c.id not in done]
+
+
+class _UnlessDraining(ListSource):
+    """A generation's tasks, of which none starts once the engine is draining."""
+
+    def __init__(self, engine: Engine, tasks: list[tuple]) -> None:
+        super().__init__(tasks)
+        self.engine = engine
+
+    def take(self):
+        return None if self.engine.draining else super().take()
+
+    def exhausted(self) -> bool:
+        return self.engine.draining or super().exhausted()
 
 
 def _tuple_state(state: Any) -> Any:

@@ -76,7 +76,7 @@ class SteadyState(TaskSource):
         finally:
             if self.threads:
                 self.threads.shutdown(wait=False, cancel_futures=True)
-        if self.window or engine.generation == 0:
+        if not engine.draining and (self.window or engine.generation == 0):
             self._close_generation()
 
     def _resume(self) -> None:
@@ -91,6 +91,8 @@ class SteadyState(TaskSource):
     # -- TaskSource -----------------------------------------------------------------------------
     def take(self) -> Task | None:
         engine = self.engine
+        if engine.draining:
+            return None
         promotion = self._promotion()
         if promotion is not None:
             return promotion
@@ -107,6 +109,8 @@ class SteadyState(TaskSource):
         return Task(candidate.id, candidate.code, 0)
 
     def exhausted(self) -> bool:
+        if self.engine.draining:
+            return True
         if self.queue or self.proposals or self._promotable():
             return False
         return not self._may_propose()

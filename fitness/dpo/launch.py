@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -71,23 +70,25 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     fn = compile_genome((folder / request["loss_file"]).read_text(), fitness.interface.arg_counts)
     loss_fn = fitness.interface.bind(fn)
     cache = fitness.reference_cache()
-    with tempfile.TemporaryDirectory(prefix="evoloss-dpo-rank-") as output_dir:
-        training = fitness.train(loss_fn, seed, output_dir)
-        trainer = training.trainer
-        heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
-        metrics.update(fitness._training_metrics(trainer, training.result))
-        if request.get("policy_dir"):
-            # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict.
-            trainer.save_model(str(folder / request["policy_dir"]))
-        trainer.accelerator.wait_for_everyone()
-        if not trainer.accelerator.is_main_process:
-            return None
-        metrics.update({
-            "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
-            "reference_cache_hits": cache.hits, "reference_cache_misses": cache.misses,
-            "reference_forwards": trainer.reference_forwards, "world_size": trainer.accelerator.num_processes,
-        })
-        return {"status": "ok", "fitness": float(heldout), "metrics": metrics, "policy_dir": request.get("policy_dir")}
+    # One output folder for all ranks: TRL's reference pass hands its result over through a file there.
+    output_dir = folder / "trainer"
+    output_dir.mkdir(exist_ok=True)
+    training = fitness.train(loss_fn, seed, str(output_dir))
+    trainer = training.trainer
+    heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
+    metrics.update(fitness._training_metrics(trainer, training.result))
+    if request.get("policy_dir"):
+        # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict.
+        trainer.save_model(str(folder / request["policy_dir"]))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    metrics.update({
+        "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
+        "reference_cache_hits": cache.hits, "reference_cache_misses": cache.misses,
+        "reference_forwards": trainer.reference_forwards, "world_size": trainer.accelerator.num_processes,
+    })
+    return {"status": "ok", "fitness": float(heldout), "metrics": metrics, "policy_dir": request.get("policy_dir")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ seeds give TRL's own ``sigmoid`` and ``discopop`` loss and gradients on the same
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -135,7 +136,7 @@ class CandidateDPOTrainer(DPOTrainer):
             cached = None if shared[1] is None else tuple(torch.tensor(v, dtype=torch.float32) for v in shared[1])
         if cached is None:
             # A miss: TRL computes them with the policy before training (it is the reference).
-            computed = super()._precompute_ref_logps(dataset, name, batch_size)
+            computed = self._trl_precompute(dataset, name, batch_size, distributed)
             chosen = torch.tensor(computed["ref_chosen_logps"], dtype=torch.float32)
             rejected = torch.tensor(computed["ref_rejected_logps"], dtype=torch.float32)
             if self.accelerator.is_main_process:
@@ -144,6 +145,20 @@ class CandidateDPOTrainer(DPOTrainer):
         chosen, rejected = cached
         return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
             "ref_rejected_logps", rejected.tolist())
+
+    def _trl_precompute(self, dataset, name: str, batch_size: int, distributed: bool):
+        """TRL's reference pass. Rank 0 writes the result to ``dataset``'s cache file and every
+        rank reads it back; for a dataset held in memory that file lies in a temporary folder of
+        each process's own, so under distributed training it is moved to the output folder,
+        which the ranks share (:mod:`fitness.dpo.launch`)."""
+        if not distributed or dataset.cache_files:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        folder = self.args.output_dir
+        dataset._get_cache_file_path = lambda fingerprint: os.path.join(folder, f"reference-{fingerprint}.arrow")
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            del dataset._get_cache_file_path
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forwards += 1

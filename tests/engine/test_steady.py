@@ -142,3 +142,34 @@ def test_driver_killed_mid_ladder_resumes_without_repeating_evaluations(tmp_path
             ranked = sorted((c for c in members if cheap[c].ok), key=lambda c: (-cheap[c].fitness, c))
             assert {c for c in members if c in dear} == set(ranked[:math.ceil(0.5 * len(ranked))])
     assert [g["generation"] for g in store.generations()] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["drain", "cancel"])
+def test_ctrl_c_drains_or_cancels_running_evaluations(tmp_path, capsys, mode):
+    out, log = tmp_path / "run", tmp_path / "evaluations.jsonl"
+    command = [sys.executable, "-m", "engine", "run", "--fitness", TIMED, "--fitness-opt", "low=1.5",
+               "--fitness-opt", "high=2.0", "--fitness-opt", f"log={str(log)!r}", "--operator", JITTER_SPEC,
+               "--pop", "4", "--gens", "3", "--workers", "2", "--async", "--interrupt", mode, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and evaluations_so_far(out / "run.sqlite") < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # both workers are busy with their next evaluations
+    at_signal = evaluations_so_far(out / "run.sqlite")
+    signalled = time.time()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    waited = time.time() - signalled
+    assert process.returncode == 130
+    assert "continue with python -m engine run --resume" in err
+    saved = evaluations_so_far(out / "run.sqlite")
+    finished = len(log.read_text().splitlines())
+    assert saved == finished  # nothing that finished was lost, nothing was recorded unfinished
+    if mode == "drain":
+        assert "letting the running evaluations finish" in err
+        assert saved == at_signal + 2 and waited >= 0.9
+    else:
+        assert saved == at_signal  # the running ones were stopped, not waited for
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert evaluations_so_far(out / "run.sqlite") == 4 + 4 * 3
