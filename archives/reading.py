@@ -65,6 +65,8 @@ class RunData:
     at_gen: int | None = None
     last_generation: int | None = None
     reevaluations: dict[str, Any] = field(default_factory=dict)
+    #: The fidelity stages' labels, cheapest first (empty without a ladder).
+    ladder: list[str] = field(default_factory=list)
     _elites: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     # -- derived views --------------------------------------------------------------------
@@ -167,7 +169,7 @@ def _read(store: RunStore, at_gen: int | None) -> RunData:
         path=store.path.parent, config=config, fitness_name=fitness_name, baseline=store.meta("baseline"),
         space=list(store.meta("descriptor_space") or []), candidates=candidates, results=results, extra=extra,
         generations=generations, llm_calls=llm_calls, at_gen=at_gen, last_generation=last,
-        reevaluations=store.meta("reevaluations") or {},
+        reevaluations=store.meta("reevaluations") or {}, ladder=list(store.meta("fidelity_ladder") or []),
     )
 
 

@@ -67,6 +67,18 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
 
     labels = sorted(data.extra)
     key_metrics = _key_metrics([r for _, r in scored[:top]])
+    ladder = []
+    for label in data.ladder:
+        stage = results if label == fitness_name else data.extra.get(label, {})
+        good = sorted(((r.fitness, -cid) for cid, r in stage.items() if r.ok), reverse=True)
+        entry = {"stage": label, "evaluated": len(stage), "ok": len(good), "best_id": None, "best_name": None,
+                 "best_fitness": None, "baseline_fitness": None}
+        if good:
+            entry.update(best_id=-good[0][1], best_name=candidates[-good[0][1]].name, best_fitness=good[0][0])
+        base = next((stage[c.id].fitness for c in candidates.values() if baseline and c.name == baseline
+                     and c.operator == "seed" and c.id in stage and stage[c.id].ok), None)
+        entry["baseline_fitness"] = base
+        ladder.append(entry)
     elites = data.elites()
     behaviour_duplicates = statuses.get("duplicate", 0)
     hash_duplicates = int(counters.get("hash_duplicates", 0))
@@ -103,6 +115,8 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
         ],
         "key_metrics": key_metrics,
         "extra_fitness": labels,
+        # With a fidelity ladder: per stage, how many were scored there and the best of them.
+        "fidelity_ladder": ladder,
         "top": [_row(c, r, data, key_metrics, labels) for c, r in scored[:top]],
         "seeds": [
             {"id": c.id, "name": c.name, "fitness": data.fitness_of(c.id)}
@@ -241,6 +255,13 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
         verdict = "beats" if summary["best_fitness"] > baseline else "does not beat"
         console.print(f"best {summary['best_name']} ({summary['best_fitness']:.4f}) {verdict} the "
                       f"{summary['baseline']} seed ({baseline:.4f})")
+    for entry in summary.get("fidelity_ladder") or []:
+        line = f"fidelity {entry['stage']}: {entry['ok']} of {entry['evaluated']} scored"
+        if entry["best_fitness"] is not None:
+            line += f", best {entry['best_name']} ({entry['best_fitness']:.4f})"
+        if entry["baseline_fitness"] is not None:
+            line += f", {summary['baseline']} seed {entry['baseline_fitness']:.4f}"
+        console.print(line)
     ops = Table(title="Operators")
     for column in ("operator", "made", "valid share", "improved on parent"):
         ops.add_column(column)

@@ -43,15 +43,17 @@ class LiveProgress:
         self.gen_scores: list[float] = []
         self.coverage = 0.0
         self.llm = ""
+        self.promoted = 0  # evaluations on later fidelity stages: started, finished
+        self.promoted_done = 0
         self.progress = Progress(
             TextColumn("gen {task.fields[gen]}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("best {task.fields[best]} mean {task.fields[mean]} invalid {task.fields[invalid]} "
-                       "coverage {task.fields[coverage]}{task.fields[llm]}"),
+                       "coverage {task.fields[coverage]}{task.fields[ladder]}{task.fields[llm]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=True, disable=quiet,
         )
         self.task = self.progress.add_task("run", total=total, gen=0, best="-", mean="-", invalid="0%", coverage="0%",
-                                           llm="")
+                                           llm="", ladder="")
 
     def __enter__(self):
         self.progress.start()
@@ -71,11 +73,16 @@ class LiveProgress:
             if payload.ok:
                 self.gen_scores.append(payload.fitness)
                 self.best = payload.fitness if math.isnan(self.best) else max(self.best, payload.fitness)
+        elif kind == "promote":
+            self.promoted += len(payload["candidates"])
+        elif kind == "stage_result":
+            self.promoted_done += 1
         elif kind == "llm":
             self.llm = (f" llm {payload['calls']} calls {payload['tokens_in'] + payload['tokens_out']} tokens "
                         f"${payload['cost_usd']:.4f}")
         elif kind == "generation":
             self.coverage = payload.get("coverage", 0.0)
+            self.generation = payload["gen"] + 1  # steady state: no "ask" per generation
             if not self.quiet:
                 self.out.print(
                     f"gen {payload['gen']:>3}  evals {payload['evals']:>3}  ok {payload['ok']:>3}  "
@@ -88,7 +95,7 @@ class LiveProgress:
         self.progress.update(
             self.task, completed=self.done, gen=self.generation, best=_num(self.best), mean=_num(mean),
             invalid=f"{(self.invalid / self.done if self.done else 0):.0%}", coverage=f"{self.coverage:.0%}",
-            llm=self.llm,
+            llm=self.llm, ladder=f" promoted {self.promoted_done}/{self.promoted}" if self.promoted else "",
         )
 
 

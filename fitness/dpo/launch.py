@@ -24,21 +24,45 @@ from pathlib import Path
 from typing import Any
 
 
-def _watch_parent(interval: float = 1.0) -> None:
-    """End this rank when its launcher is gone. torchrun starts each rank in a session of its
-    own, so the kill of the evaluation worker's process group (a timeout) does not reach it;
-    an orphaned rank would hold its GPU for as long as the training lasts."""
+#: The environment variable naming the process that runs the launch (the evaluation worker).
+OWNER_ENV = "EVOLOSS_DPO_LAUNCH_OWNER"
+
+
+def _watch_launch(interval: float = 1.0) -> None:
+    """End this rank when its launcher or the evaluation that started it is gone. torchrun
+    starts each rank in a session of its own, so the kill of the evaluation worker's process
+    group (a timeout) does not reach it, and an orphaned rank would hold its GPU for as long as
+    the training lasts. The worker is watched as well as the parent: the worker may have died
+    (and the parent with it) while this rank was still importing torch."""
+    import psutil
+
     parent = os.getppid()
+    owner = None
+    if os.environ.get(OWNER_ENV, "").isdigit():
+        try:
+            owner = psutil.Process(int(os.environ[OWNER_ENV]))
+        except psutil.NoSuchProcess:
+            _end_rank()
+
+    def owner_gone() -> bool:
+        try:
+            return not owner.is_running() or owner.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
 
     def watch() -> None:
         while True:
+            if os.getppid() != parent or (owner is not None and owner_gone()):
+                _end_rank()
             time.sleep(interval)
-            if os.getppid() != parent:
-                if os.getpgrp() == os.getpid():
-                    os.killpg(os.getpgrp(), signal.SIGKILL)  # the rank and its data-loader workers
-                os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, daemon=True, name="evoloss-launcher-watch").start()
+    threading.Thread(target=watch, daemon=True, name="evoloss-launch-watch").start()
+
+
+def _end_rank() -> None:
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # the rank and its data-loader workers
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -98,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     request_file = Path(args.request).resolve()
     folder = request_file.parent
     rank = int(os.environ.get("RANK", "0"))
-    _watch_parent()
+    _watch_launch()
     try:
         report = train(json.loads(request_file.read_text()), folder)
     except BaseException as exc:  # noqa: BLE001 - a genome may raise anything; the worker gets the report

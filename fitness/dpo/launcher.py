@@ -18,8 +18,8 @@ error naming the exit code and the end of ``launch.log``.
 
 Cleaning up. The launcher stays in the worker's process group (no new session), so the
 executor's timeout, which kills that group, takes it along. torchrun starts each rank in a
-session of its own; every rank therefore watches its parent and ends itself when the launcher
-is gone. If the evaluation is cancelled in this process (an exception, Ctrl-C in the serial
+session of its own; every rank therefore watches its parent and this process and ends itself
+when either is gone. If the evaluation is cancelled in this process (an exception, Ctrl-C in the serial
 executor), the launcher and all its descendants are killed before the exception goes on.
 """
 from __future__ import annotations
@@ -204,6 +204,7 @@ def _environment() -> dict[str, str]:
            if k not in _LAUNCH_ENV and not k.startswith(_LAUNCH_ENV_PREFIXES)}
     env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["TQDM_DISABLE"] = "1"  # TRL's reference pass would fill the log with progress bars
+    env["EVOLOSS_DPO_LAUNCH_OWNER"] = str(os.getpid())  # each rank ends itself when this process is gone
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -93,6 +93,48 @@ def test_cli_run_with_ray_executor(ray_session, tmp_path):
     assert ray.is_initialized()  # a session the executor did not start is left running
 
 
+def test_async_ladder_run_on_ray_with_resources_from_the_plugin(ray_session, tmp_path):
+    from archives.store import RunStore
+    from engine.cli import main
+
+    timed = f"{ROOT / 'tests' / 'fixtures' / 'timed.py'}:TimedRegression"
+    out = tmp_path / "run"
+    code = main(["run", "--fitness", f"{timed}>{timed}", "--fitness-opt", "offset=3.0", "--operator", JITTER_SPEC,
+                 "--executor", "ray", "--async", "--pop", "4", "--gens", "2", "--promote", "0.5", "--quiet",
+                 "--out", str(out)])
+    assert code == 0
+    store = RunStore.open(out)
+    cheap = {r.candidate_id: r for _, r in store.evaluations("timed-regression@0")}
+    dear = {r.candidate_id: r for _, r in store.evaluations("timed-regression@1")}
+    assert len(cheap) == len(store.candidates()) == 4 + 4 * 2
+    assert dear and set(dear) <= {cid for cid, r in cheap.items() if r.ok}
+    assert all(dear[cid].fitness == pytest.approx(cheap[cid].fitness + 3.0) for cid in dear)
+
+
+def test_resources_come_from_the_plugin_unless_flags_say_otherwise():
+    from engine.config import RunConfig
+    from engine.executor import make_executor, plugin_resources
+
+    class Big:
+        name = "big"
+
+        def resources(self):
+            return {"cpus": 2, "gpus": 1}
+
+    class Small:
+        name = "small"
+
+        def resources(self):
+            return {"cpus": 1}
+
+    needs = plugin_resources([Small(), Big()])
+    assert needs == {"cpus": 2.0, "gpus": 1.0}
+    executor = make_executor(RunConfig(executor="ray"), resources=needs)
+    assert (executor.cpus_per_eval, executor.gpus_per_eval) == (2.0, 1.0)
+    executor = make_executor(RunConfig(executor="ray", gpus_per_eval=0.5), resources=needs)
+    assert (executor.cpus_per_eval, executor.gpus_per_eval) == (2.0, 0.5)
+
+
 @pytest.fixture(scope="module")
 def batch(ray_session, tmp_path_factory):
     """One batch through one executor (2 slots, 5 s timeout): duplicates, a hang, kills."""

@@ -173,3 +173,19 @@ def test_ctrl_c_drains_or_cancels_running_evaluations(tmp_path, capsys, mode):
         assert saved == at_signal  # the running ones were stopped, not waited for
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert evaluations_so_far(out / "run.sqlite") == 4 + 4 * 3
+
+
+def test_async_overlaps_slow_operator_calls_with_evaluations(tmp_path):
+    log = tmp_path / "evaluations.jsonl"
+    spec = f"{FIXTURES / 'jitter.py'}:SlowJitterOperator"
+    config = RunConfig(fitness=TIMED, fitness_options={"low": 0.2, "high": 0.2, "log": str(log)}, operator=spec,
+                       executor="serial", out=str(tmp_path / "run"), pop=4, gens=2, workers=2, asynchronous=True)
+    store = RunStore.create(config.out, config.to_dict())
+    operator = load_operator(spec)
+    engine = Engine(config, load_fitness(TIMED, config.fitness_options), [operator], store)
+    engine.run(SerialExecutor(TIMED, config.fitness_options))
+    assert len(store.candidates()) == 4 + 4 * 2
+    evaluations = [json.loads(line) for line in log.read_text().splitlines()]
+    overlapping = [(a, b) for a, b in operator.calls for e in evaluations if a < e["end"] - 0.05 and e["start"] < b - 0.05]
+    assert overlapping, "operator calls should run while evaluations do"
+    assert any(b1 > a2 for (a1, b1), (a2, b2) in zip(operator.calls, operator.calls[1:]))  # calls run concurrently
