@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.cli import main  # noqa: E402
 
+
 TIMED = f"{ROOT / 'tests' / 'fixtures' / 'timed.py'}:TimedRegression"
 JITTER = f"{ROOT / 'tests' / 'fixtures' / 'jitter.py'}:JitterOperator"
 
@@ -48,6 +49,9 @@ def measure(folder: Path, asynchronous: bool, args) -> dict:
 
 
 def run(args) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="evoloss-util-") as folder:  # first-run imports, not measured
+        warm = argparse.Namespace(**{**vars(args), "gens": 0, "low": 0.0, "high": 0.0, "workers": 1})
+        measure(Path(folder), False, warm)
     rows = []
     for asynchronous in (False, True):
         with tempfile.TemporaryDirectory(prefix="evoloss-util-") as folder:
@@ -66,4 +70,4 @@ if __name__ == "__main__":
     for row in run(arguments):
         print(f"{row['mode']:>12}: utilisation {row['utilisation']:.1%} over {row['evaluations']} evaluations, "
               f"span {row['span_s']:.1f} s, wall {row['wall_s']:.1f} s, "
-              f"driver CPU {row['driver_cpu_ms_per_eval']:.1f} ms/evaluation (incl. start-up)")
+              f"driver CPU {row['driver_cpu_ms_per_eval']:.1f} ms/evaluation (incl. worker start-up)")
