@@ -100,7 +100,7 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     training = fitness.train(loss_fn, seed, str(output_dir))
     trainer = training.trainer
     heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
-    metrics.update(fitness._training_metrics(trainer, training.result))
+    metrics.update(fitness.training_metrics(trainer, training.result))
     if request.get("policy_dir"):
         # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict.
         trainer.save_model(str(folder / request["policy_dir"]))

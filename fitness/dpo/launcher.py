@@ -24,9 +24,11 @@ executor), the launcher and all its descendants are killed before the exception 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,8 @@ from engine.genome import GenomeError, is_out_of_memory
 
 #: The folder holding the ``fitness`` package: the ranks import the plug-in from it.
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: The launch folders' name prefix (in the temporary folder: set TMPDIR to move them).
+FOLDER_PREFIX = "evoloss-dpo-launch-"
 #: Characters of the launch log quoted in an error.
 _LOG_TAIL = 3000
 #: Variables of an enclosing launch that must not leak into ours.
@@ -197,11 +201,14 @@ def launch_command(config_file: str | os.PathLike, request_file: str | os.PathLi
     return command + ["-m", "fitness.dpo.launch", "--request", str(request_file)]
 
 
-def _environment() -> dict[str, str]:
-    """The worker's environment (already free of secrets), the project importable, and nothing
-    left over from an enclosing distributed launch."""
+def _environment(folder: Path) -> dict[str, str]:
+    """The worker's environment (already free of secrets), the project importable, nothing left
+    over from an enclosing distributed launch, and temporary files (torchrun's logs, datasets'
+    caches) inside the launch folder, so that they go with it."""
     env = {k: v for k, v in os.environ.items()
            if k not in _LAUNCH_ENV and not k.startswith(_LAUNCH_ENV_PREFIXES)}
+    (folder / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(folder / "tmp")
     env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["TQDM_DISABLE"] = "1"  # TRL's reference pass would fill the log with progress bars
     env["EVOLOSS_DPO_LAUNCH_OWNER"] = str(os.getpid())  # each rank ends itself when this process is gone
@@ -217,7 +224,8 @@ def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLik
     Raises:
         GenomeError: with the status (``error``, ``oom``, ``invalid``) and message the
             in-process path would give, for any failure of the launch or a rank.
-        ValueError: for a strategy this machine cannot run (ZeRO-3 or FSDP without GPUs).
+        ValueError: for a strategy this machine cannot run (ZeRO-3 or FSDP without GPUs,
+            ZeRO-3 without DeepSpeed).
     """
     import torch
 
@@ -226,7 +234,13 @@ def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLik
         raise ValueError(f"dpo option distributed={settings.distributed!r} needs GPUs and this machine has none "
                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use "
                          "distributed=ddp for CPU processes")
+    if settings.distributed == "zero3" and not settings.accelerate_config and \
+            importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("dpo option distributed=zero3 needs DeepSpeed in the evaluation workers' environment: "
+                         "pip install deepspeed (on the GPU machines)")
     folder = Path(folder)
+    _remove_stale_folders(folder)
+    (folder / "owner.json").write_text(json.dumps(_identity(os.getpid())))
     (folder / "loss.py").write_text(code)
     request = {
         "preset": preset,
@@ -243,7 +257,7 @@ def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLik
     log_path = folder / "launch.log"
     start = time.perf_counter()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=folder, env=_environment(), stdin=subprocess.DEVNULL,
+        process = subprocess.Popen(command, cwd=folder, env=_environment(folder), stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT)
         try:
             returncode = process.wait()
@@ -252,6 +266,35 @@ def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLik
             raise
     seconds = time.perf_counter() - start
     return _outcome(folder, returncode, log_path, seconds)
+
+
+def _identity(pid: int) -> dict[str, Any] | None:
+    """A process's host, pid and start time (a pid alone may be reused), or None if it is gone."""
+    import psutil
+
+    try:
+        return {"host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time()}
+    except psutil.Error:
+        return None
+
+
+def _remove_stale_folders(folder: Path) -> None:
+    """Remove the launch folders beside ``folder`` whose evaluation was killed (a timeout kills
+    the worker before its temporary folder is cleaned up, and a folder may hold a saved 7B
+    policy). Folders without an owner record are being set up, or are not ours: left alone."""
+    import shutil
+
+    for other in folder.parent.glob(f"{FOLDER_PREFIX}*"):
+        if other == folder:
+            continue
+        try:
+            owner = json.loads((other / "owner.json").read_text())
+            pid = int(owner["pid"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        # Only this machine's processes can be checked (a shared TMPDIR holds other hosts' folders).
+        if owner.get("host") == socket.gethostname() and _identity(pid) != owner:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def kill_tree(process: subprocess.Popen) -> None:
@@ -302,7 +345,8 @@ def _failure(folder: Path, returncode: int, log_path: Path) -> GenomeError:
     where = f"the accelerate launch exited with code {returncode}"
     if returncode == 0:
         where = "the accelerate launch exited without writing a result"
-    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or "Signal 9 (SIGKILL)" in tail or "exitcode  : -9" in tail:
+    killed = returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+    if killed or "Signal 9 (SIGKILL)" in tail or "exitcode  : -9" in tail:  # torchrun's words for a rank
         return GenomeError(f"out of memory: {where}; a training process was killed (SIGKILL), most likely by the "
                            f"kernel's out-of-memory killer. End of the launch log:\n{tail}", status="oom")
     if is_out_of_memory(RuntimeError(tail)):

@@ -239,7 +239,7 @@ class DPOFitness(Fitness):
                 # Held-out accuracy and margins are cheap: reported whatever the scorer.
                 fitness, metrics = scorers.heldout(policy)
                 fitness = self._generation_score(policy, judge, fitness, metrics)
-                metrics.update(self._training_metrics(trainer, training.result))
+                metrics.update(self.training_metrics(trainer, training.result))
                 metrics.update({
                     "preset": self.preset, "scorer": s.scorer, "launcher": "inprocess",
                     "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
@@ -266,7 +266,7 @@ class DPOFitness(Fitness):
         judge = self._make_judge() if s.scorer == "mtbench" else None
         policy = None
         try:
-            with tempfile.TemporaryDirectory(prefix="evoloss-dpo-launch-") as folder:
+            with tempfile.TemporaryDirectory(prefix=launcher.FOLDER_PREFIX) as folder:
                 outcome = launcher.launch(self.preset, s, code, seed, folder, save_policy=s.scorer != "heldout")
                 fitness, metrics = outcome.fitness, dict(outcome.metrics)
                 if s.scorer != "heldout":
@@ -309,7 +309,7 @@ class DPOFitness(Fitness):
             torch.cuda.empty_cache()
 
     @staticmethod
-    def _training_metrics(trainer, result) -> dict[str, Any]:
+    def training_metrics(trainer, result) -> dict[str, Any]:
         """The run's steps and loss, and TRL's last logged reward metrics."""
         metrics: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_loss": result.training_loss}
         for entry in trainer.state.log_history:

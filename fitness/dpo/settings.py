@@ -87,7 +87,8 @@ class DPOSettings:
     launcher: str = field(default="inprocess", metadata=_help(
         "inprocess (train inside the evaluation worker, one device) or accelerate (write the loss to a "
         "temporary folder and train with `accelerate launch -m fitness.dpo.launch` over num_processes "
-        "processes; scoring then runs in the worker on the saved policy)"))
+        "processes, which also compute the held-out score; the mtbench and reward-model scorers then run "
+        "in the worker on the saved policy)"))
     num_processes: int = field(default=1, metadata=_help(
         "training processes the accelerate launcher starts (one per GPU; on a machine without GPUs, CPU "
         "processes that synchronise over gloo)"))

@@ -101,7 +101,8 @@ def test_killing_the_workers_process_group_ends_the_ranks_too(tmp_path):
             "train_size=4096, epochs=5.0); "
             "f.evaluate(compile_genome(preference_seeds()[0].code, PreferenceInterface.arg_counts), 0)"),
          str(tmp_path)],
-        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
 
     def ranks():
         found = []
@@ -125,6 +126,13 @@ def test_killing_the_workers_process_group_ends_the_ranks_too(tmp_path):
         worker.wait()
         gone, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, f"ranks left running: {alive}"
+        # The killed evaluation's folder is removed by the next launch on the machine.
+        stale = list(tmp_path.glob(f"{launcher.FOLDER_PREFIX}*"))
+        assert len(stale) == 1 and (stale[0] / "owner.json").exists()
+        fresh = tmp_path / f"{launcher.FOLDER_PREFIX}next"
+        fresh.mkdir()
+        launcher._remove_stale_folders(fresh)
+        assert not stale[0].exists() and fresh.exists()
     finally:
         try:
             os.killpg(worker.pid, signal.SIGKILL)
@@ -151,16 +159,24 @@ def test_failed_launches_become_the_in_process_statuses(tmp_path):
     error = launcher._failure(tmp_path, 1, log)
     assert error.status == "error" and "No module named 'deepspeed'" in str(error)
     # A rank's own report wins, rank 0's first.
-    (tmp_path / "error-rank1.json").write_text(json.dumps({"rank": 1, "status": "error", "error": "RuntimeError: gloo"}))
+    (tmp_path / "error-rank1.json").write_text(json.dumps({"rank": 1, "status": "error", "error": "gloo: closed"}))
     (tmp_path / "error-rank0.json").write_text(json.dumps({"rank": 0, "status": "oom", "error": "out of memory: x"}))
     error = launcher._failure(tmp_path, 1, log)
     assert isinstance(error, GenomeError) and (error.status, str(error)) == ("oom", "out of memory: x")
 
 
-def test_zero3_and_fsdp_need_gpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_zero3_and_fsdp_need_gpus_and_zero3_deepspeed(tmp_path, monkeypatch):
+    import importlib.util
+
     settings = resolve_settings("tiny", {"launcher": "accelerate", "num_processes": 2, "distributed": "zero3"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="distributed='zero3' needs GPUs"):
+        launcher.launch("tiny", settings, SEEDS["dpo"].code, 0, tmp_path, save_policy=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="pip install deepspeed"):
         launcher.launch("tiny", settings, SEEDS["dpo"].code, 0, tmp_path, save_policy=False)
 
 
@@ -192,7 +208,8 @@ def test_zero3_config_holds_the_recipes_settings(tmp_path, monkeypatch):
     command = launcher.launch_command(config_file, tmp_path / "request.json", settings, cpu=False)
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" not in command
     assert command[-4:] == ["-m", "fitness.dpo.launch", "--request", str(tmp_path / "request.json")]
-    parsed, defaults, mixed_precision_from_config = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    parsed = launch_command_parser().parse_args(command[3:])
+    parsed, defaults, mixed_precision_from_config = _validate_launch_command(parsed)
     assert parsed.use_deepspeed and parsed.num_processes == 8 and not mixed_precision_from_config
     parsed.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
     _, env = prepare_deepspeed_cmd_env(parsed)
