@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +252,66 @@ def test_local_instance_keeps_its_state_out_of_home(tmp_path, monkeypatch):
     assert not os.path.exists(temp_dir)
     assert not (tmp_path / ".ray").exists()
     assert not ray.is_initialized()
+
+
+def _ray_processes_under(prefix: str) -> list[str]:
+    """Command lines of live processes whose command line mentions ``prefix`` (a Ray temp dir)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                line = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if prefix in line and "pytest" not in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.slow
+def test_killed_ray_driver_resumes_without_repeating_evaluations(ray_session, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from archives.store import RunStore
+    from engine.cli import main
+
+    timed = f"{ROOT / 'tests' / 'fixtures' / 'timed.py'}:TimedRegression"
+    out = tmp_path / "run"
+    # The driver's Ray instance lives under TMPDIR: a short path, as Unix socket paths are short.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))
+    command = [sys.executable, "-m", "engine", "run", "--fitness", timed, "--fitness-opt", "low=0.3",
+               "--fitness-opt", "high=0.6", "--operator", JITTER_SPEC, "--executor", "ray", "--async", "--pop", "4",
+               "--gens", "3", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TMPDIR": str(ray_tmp)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    done = 0
+    while time.time() < deadline and done < 5:
+        time.sleep(0.2)
+        try:
+            done = sqlite3.connect(out / "run.sqlite").execute("SELECT count(*) FROM evaluations").fetchone()[0]
+        except sqlite3.Error:
+            done = 0
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert done >= 5
+    # Ray's own processes for the killed driver's instance end with it (fate sharing), and so
+    # do the evaluation workers (their watchdog), within a few seconds.
+    deadline = time.time() + 30
+    while time.time() < deadline and _ray_processes_under(str(ray_tmp)):
+        time.sleep(0.5)
+    assert _ray_processes_under(str(ray_tmp)) == []
+    before = sqlite3.connect(out / "run.sqlite").execute("SELECT candidate_id, fitness FROM evaluations").fetchall()
+
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    db = sqlite3.connect(out / "run.sqlite")
+    assert db.execute("SELECT candidate_id FROM evaluations GROUP BY candidate_id HAVING count(*) > 1").fetchall() == []
+    after = dict(db.execute("SELECT candidate_id, fitness FROM evaluations").fetchall())
+    assert all(after[cid] == fitness for cid, fitness in before)
+    assert len(RunStore.open(out).candidates()) == len(after) == 4 + 4 * 3
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # what the killed driver could not remove
