@@ -474,7 +474,7 @@ class Engine:
             if result.candidate_id not in self.results:
                 self._record(result)
         members = self.pending
-        elite_scores = [e.fitness for e in self.archive.elites()]
+        elite_scores = [e.fitness for e in self.archives[0].elites()]  # on the scale of stage-0 results
         reference = statistics.median(elite_scores) if elite_scores else None
         for candidate in sorted(members, key=lambda c: c.id):
             if candidate.operator != "seed":

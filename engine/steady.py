@@ -21,8 +21,6 @@ fewer, once every promotion they earned has been scored.
 """
 from __future__ import annotations
 
-import dataclasses
-import random
 import statistics
 import warnings
 from collections import Counter, deque
@@ -226,7 +224,7 @@ class SteadyState(TaskSource):
         candidate = engine.candidates[result.candidate_id]
         if stage == 0:
             if candidate.operator != "seed":
-                elite_scores = [e.fitness for e in engine.archive.elites()]
+                elite_scores = [e.fitness for e in engine.archives[0].elites()]
                 reference = statistics.median(elite_scores) if elite_scores else None
                 engine.chooser.update(candidate.operator.rpartition(":")[0],
                                       engine._reward(candidate, result, reference))

@@ -31,3 +31,24 @@ def write_plugin(tmp_path):
 
 FIXTURES = ROOT / "tests" / "fixtures"
 JITTER_SPEC = f"{FIXTURES / 'jitter.py'}:JitterOperator"
+
+
+def evaluations_so_far(run_dir) -> int:
+    """Evaluations a run (perhaps one still going, in another process) has saved so far."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(Path(run_dir) / "run.sqlite") as db:
+            return db.execute("SELECT count(*) FROM evaluations").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for_evaluations(run_dir, count: int, timeout: float = 120.0) -> int:
+    """Poll until a run has saved ``count`` evaluations (or ``timeout`` passes); returns how many."""
+    import time
+
+    deadline = time.time() + timeout
+    while (done := evaluations_so_far(run_dir)) < count and time.time() < deadline:
+        time.sleep(0.05)
+    return done

@@ -5,12 +5,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 
 from engine.cli import main
-from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC, ROOT
+from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC, ROOT, wait_for_evaluations
 
 FAST = ["--fitness", EXAMPLE_SPEC, "--operator", JITTER_SPEC, "--quiet"]
 
@@ -118,14 +117,7 @@ def test_resume_after_sigkill_evaluates_nothing_twice(tmp_path, capsys):
                "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    finished = 0
-    while time.time() < deadline and finished < 9:
-        time.sleep(0.2)
-        try:
-            finished = sqlite3.connect(out / "run.sqlite").execute("SELECT count(*) FROM evaluations").fetchone()[0]
-        except sqlite3.Error:
-            finished = 0
+    finished = wait_for_evaluations(out, 9)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert finished >= 9
@@ -146,14 +138,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "engine", "run", *FAST, "--pop", "4", "--gens", "3", "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            if sqlite3.connect(out / "run.sqlite").execute("SELECT count(*) FROM evaluations").fetchone()[0] >= 3:
-                break
-        except sqlite3.Error:
-            pass
+    wait_for_evaluations(out, 3)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130

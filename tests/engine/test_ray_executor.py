@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.candidate import EvalResult
-from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC, ROOT
+from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC, ROOT, wait_for_evaluations
 
 ray = pytest.importorskip("ray")
 
@@ -289,14 +289,7 @@ def test_killed_ray_driver_resumes_without_repeating_evaluations(ray_session, tm
                "--gens", "3", "--out", str(out), "--quiet"]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TMPDIR": str(ray_tmp)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    done = 0
-    while time.time() < deadline and done < 5:
-        time.sleep(0.2)
-        try:
-            done = sqlite3.connect(out / "run.sqlite").execute("SELECT count(*) FROM evaluations").fetchone()[0]
-        except sqlite3.Error:
-            done = 0
+    done = wait_for_evaluations(out, 5, timeout=180)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert done >= 5

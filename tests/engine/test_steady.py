@@ -16,7 +16,7 @@ from engine.config import RunConfig
 from engine.engine import Engine
 from engine.executor import SerialExecutor
 from engine.plugins import load_fitness, load_operator
-from tests.conftest import FIXTURES, JITTER_SPEC, ROOT
+from tests.conftest import FIXTURES, JITTER_SPEC, ROOT, evaluations_so_far, wait_for_evaluations
 
 TIMED = f"{FIXTURES / 'timed.py'}:TimedRegression"
 
@@ -96,13 +96,6 @@ def test_async_ladder_promotes_by_rank_among_scores_so_far(tmp_path):
     assert best.id in dear and score == dear[best.id].fitness
 
 
-def evaluations_so_far(path) -> int:
-    try:
-        return sqlite3.connect(path).execute("SELECT count(*) FROM evaluations").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_driver_killed_mid_ladder_resumes_without_repeating_evaluations(tmp_path, capsys, asynchronous):
@@ -114,9 +107,7 @@ def test_driver_killed_mid_ladder_resumes_without_repeating_evaluations(tmp_path
                "--out", str(out), "--quiet"] + (["--async"] if asynchronous else [])
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and evaluations_so_far(out / "run.sqlite") < 8:
-        time.sleep(0.1)
+    wait_for_evaluations(out, 8)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     db = sqlite3.connect(out / "run.sqlite")
@@ -152,18 +143,16 @@ def test_ctrl_c_drains_or_cancels_running_evaluations(tmp_path, capsys, mode):
                "--fitness-opt", "high=2.0", "--fitness-opt", f"log={str(log)!r}", "--operator", JITTER_SPEC,
                "--pop", "4", "--gens", "3", "--workers", "2", "--async", "--interrupt", mode, "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and evaluations_so_far(out / "run.sqlite") < 2:
-        time.sleep(0.05)
+    wait_for_evaluations(out, 2)
     time.sleep(0.3)  # both workers are busy with their next evaluations
-    at_signal = evaluations_so_far(out / "run.sqlite")
+    at_signal = evaluations_so_far(out)
     signalled = time.time()
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     waited = time.time() - signalled
     assert process.returncode == 130
     assert "continue with python -m engine run --resume" in err
-    saved = evaluations_so_far(out / "run.sqlite")
+    saved = evaluations_so_far(out)
     finished = len(log.read_text().splitlines())
     assert saved == finished  # nothing that finished was lost, nothing was recorded unfinished
     if mode == "drain":
@@ -172,7 +161,7 @@ def test_ctrl_c_drains_or_cancels_running_evaluations(tmp_path, capsys, mode):
     else:
         assert saved == at_signal  # the running ones were stopped, not waited for
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
-    assert evaluations_so_far(out / "run.sqlite") == 4 + 4 * 3
+    assert evaluations_so_far(out) == 4 + 4 * 3
 
 
 def test_async_overlaps_slow_operator_calls_with_evaluations(tmp_path):
