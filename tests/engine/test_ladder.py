@@ -138,3 +138,18 @@ def test_stages_with_different_contracts_are_refused(tmp_path, capsys):
 def test_promote_must_be_a_fraction(value):
     with pytest.raises(ValueError, match="promote must be a fraction"):
         RunConfig(promote=value)
+
+
+def test_toml_ladder_with_a_table_per_stage(tmp_path):
+    from engine.config import load_toml
+
+    path = tmp_path / "run.toml"
+    path.write_text('fitness = ["synthetic-pref", "dpo"]\npromote = 0.5\n'
+                    '[fitness_options]\npreset = "tiny"\n[fitness_options.synthetic-pref]\nsteps = 40\n'
+                    '[fitness_options.dpo]\nscorer = "heldout"\n')
+    config = RunConfig.from_dict(load_toml(path))
+    stages = config.stages()
+    assert [s.spec for s in stages] == ["synthetic-pref", "dpo"]
+    assert stages[0].options == {"steps": 40}
+    assert stages[1].options == {"preset": "tiny", "scorer": "heldout"}
+    assert config.promote == 0.5
