@@ -63,7 +63,7 @@ def overhead(pop: int = 8, gens: int = 30) -> None:
             """In-process; times the worker-side work (compile, contract checks, fingerprint, descriptors)."""
 
             def __init__(self):
-                self.fitness = Instant()
+                self.stages = [Instant()]
 
             def run(self, tasks, seed, decide, on_result):
                 super().run(tasks, seed, decide, timed(on_result, "callback"))
