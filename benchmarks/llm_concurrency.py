@@ -6,7 +6,10 @@ evaluation. A ``--pop 8 --gens 4`` run on 2 worker processes (the default execut
 replies' unit tests in their isolated checker) is timed and compared with the serial sum:
 every LLM call's latency plus every evaluation's duration, as recorded in the run store.
 
-Usage: python benchmarks/llm_concurrency.py [--pop 8] [--gens 4] [--workers 2]
+With ``--async`` the run is steady-state: operator calls start while evaluations run, so the
+ideal wall time is the evaluations' alone (their sum / workers).
+
+Usage: python benchmarks/llm_concurrency.py [--pop 8] [--gens 4] [--workers 2] [--async]
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--gens", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--latency", type=float, default=0.5, help="seconds the server takes per reply")
+    parser.add_argument("--async", dest="asynchronous", action="store_true", help="steady-state mode")
     args = parser.parse_args()
 
     # Imported before the clock starts: the run is measured, not Python's imports.
@@ -80,7 +84,7 @@ def main() -> None:
             tempfile.TemporaryDirectory() as tmp:
         # The same steps as ``python -m engine run`` (process executor, isolated reply checks).
         config = RunConfig(fitness=spec, operator=f"openai:bench@{fake.openai_url}", pop=args.pop, gens=args.gens,
-                           workers=args.workers, out=tmp)
+                           workers=args.workers, out=tmp, asynchronous=args.asynchronous)
         started = time.perf_counter()
         operators = load_operators(config)
         store = RunStore.create(tmp, config.to_dict())
@@ -99,11 +103,13 @@ def main() -> None:
     serial = llm_seconds + eval_seconds
     loop, total = finished - ready, finished - started
     print(f"pop {args.pop}, gens {args.gens}, {args.workers} workers, server {args.latency:g} s/reply, "
-          f"evaluation {EVAL_SECONDS:g} s")
+          f"evaluation {EVAL_SECONDS:g} s, {'steady-state (--async)' if args.asynchronous else 'generational'}")
     print(f"{len(calls)} LLM calls ({llm_seconds:.1f} s), {len(evaluations)} evaluations ({eval_seconds:.1f} s): "
           f"serial sum {serial:.1f} s")
     print(f"generations: {loop:.1f} s = {loop / serial:.2f} x the serial sum "
           f"({loop / (args.gens + 1):.2f} s per generation)")
+    print(f"evaluations alone on {args.workers} workers: {eval_seconds / args.workers:.1f} s; the run took "
+          f"{loop / (eval_seconds / args.workers):.2f} x that")
     print(f"with worker start-up ({ready - started:.1f} s): {total:.1f} s = {total / serial:.2f} x the serial sum")
 
 

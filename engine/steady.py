@@ -49,7 +49,10 @@ class SteadyState(TaskSource):
         self.initial = initial
         self.queue: deque[Candidate] = deque()
         self.proposals: deque[tuple[Any, Future]] = deque()  # (plan, future) started ahead
-        self.lookahead = config.workers if any(getattr(op, "concurrent", False) for op in engine.operators) else 0
+        # Calls started ahead: enough that replies keep up when an LLM call takes longer than an
+        # evaluation (two per worker), within the --llm-concurrency limit.
+        concurrent = any(getattr(op, "concurrent", False) for op in engine.operators)
+        self.lookahead = min(2 * config.workers, config.llm_concurrency) if concurrent else 0
         self.threads = ThreadPoolExecutor(max_workers=max(1, config.llm_concurrency),
                                           thread_name_prefix="evoloss-operator") if self.lookahead else None
         self.failures = 0  # operator failures and known genomes since the last new candidate
