@@ -178,3 +178,28 @@ def test_async_overlaps_slow_operator_calls_with_evaluations(tmp_path):
     overlapping = [(a, b) for a, b in operator.calls for e in evaluations if a < e["end"] - 0.05 and e["start"] < b - 0.05]
     assert overlapping, "operator calls should run while evaluations do"
     assert any(b1 > a2 for (a1, b1), (a2, b2) in zip(operator.calls, operator.calls[1:]))  # calls run concurrently
+
+
+def test_async_run_goes_on_through_failing_operators(tmp_path):
+    spec = f"{FIXTURES / 'jitter.py'}:FlakyOperator"
+    config = RunConfig(fitness=TIMED, operator=spec, executor="serial", out=str(tmp_path / "run"), pop=4, gens=3,
+                       asynchronous=True)
+    store = RunStore.create(config.out, config.to_dict())
+    engine = Engine(config, load_fitness(TIMED), [load_operator(spec)], store)
+    engine.run(SerialExecutor(TIMED))
+    results = [r for _, r in store.evaluations()]
+    assert len(store.candidates()) == 4 + 4 * 3 == len(results)
+    assert engine.counters["operator_failures"] > 0
+    assert any(r.status == "invalid" for r in results) and any(r.ok for r in results)
+
+
+def test_async_run_stops_making_offspring_when_nothing_new_comes(tmp_path):
+    spec = f"{FIXTURES / 'jitter.py'}:ConstantOperator"
+    config = RunConfig(fitness=TIMED, operator=spec, executor="serial", out=str(tmp_path / "run"), pop=4, gens=3,
+                       asynchronous=True, max_attempts=3, workers=1)
+    store = RunStore.create(config.out, config.to_dict())
+    engine = Engine(config, load_fitness(TIMED), [load_operator(spec)], store)
+    with pytest.warns(RuntimeWarning, match="no new valid genome after 3 attempts"):
+        engine.run(SerialExecutor(TIMED))
+    assert len(store.candidates()) == len(list(store.evaluations())) < 4 + 4 * 3
+    assert store.generations()  # what was scored is closed into a generation and saved

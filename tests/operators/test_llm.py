@@ -349,3 +349,19 @@ def test_prompts_show_elites_with_fitness_in_the_configured_order_and_recent_fai
     assert user_prompt("propose", (), ctx, RunConfig()).index("bad (fitness") < ascending.index("good (fitness")
     system = system_prompt(interface)
     assert interface.signature in system and interface.description.strip() in system and '"code"' in system
+
+
+def test_async_run_with_an_llm_operator_stops_at_its_budget_and_resumes(tmp_path, fake, keys, capsys):
+    fake.default = seeded_reply
+    out = tmp_path / "run"
+    assert run_cli(fake, out, "--async", "--max-llm-calls", "3") == 0
+    assert "--max-llm-calls 3" in capsys.readouterr().err
+    store = RunStore.open(out, readonly=True)
+    assert len(store.llm_calls()) == 3 and store.meta("stopped") is not None
+    made = len(store.candidates())
+    assert made < 4 + 4 * 2 and len(list(store.evaluations())) == made  # what was made is scored
+    store.close()
+    assert main(["run", "--resume", str(out), "--max-llm-calls", "100", "--quiet"]) == 0
+    store = RunStore.open(out, readonly=True)
+    assert len(store.candidates()) == 4 + 4 * 2 == len(list(store.evaluations()))
+    assert all(c["candidate_id"] is not None for c in store.llm_calls() if c["error"] is None)
