@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         saved = store.meta("config")
         config = resolve(args, base=saved)
         for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins", "asynchronous",
-                       "promote", "promote_above"):
+                       "promote", "promote_above", "promote_baseline"):
             if getattr(config, locked) != saved.get(locked, getattr(RunConfig, locked, None)):
                 flag = "async" if locked == "asynchronous" else locked.replace("_", "-")
                 raise UsageError(f"--{flag} cannot change when resuming {args.resume} "

@@ -33,6 +33,10 @@ class RunConfig:
     promote: float = field(default=0.25, metadata=_help(
         "with a fidelity ladder: the fraction of a stage's successfully scored candidates promoted to the "
         "next stage (per generation; with --async, the top fraction of all scores on the stage so far)"))
+    promote_baseline: bool = field(default=True, metadata=_help(
+        "with a fidelity ladder: also score the plug-in's baseline seed (e.g. DPO) on every stage it passes "
+        "successfully, so each stage has a reference to compare with (--no-promote-baseline: rank alone)",
+        negative="--no-promote-baseline"))
     promote_above: float | None = field(default=None, metadata=_help(
         "with a fidelity ladder: promote only candidates scoring at least this on their stage (combined "
         "with --promote; --promote 1 makes it a pure threshold)"))
@@ -155,8 +159,9 @@ class RunConfig:
         parse_fitness(self.fitness)
         if not 0.0 < self.promote <= 1.0:
             raise ValueError(f"promote must be a fraction in (0, 1], got {self.promote!r}")
-        if not isinstance(self.asynchronous, bool):
-            raise ValueError(f"asynchronous must be true or false, got {self.asynchronous!r}")
+        for name in ("asynchronous", "promote_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.max_evals, int) or isinstance(self.max_evals, bool) or self.max_evals < 0:
             raise ValueError(f"max_evals must be a non-negative integer (0: no limit), got {self.max_evals!r}")
         if self.asynchronous and self.strategy == "sequential":
@@ -257,7 +262,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = f.metadata.get("flag", flag)
         if str(f.type) == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            if "negative" in f.metadata:  # on by default: the flag turns it off
+                parser.add_argument(f.metadata["negative"], dest=f.name, action="store_const", const=False,
+                                    default=None, help=help_text)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                                    help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
         parser.add_argument(flag, dest=f.name, type=kind, default=None,

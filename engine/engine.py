@@ -701,7 +701,17 @@ class Engine:
         below = self.stage_results[stage - 1]
         scores = {c.id: below[c.id].fitness for c in batch if c.id in below and below[c.id].ok}
         chosen = set(promote_generation(scores, self.config.promote, self.config.promote_above))
+        baseline = self.baseline_id()
+        if baseline in scores:
+            chosen.add(baseline)
         return [c for c in batch if c.id in chosen and c.id not in done]
+
+    def baseline_id(self) -> int | None:
+        """The baseline seed's candidate id when ``--promote-baseline`` takes it up a ladder."""
+        if not (self.ladder and self.config.promote_baseline and self.fitness.baseline):
+            return None
+        return next((c.id for c in self.candidates.values()
+                     if c.operator == "seed" and c.name == _identifier(self.fitness.baseline)), None)
 
 
 class _UnlessDraining(ListSource):

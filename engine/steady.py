@@ -132,8 +132,11 @@ class SteadyState(TaskSource):
             scores = {cid: r.fitness for cid, r in below.items() if r.ok}
             started = {cid for cid in scores if cid in engine.stage_results[stage]
                        or engine.running.get(cid) == stage}
-            ready += [(cid, stage) for cid in promote_asha(scores, started, engine.config.promote,
-                                                           engine.config.promote_above)]
+            chosen = promote_asha(scores, started, engine.config.promote, engine.config.promote_above)
+            baseline = engine.baseline_id()
+            if baseline in scores and baseline not in started and baseline not in chosen:
+                chosen.append(baseline)
+            ready += [(cid, stage) for cid in chosen]
         return ready
 
     def _promotion(self) -> Task | None:

@@ -58,7 +58,7 @@ def test_asynchronous_rule_waits_until_a_score_ranks_in_the_top_fraction():
 
 def ladder_engine(tmp_path, stage_options, **settings):
     config = RunConfig(fitness=[TIMED] * len(stage_options), operator=JITTER_SPEC, executor="serial",
-                       out=str(tmp_path / "run"), **{"pop": 6, "gens": 3, **settings})
+                       out=str(tmp_path / "run"), **{"pop": 6, "gens": 3, "promote_baseline": False, **settings})
     store = RunStore.create(config.out, config.to_dict())
     stages = [load_fitness(TIMED, options) for options in stage_options]
     engine = Engine(config, stages, [load_operator(JITTER_SPEC)], store)
@@ -153,3 +153,14 @@ def test_toml_ladder_with_a_table_per_stage(tmp_path):
     assert stages[0].options == {"steps": 40}
     assert stages[1].options == {"preset": "tiny", "scorer": "heldout"}
     assert config.promote == 0.5
+
+
+def test_the_baseline_seed_climbs_every_stage_it_passes(tmp_path):
+    engine, store, executor = ladder_engine(tmp_path, [{}, {}, {}], promote=0.25, gens=1, promote_baseline=True)
+    engine.run(executor)
+    mse = next(c.id for c in store.candidates() if c.name == "mse" and c.operator == "seed")
+    for label in engine.labels:
+        scored = {r.candidate_id for _, r in store.evaluations(label)}
+        assert mse in scored  # mse (fitness -4) is not in the top quarter of generation 0, yet has a reference
+    ranked = sorted((r for _, r in store.evaluations(engine.labels[0]) if r.ok), key=lambda r: -r.fitness)
+    assert mse not in {r.candidate_id for r in ranked[:2]}

@@ -71,7 +71,7 @@ def test_max_evals_caps_the_candidates_made(tmp_path, asynchronous):
 
 def test_async_ladder_promotes_by_rank_among_scores_so_far(tmp_path):
     config = RunConfig(fitness=[TIMED, TIMED], operator=JITTER_SPEC, executor="serial", out=str(tmp_path / "run"),
-                       pop=4, gens=4, promote=0.25, asynchronous=True)
+                       pop=4, gens=4, promote=0.25, asynchronous=True, promote_baseline=False)
     store = RunStore.create(config.out, config.to_dict())
     options = [{}, {"offset": 10.0}]
     engine = Engine(config, [load_fitness(TIMED, o) for o in options], [load_operator(JITTER_SPEC)], store)
@@ -104,6 +104,7 @@ def test_driver_killed_mid_ladder_resumes_without_repeating_evaluations(tmp_path
                "--fitness-opt", f"{TIMED}@0.low=0.1", "--fitness-opt", f"{TIMED}@0.high=0.4",
                "--fitness-opt", "offset=5.0", "--fitness-opt", "low=0.3", "--fitness-opt", "high=0.6",
                "--operator", JITTER_SPEC, "--pop", "4", "--gens", "3", "--promote", "0.5", "--workers", "2",
+               "--no-promote-baseline",
                "--out", str(out), "--quiet"] + (["--async"] if asynchronous else [])
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -203,3 +204,13 @@ def test_async_run_stops_making_offspring_when_nothing_new_comes(tmp_path):
         engine.run(SerialExecutor(TIMED))
     assert len(store.candidates()) == len(list(store.evaluations())) < 4 + 4 * 3
     assert store.generations()  # what was scored is closed into a generation and saved
+
+
+def test_async_ladder_takes_the_baseline_up_as_a_reference(tmp_path):
+    config = RunConfig(fitness=[TIMED, TIMED], operator=JITTER_SPEC, executor="serial", out=str(tmp_path / "run"),
+                       pop=4, gens=1, promote=0.25, asynchronous=True)
+    store = RunStore.create(config.out, config.to_dict())
+    engine = Engine(config, [load_fitness(TIMED)] * 2, [load_operator(JITTER_SPEC)], store)
+    engine.run(SerialExecutor([(TIMED, {}), (TIMED, {})]))
+    mse = next(c.id for c in store.candidates() if c.name == "mse")
+    assert mse in {r.candidate_id for _, r in store.evaluations(engine.labels[1])}
