@@ -164,3 +164,18 @@ def test_the_baseline_seed_climbs_every_stage_it_passes(tmp_path):
         assert mse in scored  # mse (fitness -4) is not in the top quarter of generation 0, yet has a reference
     ranked = sorted((r for _, r in store.evaluations(engine.labels[0]) if r.ok), key=lambda r: -r.fitness)
     assert mse not in {r.candidate_id for r in ranked[:2]}
+
+
+@pytest.mark.slow
+def test_ladder_example_config_runs_real_dpo_on_the_promoted(tmp_path, capsys):
+    from tests.conftest import ROOT
+
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(ROOT / "examples" / "ladder.toml"), "--gens", "0", "--pop", "4",
+                 "--fitness-opt", "synthetic-pref.instances=1", "--out", str(out), "--quiet"]) == 0
+    store = RunStore.open(out)
+    cheap = {r.candidate_id: r for _, r in store.evaluations("synthetic-pref")}
+    dear = {r.candidate_id: r for _, r in store.evaluations("dpo")}
+    dpo_seed = next(c.id for c in store.candidates() if c.name == "dpo" and c.operator == "seed")
+    assert len(cheap) == 11 and dpo_seed in dear and 2 <= len(dear) <= 1 + math.ceil(0.25 * 11)
+    assert all(r.ok and 0.0 <= r.fitness <= 1.0 for r in dear.values())  # held-out preference accuracy
