@@ -215,16 +215,13 @@ def preference_interface(run, notes: list[str] | None = None):
     from fitness.preference import TENSOR_NAMES, PreferenceInterface
 
     try:
-        from engine.config import RunConfig
+        from engine.ladder import parse_fitness, split_options
         from engine.plugins import load_fitness
 
-        if run.config.get("fitness"):  # the first stage of a ladder: every stage takes the same loss
-            first = RunConfig(fitness=run.config["fitness"],
-                              fitness_options=run.config.get("fitness_options") or {}).stages()[0]
-            spec, options = first.spec, first.options
-        else:
-            spec, options = run.fitness_name, {}
-        interface = load_fitness(spec, options).interface
+        # A ladder's first stage: every stage takes the same loss.
+        first = split_options(parse_fitness(run.config.get("fitness") or run.fitness_name),
+                              run.config.get("fitness_options") or {})[0]
+        interface = load_fitness(first.spec, first.options).interface
         return interface if isinstance(interface, PreferenceInterface) else None
     except Exception as exc:  # noqa: BLE001 - fall back on the genomes' parameter names
         if notes is not None:

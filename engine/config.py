@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.ladder import StageSpec, parse_fitness, split_options
+
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
@@ -154,8 +156,6 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.cpus_per_eval == 0 and self.gpus_per_eval == 0:
             raise ValueError("cpus_per_eval and gpus_per_eval cannot both be 0: an evaluation must reserve something")
-        from engine.ladder import parse_fitness
-
         parse_fitness(self.fitness)
         if not 0.0 < self.promote <= 1.0:
             raise ValueError(f"promote must be a fraction in (0, 1], got {self.promote!r}")
@@ -191,11 +191,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def stages(self):
+    def stages(self) -> list[StageSpec]:
         """The fidelity stages (one unless ``fitness`` is a ladder), each a
         :class:`engine.ladder.StageSpec` with its own options."""
-        from engine.ladder import parse_fitness, split_options
-
         return split_options(parse_fitness(self.fitness), self.fitness_options)
 
     @classmethod
@@ -212,8 +210,6 @@ class RunConfig:
         import time
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        from engine.ladder import parse_fitness
-
         name = "-".join(parse_fitness(self.fitness)).replace(":", "_").replace("/", "_")
         return Path("runs") / f"{name}-{stamp}-{os.getpid()}"
 

@@ -157,6 +157,7 @@ class Engine:
         self.results = self.stage_results[0]
         #: Stage of each evaluation handed to the executor and not yet recorded.
         self.running: dict[int, int] = {}
+        self._baseline: int | None = None
         self.by_hash: dict[str, int] = {}
         self.by_fingerprint: dict[str, int] = {}
         self.generation = 0
@@ -277,9 +278,7 @@ class Engine:
             slots = self.config.pop if generation > 0 else max(0, self.config.pop - len(batch))
         slots = min(slots, self.eval_budget - len(self.candidates))
         self._fill(slots, self._context(), generation == 0, batch, invalid)
-        self.store.add_candidates(batch)
-        for candidate in batch:
-            self.store.link_llm_calls(self._llm_links.pop(candidate.id, ()), candidate.id)
+        self._save_candidates(batch)
         for result in invalid:
             self._record(result)
         self.store.set_meta("rng_after_ask", {"generation": generation, "rng": self.rng.getstate(),
@@ -315,25 +314,9 @@ class Engine:
             retry = []
             for slot, plan, outcome in zip(open_slots, plans, outcomes):
                 attempts[slot] += 1
-                name = plan.operator.name
-                if isinstance(outcome, Exception):  # an operator failure costs one attempt, never the run
-                    self.counters["operator_failures"] += 1
-                    self.errors.append((name, f"{type(outcome).__name__}: {outcome}"))
-                    self.chooser.update(name, 0.0)
-                    failed_in_slot[slot].add(name)
-                    streak[name] += 1
-                    if isinstance(outcome, BudgetExhausted):
-                        if self.stop_reason is None:
-                            self.stop_reason = str(outcome)
-                            self.store.set_meta("stopped", {"generation": self.generation, "reason": str(outcome)})
-                    elif isinstance(outcome, OperatorExhausted) or streak[name] >= self.config.operator_failure_limit:
-                        benched.add(name)
-                    admitted = False
-                else:
-                    streak[name] = 0
-                    admitted = self._admit(outcome, tuple(p.id for p in plan.parents), plan.label, batch, invalid)
-                    if not admitted:
-                        self.chooser.update(name, 0.0)  # a known genome: wasted effort
+                if isinstance(outcome, Exception):
+                    failed_in_slot[slot].add(plan.operator.name)
+                admitted = self._take_outcome(plan, outcome, streak, benched, batch, invalid)
                 if not admitted:
                     (retry if attempts[slot] < self.config.max_attempts else unfilled).append(slot)
             open_slots = retry
@@ -344,6 +327,37 @@ class Engine:
             reason = (f"no new valid genome after {attempts[slot]} attempts" if attempts[slot] >= self.config.max_attempts
                       else f"no new valid genome (operators sat out after failing: {', '.join(sorted(benched))})")
             warnings.warn(f"generation {self.generation}: {reason}; the slot stays empty", RuntimeWarning, stacklevel=3)
+
+    def _take_outcome(self, plan: _Plan, outcome: Offspring | Exception, streak: Counter[str], benched: set[str],
+                      batch: list[Candidate], invalid: list[EvalResult]) -> bool:
+        """Admit what an operator made (into ``batch``, statically invalid ones also into
+        ``invalid``) or record its failure: an operator failure costs one attempt, never the run;
+        one that fails ``operator_failure_limit`` times in a row, or says it is exhausted, joins
+        ``benched``; a spent budget sets ``stop_reason``. Returns whether a candidate was added."""
+        name = plan.operator.name
+        if not isinstance(outcome, Exception):
+            streak[name] = 0
+            admitted = self._admit(outcome, tuple(p.id for p in plan.parents), plan.label, batch, invalid)
+            if not admitted:
+                self.chooser.update(name, 0.0)  # a known genome: wasted effort
+            return admitted
+        self.counters["operator_failures"] += 1
+        self.errors.append((name, f"{type(outcome).__name__}: {outcome}"))
+        self.chooser.update(name, 0.0)
+        streak[name] += 1
+        if isinstance(outcome, BudgetExhausted):
+            if self.stop_reason is None:
+                self.stop_reason = str(outcome)
+                self.store.set_meta("stopped", {"generation": self.generation, "reason": str(outcome)})
+        elif isinstance(outcome, OperatorExhausted) or streak[name] >= self.config.operator_failure_limit:
+            benched.add(name)
+        return False
+
+    def _save_candidates(self, batch: list[Candidate]) -> None:
+        """Write new candidates to the run store, linked to the LLM calls that made them."""
+        self.store.add_candidates(batch)
+        for candidate in batch:
+            self.store.link_llm_calls(self._llm_links.pop(candidate.id, ()), candidate.id)
 
     def _plan(self, operators: list[Operator], context: Context, seeds_only: bool) -> _Plan:
         operator = self._by_name[self.chooser.choose([op.name for op in operators], self.rng)]
@@ -474,12 +488,7 @@ class Engine:
             if result.candidate_id not in self.results:
                 self._record(result)
         members = self.pending
-        elite_scores = [e.fitness for e in self.archives[0].elites()]  # on the scale of stage-0 results
-        reference = statistics.median(elite_scores) if elite_scores else None
-        for candidate in sorted(members, key=lambda c: c.id):
-            if candidate.operator != "seed":
-                self.chooser.update(candidate.operator.rpartition(":")[0],
-                                    self._reward(candidate, by_id[candidate.id], reference))
+        self._credit_operators(members)
         self._absorb(members)
         record = self.finish_generation(members)
         self.pending = None
@@ -525,6 +534,17 @@ class Engine:
         self.on_event("generation", record)
         self.generation += 1
         return record
+
+    def _credit_operators(self, members: list[Candidate]) -> None:
+        """Tell the operator chooser how the operators' offspring among ``members`` did, before
+        they enter the archive (their first-stage results against their parents, or against the
+        median elite of the first stage for fresh proposals)."""
+        elite_scores = [e.fitness for e in self.archives[0].elites()]  # on the scale of stage-0 results
+        reference = statistics.median(elite_scores) if elite_scores else None
+        for candidate in sorted(members, key=lambda c: c.id):
+            if candidate.operator != "seed":
+                self.chooser.update(candidate.operator.rpartition(":")[0],
+                                    self._reward(candidate, self.results[candidate.id], reference))
 
     def _reward(self, candidate: Candidate, result: EvalResult, reference: float | None) -> float:
         """The bandit's reward for one offspring: 0 unless scored; 0.5 when scored; 1 when it
@@ -710,8 +730,10 @@ class Engine:
         """The baseline seed's candidate id when ``--promote-baseline`` takes it up a ladder."""
         if not (self.ladder and self.config.promote_baseline and self.fitness.baseline):
             return None
-        return next((c.id for c in self.candidates.values()
-                     if c.operator == "seed" and c.name == _identifier(self.fitness.baseline)), None)
+        if self._baseline is None:  # seeds never change once made: look once
+            self._baseline = next((c.id for c in self.candidates.values()
+                                   if c.operator == "seed" and c.name == _identifier(self.fitness.baseline)), None)
+        return self._baseline
 
 
 class _UnlessDraining(ListSource):

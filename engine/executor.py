@@ -100,6 +100,20 @@ def as_source(tasks: Iterable[tuple] | TaskSource) -> TaskSource:
     return tasks if isinstance(tasks, TaskSource) else ListSource(tasks)
 
 
+def next_task(retries: deque[Task], source: TaskSource) -> Task | None:
+    """What a free worker runs next: a retry of a task whose worker died, else the source's next."""
+    return retries.popleft() if retries else source.take()
+
+
+def wait_seconds(deadlines: list[float], more: bool, idle: bool, source: TaskSource) -> float:
+    """How long a scheduler may block for results: until the nearest deadline, and no longer than
+    the source's poll interval while a worker is idle and more work may come."""
+    wait_for = min(deadlines, default=float("inf")) - time.monotonic()
+    if more and idle:
+        wait_for = min(wait_for, source.poll_interval)
+    return max(0.0, wait_for)
+
+
 class Executor:
     """What every executor offers: ``start()``, ``run(tasks, seed, decide, on_result)`` (calls
     ``on_result`` in the driver as each evaluation finishes; ``tasks`` is a list of
@@ -280,7 +294,7 @@ class ProcessExecutor(Executor):
             while True:
                 for worker in self.workers:
                     if worker.task is None:
-                        task = retries.popleft() if retries else source.take()
+                        task = next_task(retries, source)
                         if task is None:
                             break
                         worker.task, worker.deadline = task, time.monotonic() + self.timeout
@@ -290,10 +304,7 @@ class ProcessExecutor(Executor):
                 more = bool(retries) or not source.exhausted()
                 if not busy and not more:
                     return
-                wait_for = min([w.deadline for w in busy], default=float("inf")) - time.monotonic()
-                if more and len(busy) < len(self.workers):
-                    wait_for = min(wait_for, source.poll_interval)
-                wait_for = max(0.0, wait_for)
+                wait_for = wait_seconds([w.deadline for w in busy], more, len(busy) < len(self.workers), source)
                 if busy:
                     ready = wait([w.conn for w in busy], timeout=wait_for)
                 else:

@@ -34,7 +34,8 @@ from typing import Any, Iterable
 
 from engine.candidate import EvalResult
 from engine.evaluation import Decide
-from engine.executor import Executor, OnResult, ProcessExecutor, Task, TaskSource, as_source, stage_specs
+from engine.executor import (Executor, OnResult, ProcessExecutor, Task, TaskSource, as_source, next_task,
+                             stage_specs, wait_seconds)
 from engine.plugins import PluginError
 
 INSTALL_HINT = "pip install 'evoloss[ray]' (or pip install 'ray>=2.9')"
@@ -292,7 +293,7 @@ class RayExecutor(Executor):
             while True:
                 for slot in self.slots:
                     if slot.task is None:
-                        task = queue.popleft() if queue else source.take()
+                        task = next_task(queue, source)
                         if task is None:
                             break
                         slot.task = task
@@ -301,10 +302,8 @@ class RayExecutor(Executor):
                 more = bool(queue) or not source.exhausted()
                 if not inflight and not more:
                     return
-                wait_for = min([s.deadline for s in inflight.values()], default=float("inf")) - time.monotonic()
-                if more and any(slot.task is None for slot in self.slots):
-                    wait_for = min(wait_for, source.poll_interval)
-                wait_for = max(0.0, wait_for)
+                wait_for = wait_seconds([s.deadline for s in inflight.values()], more,
+                                        any(slot.task is None for slot in self.slots), source)
                 if not inflight:
                     time.sleep(wait_for)
                     continue

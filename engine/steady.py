@@ -21,7 +21,6 @@ fewer, once every promotion they earned has been scored.
 """
 from __future__ import annotations
 
-import statistics
 import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,6 @@ from typing import Any
 from engine.candidate import Candidate, EvalResult
 from engine.executor import Task, TaskSource
 from engine.ladder import promote_asha
-from operators.base import BudgetExhausted, OperatorExhausted
 
 
 class SteadyState(TaskSource):
@@ -60,6 +58,7 @@ class SteadyState(TaskSource):
         self.benched: set[str] = set()
         self.stopped_proposing = False
         self.window: list[int] = []  # stage-0 results since the last closed generation
+        self._ready: list[tuple[int, int]] | None = None  # promotions due, until the next result
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, executor) -> None:
@@ -124,7 +123,14 @@ class SteadyState(TaskSource):
 
     # -- promotions -----------------------------------------------------------------------------
     def _promotable(self) -> list[tuple[int, int]]:
-        """(candidate id, stage) pairs ready for a more expensive stage, that stage first."""
+        """(candidate id, stage) pairs ready for a more expensive stage, that stage first. The
+        executor asks after every event; the ranking changes only when a result arrives or a
+        promotion starts, so it is kept until then."""
+        if self._ready is None:
+            self._ready = self._rank_promotions()
+        return self._ready
+
+    def _rank_promotions(self) -> list[tuple[int, int]]:
         engine = self.engine
         ready = []
         for stage in reversed(range(1, len(engine.stages))):
@@ -143,7 +149,7 @@ class SteadyState(TaskSource):
         ready = self._promotable()
         if not ready:
             return None
-        cid, stage = ready[0]
+        cid, stage = ready.pop(0)
         engine = self.engine
         engine.running[cid] = stage
         engine.on_event("promote", {"generation": engine.generation, "stage": engine.labels[stage],
@@ -176,49 +182,30 @@ class SteadyState(TaskSource):
     def _collect(self) -> None:
         """Admit the offspring whose operators finished (in the order they were planned)."""
         engine = self.engine
+        collected = False
         while self.proposals and self.proposals[0][1].done():
             plan, future = self.proposals.popleft()
-            outcome = future.result()
-            name = plan.operator.name
-            admitted = False
-            if isinstance(outcome, Exception):
-                engine.counters["operator_failures"] += 1
-                engine.errors.append((name, f"{type(outcome).__name__}: {outcome}"))
-                engine.chooser.update(name, 0.0)
-                self.streak[name] += 1
-                if isinstance(outcome, BudgetExhausted):
-                    if engine.stop_reason is None:
-                        engine.stop_reason = str(outcome)
-                        engine.store.set_meta("stopped", {"generation": engine.generation, "reason": str(outcome)})
-                elif isinstance(outcome, OperatorExhausted) or self.streak[name] >= engine.config.operator_failure_limit:
-                    self.benched.add(name)
-            else:
-                self.streak[name] = 0
-                batch: list[Candidate] = []
-                invalid: list[EvalResult] = []
-                admitted = engine._admit(outcome, tuple(p.id for p in plan.parents), plan.label, batch, invalid)
-                if admitted:
-                    engine.store.add_candidates(batch)
-                    for candidate in batch:
-                        engine.store.link_llm_calls(engine._llm_links.pop(candidate.id, ()), candidate.id)
-                    for result in invalid:
-                        self.on_result(result)
-                    self.queue.extend(c for c in batch if c.id not in engine.results)
-                else:
-                    engine.chooser.update(name, 0.0)  # a known genome: wasted effort
-            if admitted:
+            collected = True
+            batch: list[Candidate] = []
+            invalid: list[EvalResult] = []
+            if engine._take_outcome(plan, future.result(), self.streak, self.benched, batch, invalid):
                 self.failures = 0
-            else:
-                self.failures += 1
-                if self.failures >= engine.config.max_attempts * max(1, engine.config.workers):
-                    self.stopped_proposing = True
-                    engine.counters["unfilled_slots"] += 1
-                    warnings.warn(f"no new valid genome after {self.failures} attempts in a row; the steady-state "
-                                  "run stops making offspring and finishes what is running", RuntimeWarning,
-                                  stacklevel=2)
-        totals = engine.store.llm_totals()
-        if totals["calls"]:
-            engine.on_event("llm", totals)
+                engine._save_candidates(batch)
+                for result in invalid:
+                    self.on_result(result)
+                self.queue.extend(c for c in batch if c.id not in engine.results)
+                continue
+            self.failures += 1
+            if self.failures >= engine.config.max_attempts * max(1, engine.config.workers):
+                self.stopped_proposing = True
+                engine.counters["unfilled_slots"] += 1
+                warnings.warn(f"no new valid genome after {self.failures} attempts in a row; the steady-state "
+                              "run stops making offspring and finishes what is running", RuntimeWarning,
+                              stacklevel=2)
+        if collected and self.lookahead:  # LLM operators: report the calls and their cost
+            totals = engine.store.llm_totals()
+            if totals["calls"]:
+                engine.on_event("llm", totals)
 
     # -- results --------------------------------------------------------------------------------
     def on_result(self, result: EvalResult) -> None:
@@ -229,13 +216,10 @@ class SteadyState(TaskSource):
         engine._record(result)
         candidate = engine.candidates[result.candidate_id]
         if stage == 0:
-            if candidate.operator != "seed":
-                elite_scores = [e.fitness for e in engine.archives[0].elites()]
-                reference = statistics.median(elite_scores) if elite_scores else None
-                engine.chooser.update(candidate.operator.rpartition(":")[0],
-                                      engine._reward(candidate, result, reference))
+            engine._credit_operators([candidate])
             self.window.append(candidate.id)
         engine._absorb([candidate])
+        self._ready = None  # a new score may make promotions due
         if stage == 0 and len(engine.results) >= self.initial + engine.config.pop * engine.generation:
             self._close_generation()
 

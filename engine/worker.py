@@ -23,10 +23,20 @@ def _warm_up(torch) -> None:
     optimiser.step()
 
 
-def _watch_parent(interval: float = 1.0) -> None:
-    """End this worker's process group if its parent dies (a killed Ray actor or driver): an
-    orphaned worker would otherwise go on running a genome, perhaps one that never stops."""
+def end_process_group() -> None:
+    """Kill this process, with its whole process group when it leads one (its own children:
+    data-loader workers, anything a genome started)."""
     import signal
+
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_parent(interval: float = 1.0, also_gone=None) -> None:
+    """End this process (:func:`end_process_group`) once its parent dies (a killed Ray actor or
+    driver), or once ``also_gone()`` says so: an orphan would otherwise go on running a genome,
+    perhaps one that never stops, or hold a GPU."""
     import threading
     import time
 
@@ -34,9 +44,9 @@ def _watch_parent(interval: float = 1.0) -> None:
 
     def watch() -> None:
         while True:
+            if os.getppid() != parent or (also_gone is not None and also_gone()):
+                end_process_group()
             time.sleep(interval)
-            if os.getppid() != parent:
-                os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="evoloss-parent-watch").start()
 
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # A worker never needs core dumps, and a crashing genome should not write one.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-    _watch_parent()
+    watch_parent()
     conn = Connection(args.fd)
     try:
         import torch

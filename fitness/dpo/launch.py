@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -36,13 +33,15 @@ def _watch_launch(interval: float = 1.0) -> None:
     (and the parent with it) while this rank was still importing torch."""
     import psutil
 
-    parent = os.getppid()
-    owner = None
-    if os.environ.get(OWNER_ENV, "").isdigit():
-        try:
-            owner = psutil.Process(int(os.environ[OWNER_ENV]))
-        except psutil.NoSuchProcess:
-            _end_rank()
+    from engine.worker import end_process_group, watch_parent
+
+    if not os.environ.get(OWNER_ENV, "").isdigit():
+        watch_parent(interval)
+        return
+    try:
+        owner = psutil.Process(int(os.environ[OWNER_ENV]))
+    except psutil.NoSuchProcess:
+        end_process_group()
 
     def owner_gone() -> bool:
         try:
@@ -50,19 +49,7 @@ def _watch_launch(interval: float = 1.0) -> None:
         except psutil.Error:
             return True
 
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent or (owner is not None and owner_gone()):
-                _end_rank()
-            time.sleep(interval)
-
-    threading.Thread(target=watch, daemon=True, name="evoloss-launch-watch").start()
-
-
-def _end_rank() -> None:
-    if os.getpgrp() == os.getpid():
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # the rank and its data-loader workers
-    os.kill(os.getpid(), signal.SIGKILL)
+    watch_parent(interval, also_gone=owner_gone)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
