@@ -20,11 +20,10 @@ from fitness.cifar10 import (
     PRESETS, ClassificationInterface, Cifar10, Cifar10DataMalformed, Cifar10DataMissing, _augment,
     classification_descriptors, classification_seeds, find_data_folder, load_cifar10, read_batch,
 )
+from tests.fixtures.cifar10_data import TEST_IMAGES, _write_pickle, write_cifar_folder
 
 torch.set_num_threads(1)
 
-NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-PER_BATCH, TEST_IMAGES = 80, 100
 #: A tiny CPU recipe: 300 training images, 100 held out, 2 epochs of 15 steps (about a second).
 TINY = {"train_size": 300, "val_size": 100, "batch_size": 20, "epochs": 2, "width": 8}
 
@@ -43,40 +42,6 @@ NAN_AT_TRAINING_BATCH = '''def nan_in_training(logits, targets):
         return ce * float("nan")
     return ce
 '''
-
-
-def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Class-dependent colour and stripe direction, random phase, heavy pixel noise: (n, 3072)."""
-    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
-    angle = np.pi * labels / 10.0
-    phase = rng.uniform(0, 2 * np.pi, len(labels))
-    waves = np.sin(0.5 * (np.cos(angle)[:, None, None] * x + np.sin(angle)[:, None, None] * y) + phase[:, None, None])
-    colours = np.stack([(labels * 37) % 256, (labels * 91) % 256, (labels * 53 + 80) % 256], axis=1).astype(np.float32)
-    images = 0.5 * colours[:, :, None, None] + 50 * waves[:, None] + rng.normal(0, 45, (len(labels), 3, 32, 32)) + 60
-    return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), -1)
-
-
-def _write_pickle(record: dict, path: Path) -> None:
-    """Protocol 2 with bytes keys, naming numpy.core like the official (Python 2) files do."""
-    path.write_bytes(pickle.dumps(record, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-
-
-def write_cifar_folder(root: Path, per_batch: int = PER_BATCH, test_images: int = TEST_IMAGES, seed: int = 0) -> dict:
-    """``root/cifar-10-batches-py`` in the official layout; returns what was written."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        count = test_images if name == "test_batch" else per_batch
-        labels = rng.integers(0, 10, count)
-        data = _images(labels, rng)
-        _write_pickle({b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": data,
-                       b"filenames": [f"{name}_{i}.png".encode() for i in range(count)]}, folder / name)
-        written[name] = (data, labels)
-    _write_pickle({b"num_cases_per_batch": per_batch, b"label_names": NAMES, b"num_vis": 3072},
-                  folder / "batches.meta")
-    return written
 
 
 @pytest.fixture(scope="module")
