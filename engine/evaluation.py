@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from typing import Callable
 
 from engine.candidate import EvalResult
-from engine.genome import GenomeError, compile_genome, is_out_of_memory
+from engine.genome import GenomeError, compile_genome
+from engine.processes import classify
 
 #: Called with (candidate_id, fingerprint); returns the id of an earlier candidate with the
 #: same behaviour (skip training) or None (go on).
 Decide = Callable[[int, str], "int | None"]
-
-
-def _genome_location(exc: BaseException) -> str:
-    """The genome's own line in a traceback, if the error was raised there."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<genome>"]
-    return f" (genome line {frames[-1].lineno})" if frames else ""
-
-
-def classify(exc: BaseException) -> tuple[str, str]:
-    """Map an exception from a genome or a plug-in to a status and a readable message."""
-    if isinstance(exc, GenomeError):
-        return exc.status, str(exc)
-    text = f"{type(exc).__name__}: {exc}"
-    if is_out_of_memory(exc):
-        return "oom", f"out of memory: {text[:500]}"
-    if isinstance(exc, RecursionError):
-        return "error", f"recursion too deep{_genome_location(exc)}"
-    return "error", f"{text[:1000]}{_genome_location(exc)}"
 
 
 def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Decide | None = None) -> EvalResult:
@@ -44,6 +26,8 @@ def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Deci
 
         # Genomes may draw random numbers; seed them so an evaluation is reproducible.
         torch.manual_seed(seed)
+        if torch.cuda.is_initialized():  # a worker scores many genomes: the peak is per evaluation
+            torch.cuda.reset_peak_memory_stats()
         interface = fitness.interface
         fn = compile_genome(code, interface.arg_counts)
         interface.check(fn)
@@ -73,6 +57,9 @@ def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Deci
         if not math.isfinite(value):
             raise GenomeError(f"fitness is not finite ({value})", status="error")
         metrics = dict(getattr(score, "metrics", {}) or {})
+        if torch.cuda.is_initialized():
+            # Plug-ins that train in other processes (the accelerate launcher) report their own.
+            metrics.setdefault("gpu_peak_memory_bytes", torch.cuda.max_memory_allocated())
         return EvalResult(
             candidate_id, "ok", fitness=float(value), metrics=_jsonable(metrics), descriptors=descriptors,
             fingerprint=fingerprint, seconds=time.perf_counter() - start,

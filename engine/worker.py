@@ -13,6 +13,8 @@ import resource
 import sys
 from multiprocessing.connection import Connection
 
+from engine.processes import end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
+
 
 def _warm_up(torch) -> None:
     """The first optimiser step in a process imports a good part of torch (about 1.5 s); pay
@@ -21,34 +23,6 @@ def _warm_up(torch) -> None:
     optimiser = torch.optim.Adam([parameter], lr=0.1)
     (parameter**2).sum().backward()
     optimiser.step()
-
-
-def end_process_group() -> None:
-    """Kill this process, with its whole process group when it leads one (its own children:
-    data-loader workers, anything a genome started)."""
-    import signal
-
-    if os.getpgrp() == os.getpid():
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def watch_parent(interval: float = 1.0, also_gone=None) -> None:
-    """End this process (:func:`end_process_group`) once its parent dies (a killed Ray actor or
-    driver), or once ``also_gone()`` says so: an orphan would otherwise go on running a genome,
-    perhaps one that never stops, or hold a GPU."""
-    import threading
-    import time
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent or (also_gone is not None and also_gone()):
-                end_process_group()
-            time.sleep(interval)
-
-    threading.Thread(target=watch, daemon=True, name="evoloss-parent-watch").start()
 
 
 def main(argv: list[str] | None = None) -> int:

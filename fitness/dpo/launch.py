@@ -8,7 +8,7 @@ the evaluation worker), trains with :class:`fitness.dpo.trainer.CandidateDPOTrai
 part in the held-out scoring (under ZeRO-3 and FSDP every forward pass is collective). With a
 generation scorer the trained policy is saved for the worker, which scores it on one device.
 Rank 0 writes ``result.json``; a rank that fails writes ``error-rank<k>.json`` holding the
-status and message the in-process path would record (:func:`engine.evaluation.classify`).
+status and message the in-process path would record (:func:`engine.processes.classify`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _watch_launch(interval: float = 1.0) -> None:
     (and the parent with it) while this rank was still importing torch."""
     import psutil
 
-    from engine.worker import end_process_group, watch_parent
+    from engine.processes import end_process_group, watch_parent
 
     if not os.environ.get(OWNER_ENV, "").isdigit():
         watch_parent(interval)
@@ -99,6 +99,8 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
         "reference_cache_hits": cache.hits, "reference_cache_misses": cache.misses,
         "reference_forwards": trainer.reference_forwards, "world_size": trainer.accelerator.num_processes,
     })
+    if torch.cuda.is_initialized():  # rank 0's peak, as the worker reports for in-process training
+        metrics["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     return {"status": "ok", "fitness": float(heldout), "metrics": metrics, "policy_dir": request.get("policy_dir")}
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = train(json.loads(request_file.read_text()), folder)
     except BaseException as exc:  # noqa: BLE001 - a genome may raise anything; the worker gets the report
-        from engine.evaluation import classify
+        from engine.processes import classify
 
         status, message = classify(exc)
         traceback.print_exc()  # into launch.log, for the record
