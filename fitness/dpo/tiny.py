@@ -73,13 +73,16 @@ def build_tokenizer(seed: int = 0):
     )
 
 
-def build_model(tokenizer, seed: int = 0):
-    """A small GPT-2 initialised from ``seed`` (the same weights for the same seed)."""
+def build_model(tokenizer, seed: int = 0, **shape: int):
+    """A small GPT-2 initialised from ``seed`` (the same weights for the same seed). ``shape``
+    overrides GPT2Config sizes (``n_layer=12, n_head=12, n_embd=768, n_positions=1024`` is
+    GPT-2 small's shape, as ``benchmarks/gpu_check.py`` builds it)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **_CONFIG)
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        **{**_CONFIG, **shape})
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
