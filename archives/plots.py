@@ -212,6 +212,15 @@ def plot_lineage(run, path: str | Path, candidate_id: int | None = None, max_nod
 # -- loss shape (DiscoPOP figure 6) -----------------------------------------------------------
 def preference_interface(run, notes: list[str] | None = None):
     """The run's preference interface, or None when its fitness plug-in is not a preference one."""
+    seeds = run.candidates[run.candidates["operator"] == "seed"]
+    return preference_interface_of(run.config, run.fitness_name, None if seeds.empty else seeds.iloc[0]["code"],
+                                   notes)
+
+
+def preference_interface_of(config: dict[str, Any], fitness_name: str | None, seed_code: str | None,
+                            notes: list[str] | None = None):
+    """The preference interface of a run with these settings (``seed_code``: its first seed's
+    code, to judge by parameter names when the plug-in cannot be loaded), or None."""
     from fitness.preference import TENSOR_NAMES, PreferenceInterface
 
     try:
@@ -219,19 +228,25 @@ def preference_interface(run, notes: list[str] | None = None):
         from engine.plugins import load_fitness
 
         # A ladder's first stage: every stage takes the same loss.
-        first = split_options(parse_fitness(run.config.get("fitness") or run.fitness_name),
-                              run.config.get("fitness_options") or {})[0]
+        first = split_options(parse_fitness(config.get("fitness") or fitness_name),
+                              config.get("fitness_options") or {})[0]
         interface = load_fitness(first.spec, first.options).interface
         return interface if isinstance(interface, PreferenceInterface) else None
     except Exception as exc:  # noqa: BLE001 - fall back on the genomes' parameter names
         if notes is not None:
             notes.append(f"loss_shape: fitness plug-in not loadable ({type(exc).__name__}: {exc}); "
                          "judging the losses by their parameter names")
-    seeds = run.candidates[run.candidates["operator"] == "seed"]
-    if seeds.empty or not all(name in seeds.iloc[0]["code"] for name in TENSOR_NAMES):
+    if seed_code is None or not all(name in seed_code for name in TENSOR_NAMES):
         return None
-    beta = (run.config.get("fitness_options") or {}).get("beta", 0.05)
+    beta = (config.get("fitness_options") or {}).get("beta", 0.05)
     return PreferenceInterface(beta=beta)
+
+
+def dpo_reference(run_dpo_code: str | None = None) -> str | None:
+    """DPO's code for the loss-shape reference: the run's own ``dpo`` seed, else the shipped one."""
+    from fitness.preference import PREFERENCE_SEEDS
+
+    return run_dpo_code or next((s.code for s in PREFERENCE_SEEDS if s.name == "dpo"), None)
 
 
 def loss_shape(interface, code: str, z) -> tuple[Any, Any]:
@@ -273,14 +288,10 @@ def plot_loss_shape(run, path: str | Path, top: int = 5, notes: list[str] | None
     interface = preference_interface(run, notes)
     if interface is None:
         raise PlotSkipped(f"the fitness plug-in {run.fitness_name!r} is not a preference-loss one")
-    from fitness.preference import PREFERENCE_SEEDS
-
     z = np.linspace(z_range[0], z_range[1], 401)
     curves = []
-    dpo_code = next((s.code for s in PREFERENCE_SEEDS if s.name == "dpo"), None)
     baseline = run.candidates[(run.candidates["operator"] == "seed") & (run.candidates["name"] == "dpo")]
-    if not baseline.empty:
-        dpo_code = baseline.iloc[0]["code"]
+    dpo_code = dpo_reference(None if baseline.empty else baseline.iloc[0]["code"])
     lines: list[tuple[str, str, bool]] = [("dpo", dpo_code, True)] if dpo_code else []
     for cid, row in run.best(top).iterrows():
         if row["code"] != dpo_code:

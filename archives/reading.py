@@ -67,6 +67,9 @@ class RunData:
     reevaluations: dict[str, Any] = field(default_factory=dict)
     #: The fidelity stages' labels, cheapest first (empty without a ladder).
     ladder: list[str] = field(default_factory=list)
+    #: What has been read so far (:meth:`RunStore.latest_ids` before the read); :func:`refresh_run`
+    #: reads only what lies beyond it. Empty for a run read ``at_gen``.
+    cursor: dict[str, int] = field(default_factory=dict)
     _elites: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     # -- derived views --------------------------------------------------------------------
@@ -143,6 +146,9 @@ def read_run(store: RunStore, at_gen: int | None = None) -> RunData:
 
 
 def _read(store: RunStore, at_gen: int | None) -> RunData:
+    # Taken first: rows another process adds during the read lie beyond it, and reading a row
+    # twice is harmless (records are keyed by id), so refresh_run misses nothing.
+    cursor = store.latest_ids() if at_gen is None else {}
     config = store.meta("config", {}) or {}
     fitness_name = store.meta("fitness_name") or config.get("fitness")
     generations = store.generations()
@@ -170,7 +176,88 @@ def _read(store: RunStore, at_gen: int | None) -> RunData:
         space=list(store.meta("descriptor_space") or []), candidates=candidates, results=results, extra=extra,
         generations=generations, llm_calls=llm_calls, at_gen=at_gen, last_generation=last,
         reevaluations=store.meta("reevaluations") or {}, ladder=list(store.meta("fidelity_ladder") or []),
+        cursor=cursor,
     )
+
+
+#: LLM calls are linked to the candidate they made just after it is made (an update, not a new
+#: row); :func:`refresh_run` reads the unlinked replies among this many latest calls again.
+_RELINK_WINDOW = 50
+
+
+def refresh_run(store: RunStore, data: RunData) -> list[dict[str, Any]]:
+    """Bring ``data`` (a :func:`read_run` of the whole run) up to date with what another
+    process wrote since, reading only rows beyond ``data.cursor``: for following a run in
+    progress without reading its store again.
+
+    Returns:
+        The new evaluations, as :meth:`RunStore.evaluations_after` gives them.
+
+    Raises:
+        StoreError: The store is damaged.
+        ValueError: ``data`` was read at a past generation (``at_gen``).
+    """
+    if data.at_gen is not None or not data.cursor:
+        raise ValueError("only a run read whole (without at_gen) can be refreshed")
+    try:
+        return _refresh(store, data)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{store.path} is damaged or incomplete ({exc}); it was not modified") from exc
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise StoreError(f"{store.path} holds a record this evoloss cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def _refresh(store: RunStore, data: RunData) -> list[dict[str, Any]]:
+    cursor = data.cursor
+    # Evaluations before candidates: a candidate is stored before it is evaluated, so every
+    # evaluation read here finds its candidate below.
+    evaluations = store.evaluations_after(cursor["evaluations"])
+    candidates = store.candidates(after=cursor["candidates"])
+    generations = store.generations(after=cursor["generations"])
+    unlinked = [row["id"] for row in data.llm_calls[-_RELINK_WINDOW:]
+                if row.get("candidate_id") is None and row.get("reply") is not None]
+    calls = store.llm_calls(after=min(unlinked) - 1 if unlinked else cursor["llm_calls"])
+    fitness_name = store.meta("fitness_name") or data.config.get("fitness")
+    if calls or generations or candidates or evaluations:
+        data.config = store.meta("config", {}) or {}
+        data.baseline = store.meta("baseline")
+        data.space = list(store.meta("descriptor_space") or [])
+        data.reevaluations = store.meta("reevaluations") or {}
+        data.ladder = list(store.meta("fidelity_ladder") or [])
+    if fitness_name != data.fitness_name:  # named once the run starts: sort what was read again
+        everything = [(data.fitness_name, r) for r in data.results.values()]
+        everything += [(name, r) for name, rows in data.extra.items() for r in rows.values()]
+        data.fitness_name, data.results, data.extra = fitness_name, {}, {}
+        for name, result in everything:
+            _file_result(data, name, result)
+    for candidate in candidates:
+        data.candidates[candidate.id] = candidate
+        cursor["candidates"] = max(cursor["candidates"], candidate.id)
+    for row in evaluations:
+        if row["result"].candidate_id in data.candidates:
+            _file_result(data, row["fitness_name"], row["result"])
+        cursor["evaluations"] = row["id"]
+    if generations:
+        by_number = {g["generation"]: g for g in data.generations}
+        by_number.update((g["generation"], g) for g in generations)
+        data.generations = [by_number[k] for k in sorted(by_number)]
+        data.last_generation = data.generations[-1]["generation"]
+        cursor["generations"] = data.last_generation
+    if calls:
+        by_id = {row["id"]: row for row in data.llm_calls}
+        by_id.update((row["id"], row) for row in calls)
+        data.llm_calls = [by_id[k] for k in sorted(by_id)]
+        cursor["llm_calls"] = max(cursor["llm_calls"], calls[-1]["id"])
+    if evaluations or candidates or generations:
+        data._elites = None
+    return evaluations
+
+
+def _file_result(data: RunData, fitness_name: str | None, result: EvalResult) -> None:
+    if fitness_name == data.fitness_name:
+        data.results[result.candidate_id] = result
+    else:
+        data.extra.setdefault(fitness_name, {})[result.candidate_id] = result
 
 
 def _before_cut(row: dict[str, Any], candidates: dict[int, Candidate], at_gen: int) -> bool:

@@ -234,12 +234,14 @@ class RunStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
-    def candidates(self) -> list[Candidate]:
+    def candidates(self, after: int | None = None) -> list[Candidate]:
+        """Every candidate in id order, or only those with an id above ``after``."""
+        where, values = (" WHERE id > ?", (after,)) if after is not None else ("", ())
         return [
             Candidate(id=r["id"], name=r["name"], code=r["code"], thought=r["thought"],
                       parents=tuple(json.loads(r["parents"])), operator=r["operator"],
                       generation=r["generation"], code_hash=r["code_hash"])
-            for r in self._db.execute("SELECT * FROM candidates ORDER BY id")
+            for r in self._db.execute(f"SELECT * FROM candidates{where} ORDER BY id", values)
         ]
 
     def evaluations(self, fitness_name: str | None = None) -> Iterator[tuple[str, EvalResult]]:
@@ -252,10 +254,42 @@ class RunStore:
                 duplicate_of=r["duplicate_of"],
             )
 
-    def llm_calls(self, candidate_id: int | None = None, operator: str | None = None) -> list[dict[str, Any]]:
-        """Recorded LLM calls in order, optionally those of one candidate or one operator
-        (a store written before LLM operators existed has none)."""
+    def evaluations_after(self, evaluation_id: int) -> list[dict[str, Any]]:
+        """Evaluations stored after row ``evaluation_id``, in order: dicts with the row's ``id``,
+        ``fitness_name``, ``finished`` (unix time) and ``result`` (an :class:`EvalResult`).
+        Row ids only grow, so a reader following a run in progress keeps the last id it saw."""
+        return [
+            {"id": r["id"], "fitness_name": r["fitness_name"], "finished": r["finished"], "result": EvalResult(
+                candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
+                metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
+                fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
+                duplicate_of=r["duplicate_of"])}
+            for r in self._db.execute("SELECT * FROM evaluations WHERE id > ? ORDER BY id", (evaluation_id,))
+        ]
+
+    def latest_ids(self) -> dict[str, int]:
+        """The highest candidate id, evaluation row id, LLM call id and finished generation
+        (-1 where there is none): what a reader following a run compares to see news."""
+        one = self._db.execute(
+            "SELECT (SELECT coalesce(max(id), -1) FROM candidates), (SELECT coalesce(max(id), -1) FROM evaluations), "
+            "(SELECT coalesce(max(generation), -1) FROM generations)").fetchone()
+        try:
+            calls = self._db.execute("SELECT coalesce(max(id), -1) FROM llm_calls").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            calls = -1
+        return {"candidates": int(one[0]), "evaluations": int(one[1]), "generations": int(one[2]),
+                "llm_calls": int(calls)}
+
+    def llm_calls(self, candidate_id: int | None = None, operator: str | None = None,
+                  after: int | None = None) -> list[dict[str, Any]]:
+        """Recorded LLM calls in order, optionally those of one candidate or one operator, or
+        with an id above ``after`` (a store written before LLM operators existed has none)."""
         where, values = [], []
+        if after is not None:
+            where.append("id > ?")
+            values.append(after)
         if candidate_id is not None:
             where.append("candidate_id = ?")
             values.append(candidate_id)
@@ -284,9 +318,11 @@ class RunStore:
         return {"calls": int(row[0]), "tokens_in": int(row[1]), "tokens_out": int(row[2]), "cost_usd": float(row[3]),
                 "failed_calls": int(row[4])}
 
-    def generations(self) -> list[dict[str, Any]]:
+    def generations(self, after: int | None = None) -> list[dict[str, Any]]:
+        """Finished generations in order, or only those after generation ``after``."""
+        where, values = (" WHERE generation > ?", (after,)) if after is not None else ("", ())
         return [
             {"generation": r["generation"], "record": json.loads(r["record"]), "state": json.loads(r["state"]),
              "finished": r["finished"]}
-            for r in self._db.execute("SELECT * FROM generations ORDER BY generation")
+            for r in self._db.execute(f"SELECT * FROM generations{where} ORDER BY generation", values)
         ]
