@@ -67,8 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.evaluation import run_candidate  # noqa: E402
-from fitness.cifar10 import Cifar10, Cifar10DataError, classification_seeds, find_data_folder  # noqa: E402
-from fitness.cifar10_nets import ARCH_WIDTHS  # noqa: E402
+from fitness.cifar10 import ARCH_WIDTHS, Cifar10, Cifar10DataError, classification_seeds, find_data_folder  # noqa: E402
 
 _NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 

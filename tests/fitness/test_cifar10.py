@@ -17,9 +17,10 @@ from engine.evaluation import run_candidate
 from engine.genome import compile_genome
 from engine.plugins import PluginError, load_fitness
 from fitness.cifar10 import (
-    PRESETS, ClassificationInterface, Cifar10, Cifar10DataMalformed, Cifar10DataMissing, _augment,
+    PRESETS, ClassificationInterface, Cifar10, Cifar10DataMalformed, Cifar10DataMissing,
     classification_descriptors, classification_seeds, find_data_folder, load_cifar10, read_batch,
 )
+from fitness.cifar10.recipes import augment
 from tests.fixtures.cifar10_data import TEST_IMAGES, _write_pickle, write_cifar_folder
 
 torch.set_num_threads(1)
@@ -177,7 +178,7 @@ def test_descriptors_ignore_scale_and_separate_the_seeds():
 def test_augment_translates_and_flips_like_a_crop():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     recipe = PRESETS["cpu"]
-    out = _augment(images, torch.Generator().manual_seed(5), recipe)
+    out = augment(images, torch.Generator().manual_seed(5), recipe)
     generator = torch.Generator().manual_seed(5)
     flips = torch.rand(2, generator=generator) < 0.5
     shifts = torch.randint(0, 5, (2, 2), generator=generator)

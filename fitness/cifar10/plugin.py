@@ -1,0 +1,291 @@
+"""``cifar10``: classification-loss discovery on CIFAR-10, the DiscoPOP paper's first case study.
+
+Lu et al. 2024 ("Discovering Preference Optimization Algorithms with and for Large Language
+Models", arXiv:2406.08414, sec. 3) evolve supervised classification losses by training a
+ResNet-18 on CIFAR-10 for 5 epochs per proposal, then re-score the best ones on other
+networks and on longer runs. This plug-in scores a loss ``loss(logits, targets) -> (batch,)``
+the same way: train a network from scratch with the loss, report held-out accuracy.
+
+The data and its splits are described in :mod:`fitness.cifar10.data`, the presets and the
+transfer checks in :mod:`fitness.cifar10.recipes`, the networks in
+:mod:`fitness.cifar10.networks`.
+
+The trainer averages the per-example losses and uses SGD, so a loss's scale acts as a
+learning-rate factor: unlike the Adam-trained ``synthetic-pref``, scale is part of what is
+being searched (as it was in the paper). The descriptors, by contrast, ignore scale.
+
+Determinism. On a CPU an evaluation is a function of the seed (model initialisation from
+``torch.manual_seed(seed)``; shuffling, flips and translations from a ``torch.Generator``
+seeded with it), for a given torch build and thread count. On a GPU the same seed gives the
+same initialisation and data order, but results still vary from run to run by a few tenths of
+a percent of accuracy: cuDNN picks convolution algorithms by timing (``cudnn.benchmark``) and
+some of them accumulate with atomics, bf16 autocast rounds differently from float32, and
+``torch.compile`` fuses and reorders reductions. ``deterministic=true`` turns off cuDNN
+benchmarking and asks for deterministic algorithms (slower); bf16 and compile stay as set.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.genome import GenomeError
+from fitness.base import Fitness, Score, Seed, losses_of
+from fitness.cifar10 import networks
+from fitness.cifar10.data import (
+    MEAN, STD, TEST_FILE, TRAIN_FILES, Cifar10Data, check_data_folder, find_data_folder, load_cifar10,
+)
+from fitness.cifar10.descriptors import DESCRIPTOR_SPACE, classification_descriptors
+from fitness.cifar10.interface import ClassificationInterface, classification_seeds
+from fitness.cifar10.recipes import PRESETS, RECIPE_FIELDS, augment, lr_factor
+
+
+class Cifar10(Fitness):
+    """Held-out CIFAR-10 accuracy of a network trained with the candidate loss (module doc).
+
+    Args:
+        preset: ``cpu`` (default), ``fast`` or ``paper``.
+        data_dir: The ``cifar-10-batches-py`` folder or its parent (default: ``EVOLOSS_DATA``).
+        split: ``val`` (held out from the training batches; the search) or ``test`` (the test
+            batch; final reports only).
+        **overrides: Any :class:`~fitness.cifar10.recipes.Recipe` field, e.g. ``arch``, ``epochs``, ``train_size``.
+
+    Raises:
+        Cifar10DataMissing, Cifar10DataMalformed: The data folder is not usable (checked here,
+            cheaply; the images are read at the first evaluation).
+        ValueError, TypeError: A bad or unknown option.
+    """
+
+    name = "cifar10"
+    interface = ClassificationInterface()
+    baseline = "cross_entropy"
+    fitness_floor = 0.0
+    descriptor_space = DESCRIPTOR_SPACE
+
+    def __init__(self, preset: str = "cpu", data_dir: str | None = None, split: str = "val", **overrides: Any) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"cifar10: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"cifar10: unknown option(s) {', '.join(unknown)}; options: preset, data_dir, split, "
+                f"{', '.join(RECIPE_FIELDS)}"
+            )
+        if split not in ("val", "test"):
+            raise ValueError(f"cifar10 option split must be val or test, got {split!r}")
+        if "train_size" in overrides and overrides["train_size"] in ("None", "none", "all"):
+            overrides["train_size"] = None
+        self.preset = preset
+        self.split = split
+        self.recipe = dataclasses.replace(PRESETS[preset], **overrides)
+        self.folder = find_data_folder(data_dir)
+        files = TRAIN_FILES + ((TEST_FILE,) if split == "test" else ())
+        self.class_names = check_data_folder(self.folder, files)
+        self._data: Cifar10Data | None = None
+        self._device_data: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._compiled: dict[tuple, tuple[torch.nn.Module, Callable]] = {}
+
+    def seeds(self) -> list[Seed]:
+        return classification_seeds()
+
+    def descriptors(self, fn: Callable) -> dict[str, float]:
+        return classification_descriptors(fn, classes=self.interface.classes)
+
+    # -- data and device ------------------------------------------------------------------
+    def data(self) -> Cifar10Data:
+        """The images, read on first use and kept (a worker scores many candidates)."""
+        if self._data is None:
+            r = self.recipe
+            self._data = load_cifar10(self.folder, self.split, r.train_size, r.val_size)
+            if len(self._data.train_labels) < r.batch_size:
+                raise ValueError(f"cifar10: {len(self._data.train_labels)} training images, fewer than "
+                                 f"batch_size {r.batch_size}")
+        return self._data
+
+    def device(self) -> torch.device:
+        wanted = self.recipe.device
+        if wanted == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"cifar10: device {wanted!r} asked for, but torch sees no CUDA device "
+                               "(use device=auto or device=cpu)")
+        return torch.device(wanted)
+
+    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Normalised float images and labels, resident on ``device`` (moved once per worker)."""
+        key = str(device)
+        if key not in self._device_data:
+            data = self.data()
+            mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+            def prepare(images: torch.Tensor) -> torch.Tensor:
+                return (images.to(device).float() / 255 - mean) / std
+
+            self._device_data[key] = (prepare(data.train_images), data.train_labels.to(device),
+                                      prepare(data.eval_images), data.eval_labels.to(device))
+        return self._device_data[key]
+
+    def _network(self, device: torch.device, compile_: bool, channels_last: bool, seed: int):
+        """The network, initialised from ``seed``, and the callable to run it (compiled or not).
+        A compiled network is built once and re-initialised in place for each candidate."""
+        r = self.recipe
+        key = (r.arch, r.width, len(self.class_names), str(device), channels_last)
+        if compile_ and key in self._compiled:
+            model, forward = self._compiled[key]
+        else:
+            model = networks.build(r.arch, r.width, classes=len(self.class_names)).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            forward = torch.compile(model) if compile_ else model
+            if compile_:
+                self._compiled[key] = (model, forward)
+        networks.initialise(model, seed)
+        return model, forward
+
+    # -- scoring ----------------------------------------------------------------------------
+    def evaluate(self, fn: Callable, seed: int) -> Score:
+        r = self.recipe
+        device = self.device()
+        cuda = device.type == "cuda"
+        amp = cuda if r.amp == "auto" else bool(r.amp)
+        compile_ = cuda if r.compile == "auto" else bool(r.compile)
+        channels_last = cuda if r.channels_last == "auto" else bool(r.channels_last)
+        check_every = r.check_every or (25 if cuda else 1)
+        if cuda:
+            torch.backends.cudnn.benchmark = not r.deterministic
+            torch.backends.cudnn.deterministic = r.deterministic
+        train_x, train_y, eval_x, eval_y = self._on_device(device)
+        start = time.perf_counter()
+
+        generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        model, forward = self._network(device, compile_, channels_last, seed)
+        if isinstance(model, networks.AirbenchNet):
+            model.initialise_whitening(train_x[:5000])
+        norm_params, other_params = networks.norm_parameters(model)
+        groups = [{"params": other_params, "lr": r.lr, "weight_decay": r.weight_decay, "base_lr": r.lr}]
+        if norm_params:
+            scaled = r.lr * r.norm_lr_scale
+            groups.append({"params": norm_params, "lr": scaled, "weight_decay": r.weight_decay / r.norm_lr_scale,
+                           "base_lr": scaled})
+        optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+        count, batch = len(train_y), r.batch_size
+        steps_per_epoch = count // batch
+        total = steps_per_epoch * r.epochs
+        step_losses = torch.zeros(total, device=device)
+        correct_last_epoch = torch.zeros((), device=device, dtype=torch.long)
+        checked = 0
+        model.train()
+        for epoch in range(r.epochs):
+            order = torch.randperm(count, generator=generator).to(device)
+            for index in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + index
+                factor = lr_factor(r.schedule, step, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                rows = order[index * batch:(index + 1) * batch]
+                images = augment(train_x[rows], generator, r).contiguous(memory_format=memory_format)
+                targets = train_y[rows]
+                with autocast():
+                    logits = forward(images)
+                logits = logits.float()
+                loss = self._mean_loss(fn, logits, targets, epoch, index)
+                step_losses[step] = loss.detach()
+                if (step + 1) % check_every == 0 or index == steps_per_epoch - 1:
+                    self._check_finite(step_losses, checked, step + 1, steps_per_epoch, total)
+                    checked = step + 1
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss.backward()
+                except Exception as exc:
+                    raise GenomeError(f"backward failed at epoch {epoch + 1}, step {index + 1}: "
+                                      f"{type(exc).__name__}: {exc}", status="error") from exc
+                optimizer.step()
+                if epoch == r.epochs - 1:
+                    correct_last_epoch += (logits.detach().argmax(1) == targets).sum()
+
+        accuracy, eval_ce = self._score(model, forward, eval_x, eval_y, autocast, memory_format)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        curve = step_losses.view(r.epochs, steps_per_epoch).mean(dim=1).tolist()
+        images_seen = total * batch
+        metrics = {
+            "accuracy": accuracy,
+            "eval_cross_entropy": eval_ce,
+            "train_accuracy": float(correct_last_epoch) / (steps_per_epoch * batch),
+            "loss_curve": curve,
+            "loss_first": curve[0],
+            "loss_last": curve[-1],
+            "epochs": r.epochs,
+            "steps": total,
+            "images": images_seen,
+            "images_per_second": images_seen / seconds if seconds > 0 else None,
+            "seconds": seconds,
+            "train_images": count,
+            "eval_images": len(eval_y),
+            "split": self.split,
+            "preset": self.preset,
+            "arch": r.arch,
+            "device": str(device),
+        }
+        return Score(fitness=accuracy, metrics=metrics)
+
+    @staticmethod
+    def _mean_loss(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        where = f"at epoch {epoch + 1}, step {index + 1}"
+        try:
+            losses = losses_of(fn(logits, targets.clone()))
+        except GenomeError:
+            raise
+        except Exception as exc:
+            raise GenomeError(f"the loss raised {type(exc).__name__} {where}: {exc}", status="error") from exc
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (logits.shape[0],):
+            found = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise GenomeError(f"the loss returned {found} {where}; expected shape ({logits.shape[0]},)",
+                              status="error")
+        if not losses.requires_grad:
+            raise GenomeError(f"the loss has no gradient {where}", status="error")
+        return losses.float().mean()
+
+    @staticmethod
+    def _check_finite(step_losses: torch.Tensor, begin: int, end: int, steps_per_epoch: int, total: int) -> None:
+        bad = ~torch.isfinite(step_losses[begin:end])
+        if bool(bad.any()):
+            first = begin + int(bad.nonzero()[0, 0])
+            epoch, index = divmod(first, steps_per_epoch)
+            value = float(step_losses[first])
+            raise GenomeError(
+                f"the loss became non-finite ({value}) at epoch {epoch + 1}, step {index + 1} "
+                f"(training step {first + 1} of {total}); training stopped",
+                status="error",
+            )
+
+    def _score(self, model, forward, images, labels, autocast, memory_format) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of the trained network on the evaluation images."""
+        model.eval()
+        correct = torch.zeros((), device=images.device, dtype=torch.long)
+        cross_entropy = torch.zeros((), device=images.device, dtype=torch.float64)
+        with torch.no_grad():
+            for begin in range(0, len(labels), self.recipe.eval_batch_size):
+                chunk = images[begin:begin + self.recipe.eval_batch_size].contiguous(memory_format=memory_format)
+                targets = labels[begin:begin + self.recipe.eval_batch_size]
+                with autocast():
+                    logits = forward(chunk)
+                logits = logits.float()
+                correct += (logits.argmax(1) == targets).sum()
+                cross_entropy += F.cross_entropy(logits, targets, reduction="sum").double()
+        model.train()
+        ce = float(cross_entropy) / len(labels)
+        if not math.isfinite(ce):
+            raise GenomeError("the trained network's logits are not finite on the evaluation images "
+                              "(the weights diverged)", status="error")
+        return float(correct) / len(labels), ce
