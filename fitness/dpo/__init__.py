@@ -5,7 +5,7 @@ presets), :mod:`~fitness.dpo.data` (preference data), :mod:`~fitness.dpo.trainer
 subclass), :mod:`~fitness.dpo.reference_cache`, :mod:`~fitness.dpo.scorers`,
 :mod:`~fitness.dpo.mtbench`, :mod:`~fitness.dpo.tiny`, and the multi-process path:
 :mod:`~fitness.dpo.launcher` (runs ``accelerate launch`` from the evaluation worker) and
-:mod:`~fitness.dpo.launch` (the per-rank entry point). Importing this package does not
+:mod:`~fitness.dpo.rank` (the per-rank entry point). Importing this package does not
 import TRL or transformers; evaluating does.
 """
 from fitness.dpo.plugin import DPOFitness

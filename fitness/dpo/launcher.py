@@ -9,8 +9,8 @@ The evaluation worker writes a folder holding
 * ``accelerate.yaml`` (and ``deepspeed.json`` for ``zero3``): generated from the settings by
   :func:`accelerate_config` and :func:`deepspeed_config`, or the user's ``accelerate_config``;
 
-runs ``python -m accelerate.commands.launch --config_file accelerate.yaml -m fitness.dpo.launch
---request request.json`` (:mod:`fitness.dpo.launch` is the per-rank entry point) and reads what
+runs ``python -m accelerate.commands.launch --config_file accelerate.yaml -m fitness.dpo.rank
+--request request.json`` (:mod:`fitness.dpo.rank` is the per-rank entry point) and reads what
 rank 0 wrote: ``result.json`` (training metrics, held-out score, where the trained policy was
 saved), or ``error-rank<k>.json`` from a rank that failed (status and message as the in-process
 path records them). Anything else (a rank killed, a launcher that could not start) becomes an
@@ -191,14 +191,14 @@ def write_config(settings, folder: str | os.PathLike, *, cpu: bool) -> Path:
 
 def launch_command(config_file: str | os.PathLike, request_file: str | os.PathLike, settings, *,
                    cpu: bool) -> list[str]:
-    """``python -m accelerate.commands.launch ... -m fitness.dpo.launch --request FILE``."""
+    """``python -m accelerate.commands.launch ... -m fitness.dpo.rank --request FILE``."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
                "--num_processes", str(settings.num_processes)]
     if cpu and settings.num_processes == 1:
         # With more processes, --cpu would make accelerate start only one (its CPU multi-process
         # mode wants mpirun); torchrun starts them and the trainer picks gloo.
         command.append("--cpu")
-    return command + ["-m", "fitness.dpo.launch", "--request", str(request_file)]
+    return command + ["-m", "fitness.dpo.rank", "--request", str(request_file)]
 
 
 def _environment(folder: Path) -> dict[str, str]:

@@ -86,7 +86,7 @@ class DPOSettings:
     # -- where training runs ------------------------------------------------------------------
     launcher: str = field(default="inprocess", metadata=_help(
         "inprocess (train inside the evaluation worker, one device) or accelerate (write the loss to a "
-        "temporary folder and train with `accelerate launch -m fitness.dpo.launch` over num_processes "
+        "temporary folder and train with `accelerate launch -m fitness.dpo.rank` over num_processes "
         "processes, which also compute the held-out score; the mtbench and reward-model scorers then run "
         "in the worker on the saved policy)"))
     num_processes: int = field(default=1, metadata=_help(

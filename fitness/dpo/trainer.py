@@ -150,7 +150,7 @@ class CandidateDPOTrainer(DPOTrainer):
         """TRL's reference pass. Rank 0 writes the result to ``dataset``'s cache file and every
         rank reads it back; for a dataset held in memory that file lies in a temporary folder of
         each process's own, so under distributed training it is moved to the output folder,
-        which the ranks share (:mod:`fitness.dpo.launch`)."""
+        which the ranks share (:mod:`fitness.dpo.rank`)."""
         if not distributed or dataset.cache_files:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         folder = self.args.output_dir

@@ -111,7 +111,7 @@ def test_killing_the_workers_process_group_ends_the_ranks_too(tmp_path):
                 command = " ".join(process.cmdline())
             except psutil.Error:
                 continue
-            if "fitness.dpo.launch" in command and "accelerate.commands.launch" not in command:
+            if "fitness.dpo.rank" in command and "accelerate.commands.launch" not in command:
                 found.append(process)
         return found
 
@@ -207,7 +207,7 @@ def test_zero3_config_holds_the_recipes_settings(tmp_path, monkeypatch):
 
     command = launcher.launch_command(config_file, tmp_path / "request.json", settings, cpu=False)
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" not in command
-    assert command[-4:] == ["-m", "fitness.dpo.launch", "--request", str(tmp_path / "request.json")]
+    assert command[-4:] == ["-m", "fitness.dpo.rank", "--request", str(tmp_path / "request.json")]
     parsed = launch_command_parser().parse_args(command[3:])
     parsed, defaults, mixed_precision_from_config = _validate_launch_command(parsed)
     assert parsed.use_deepspeed and parsed.num_processes == 8 and not mixed_precision_from_config

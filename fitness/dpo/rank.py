@@ -1,4 +1,4 @@
-"""``python -m fitness.dpo.launch --request FOLDER/request.json``: one training process (rank)
+"""``python -m fitness.dpo.rank --request FOLDER/request.json``: one training process (rank)
 of a dpo evaluation, started by ``accelerate launch`` (:mod:`fitness.dpo.launcher` writes the
 folder and runs the launch).
 
@@ -105,7 +105,7 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fitness.dpo.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fitness.dpo.rank", description=__doc__.splitlines()[0])
     parser.add_argument("--request", required=True, help="request.json written by fitness.dpo.launcher")
     args = parser.parse_args(argv)
     request_file = Path(args.request).resolve()
