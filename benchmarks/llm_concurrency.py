@@ -76,7 +76,8 @@ def main() -> None:
     from engine.config import RunConfig
     from engine.engine import Engine
     from engine.executor import make_executor
-    from engine.plugins import load_fitness, load_operators
+    from engine.assembly import build_operators
+    from engine.plugins import load_fitness
     from tests.operators.fake_llm import Answer, FakeLLM
 
     spec = f"{Path(__file__).resolve()}:Sleepy"
@@ -86,15 +87,14 @@ def main() -> None:
         config = RunConfig(fitness=spec, operator=f"openai:bench@{fake.openai_url}", pop=args.pop, gens=args.gens,
                            workers=args.workers, out=tmp, asynchronous=args.asynchronous)
         started = time.perf_counter()
-        operators = load_operators(config)
+        operators, close_operators = build_operators(config)
         store = RunStore.create(tmp, config.to_dict())
         engine = Engine(config, load_fitness(spec), operators, store)
         with make_executor(config, spec, log_path=Path(tmp) / "workers.log") as executor:
             ready = time.perf_counter()
             engine.run(executor)
         finished = time.perf_counter()
-        for operator in operators:
-            operator.close()
+        close_operators()
         calls = store.llm_calls()
         evaluations = [r for _, r in store.evaluations() if r.status != "duplicate"]
         store.close()

@@ -107,10 +107,10 @@ def _num(value: Any) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from archives.replay import render_summary, summarize
     from archives.store import RunStore
+    from engine.assembly import build_operators, build_stages
     from engine.engine import Engine
     from engine.executor import make_executor, plugin_resources
     from engine.ladder import check_compatible
-    from engine.plugins import load_fitness, load_operators
 
     if args.resume:
         store = RunStore.open(args.resume)
@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = config.run_dir()
         config.out = str(run_dir)
         store = None
-    stages = [load_fitness(stage.spec, stage.options) for stage in config.stages()]
+    stages = build_stages(config)
     try:
         check_compatible(stages)
         resources = plugin_resources(stages)
@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         import_ray()  # a missing Ray is reported before the run folder is made
     # LLM operators are checked here (key, server, model folder), before the run folder is made.
-    operators = load_operators(config)
+    operators, close_operators = build_operators(config, fitness.interface)
     if store is None:
         store = RunStore.create(config.out, config.to_dict())
     run_dir = Path(config.out)
@@ -172,10 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"python -m engine run --resume {run_dir}", file=sys.stderr)
         return 130
     finally:
-        for operator in operators:
-            close = getattr(operator, "close", None)
-            if callable(close):
-                close()
+        close_operators()
     if engine.stop_reason:
         print(f"stopped after generation {engine.generation - 1}: {engine.stop_reason}. Everything is saved in "
               f"{run_dir}; to go on, raise the budget and resume: python -m engine run --resume {run_dir} "

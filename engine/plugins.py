@@ -1,8 +1,9 @@
-"""Finding plug-ins: built-in names, the ``evoloss.fitness`` entry-point group, ``path.py:Class``
-and ``module:Class``; for operators also LLM providers (``openai:MODEL``, ``anthropic:MODEL``,
-``hf:PATH``, ``replay:RUN``), recognised by their prefix before anything else so that
-``openai:gpt-4o`` is never taken for ``module:Class``. Every failure names the spec, the file and
-what is wrong."""
+"""Finding plug-ins: built-in names, the ``evoloss.fitness`` / ``evoloss.operators`` entry-point
+groups, ``path.py:Class`` and ``module:Class``. An operator class may also declare spec prefixes
+(:attr:`operators.base.Operator.spec_prefixes`: the LLM operators declare ``openai``,
+``anthropic``, ``hf``, ``replay``); a spec with such a prefix is built by that class's factory,
+matched before anything else so that ``openai:gpt-4o`` is never taken for ``module:Class``.
+Every failure names the spec, the file and what is wrong."""
 from __future__ import annotations
 
 import hashlib
@@ -21,14 +22,11 @@ FITNESS_REGISTRY: dict[str, str] = {
     "dpo": "fitness.dpo:DPOFitness",
 }
 
-#: Built-in operators.
+#: Built-in operators (a class that declares spec prefixes is also found by them).
 OPERATOR_REGISTRY: dict[str, str] = {
     "symbolic": "operators.symbolic:SymbolicOperator",
+    "llm": "operators.llm:LLMOperator",
 }
-
-#: LLM operator specs (``PROVIDER:...``), built by :mod:`operators.llm`.
-LLM_PROVIDER_SPECS = ("openai:MODEL", "openai:MODEL@URL", "anthropic:MODEL", "anthropic:MODEL@URL", "hf:PATH",
-                      "replay:RUN")
 
 FITNESS_GROUP = "evoloss.fitness"
 OPERATOR_GROUP = "evoloss.operators"
@@ -141,58 +139,81 @@ def load_fitness(spec: str | type, options: dict[str, Any] | None = None):
     return plugin
 
 
-def _is_llm_spec(spec: Any) -> bool:
-    return isinstance(spec, str) and spec.strip().partition(":")[0] in {s.partition(":")[0] for s in LLM_PROVIDER_SPECS} \
-        and ":" in spec
+def _prefixed_classes() -> list[type]:
+    """Registered and entry-point operator classes that build operators from prefixed specs."""
+    from operators.base import Operator
+
+    classes = []
+    for name in list(OPERATOR_REGISTRY) + sorted(set(_entry_points(OPERATOR_GROUP)) - set(OPERATOR_REGISTRY)):
+        try:
+            cls = resolve_class(name, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator")
+        except PluginError:
+            continue  # a broken plug-in is reported when it is named, not when another is
+        if cls.spec_prefixes:
+            classes.append(cls)
+    return classes
 
 
-def load_operators(config) -> list:
-    """The run's operators from ``config.operator`` (comma-separated), in order. LLM operators
-    share one budget, price table and reply checker, and are checked before any work starts
-    (key set, server reachable, model folder loadable): a failure names the variable, URL or
-    folder."""
-    specs = [spec.strip() for spec in str(config.operator).split(",") if spec.strip()]
-    operators, factory = [], None
+def prefix_class(spec: Any) -> type | None:
+    """The operator class whose declared prefix ``spec`` starts with (``openai:...``), or None."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    prefix = spec.strip().partition(":")[0]
+    if not prefix or "." in prefix or "/" in prefix or "\\" in prefix:
+        return None
+    return next((cls for cls in _prefixed_classes() if prefix in cls.spec_prefixes), None)
+
+
+def load_operators(specs: str | list[str], services=None) -> list:
+    """The run's operators from ``specs`` (a list or a comma-separated string), in order.
+
+    Specs with a declared prefix are built by their class's factory, one factory per class
+    per call, so that the operators of one family share what they must (the LLM operators'
+    budget); ``services`` is what the run hands them (:class:`operators.base.Services`). Each
+    operator's ``preflight()`` runs before any work starts (key set, server reachable, model
+    folder loadable), and its setup errors name the variable, URL or folder."""
+    from operators.base import Services
+
+    if isinstance(specs, str):
+        specs = [spec.strip() for spec in specs.split(",") if spec.strip()]
+    services = services or Services()
+    operators, factories = [], {}
     for spec in specs:
-        if _is_llm_spec(spec):
-            from operators.llm import LLMOperatorFactory
-            from operators.providers import ProviderSetupError
-
-            try:
-                factory = factory or LLMOperatorFactory(config)
-                operators.extend(factory.build(spec))
-            except ProviderSetupError as exc:
-                raise PluginError(str(exc)) from exc
-        else:
+        cls = prefix_class(spec)
+        if cls is None:
             operators.append(load_operator(spec))
+            continue
+        try:
+            if cls not in factories:
+                factories[cls] = cls.factory(services)
+            operators.extend(factories[cls](spec))
+        except Exception as exc:
+            raise PluginError(_setup_message(spec, exc)) from exc
     for operator in operators:
         preflight = getattr(operator, "preflight", None)
         if callable(preflight):
-            from operators.providers import ProviderSetupError
-
             try:
                 preflight()
-            except ProviderSetupError as exc:
-                raise PluginError(str(exc)) from exc
+            except Exception as exc:
+                raise PluginError(_setup_message(getattr(operator, "name", "?"), exc)) from exc
     return operators
 
 
+def _setup_message(spec: str, exc: Exception) -> str:
+    """A set-up error as the user reads it: the operator's own message when it raised one of its
+    set-up errors (those already name the spec), else the spec and the exception."""
+    if type(exc).__name__.endswith("SetupError"):
+        return str(exc)
+    return f"operator {spec!r}: {type(exc).__name__}: {exc}"
+
+
 def load_operator(spec: str | type, options: dict[str, Any] | None = None):
-    """Build one operator from its spec (``symbolic``, ``path.py:Class``, ``module:Class``, or an
-    LLM provider such as ``openai:MODEL``; ``options`` may then hold ``config``, a RunConfig)."""
+    """Build one operator from its spec (``symbolic``, ``path.py:Class``, ``module:Class``, or a
+    prefixed spec such as ``openai:MODEL``; ``options`` may then hold ``services``)."""
     from operators.base import Operator
 
-    if _is_llm_spec(spec):
-        from engine.config import RunConfig
-        from operators.llm import LLMOperatorFactory
-        from operators.providers import ProviderSetupError
-
-        options = dict(options or {})
-        config = options.pop("config", None) or RunConfig(**options)
-        try:
-            return LLMOperatorFactory(config).build(spec)[0]
-        except ProviderSetupError as exc:
-            raise PluginError(str(exc)) from exc
+    if prefix_class(spec) is not None:
+        return load_operators([spec], (options or {}).get("services"))[0]
     cls = resolve_class(spec, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator")
     try:
         return cls(**(options or {}))
@@ -200,9 +221,21 @@ def load_operator(spec: str | type, options: dict[str, Any] | None = None):
         raise PluginError(f"operator {spec!r}: constructing {cls.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _is_prefixed_only(name: str) -> bool:
+    """Whether a registered name stands for a family built only from prefixed specs (``llm``)."""
+    from operators.base import Operator
+
+    try:
+        return bool(resolve_class(name, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator").spec_prefixes)
+    except PluginError:
+        return False
+
+
 def available() -> dict[str, list[str]]:
     """Names of the fitness plug-ins and operators that can be used."""
     return {
         "fitness": sorted(set(FITNESS_REGISTRY) | set(_entry_points(FITNESS_GROUP))),
-        "operators": sorted(set(OPERATOR_REGISTRY) | set(_entry_points(OPERATOR_GROUP))) + list(LLM_PROVIDER_SPECS),
+        "operators": sorted(name for name in set(OPERATOR_REGISTRY) | set(_entry_points(OPERATOR_GROUP))
+                            if not _is_prefixed_only(name))
+        + [form for cls in _prefixed_classes() for form in cls.spec_forms],
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from engine.candidate import Candidate, EvalResult
 
@@ -77,6 +77,40 @@ class BudgetExhausted(OperatorError):
     the offspring already made, finishes the generation with them and stops the run."""
 
 
+#: Checks a reply's code before it becomes a candidate: the error text, or None when it passes.
+ReplyCheck = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """What an earlier run recorded of its LLM operators, for ``replay:RUN``.
+
+    Attributes:
+        operator_specs: The run's ``--operator`` specs, in order.
+        calls: The recorded calls of one operator (by its name), oldest first.
+    """
+
+    operator_specs: tuple[str, ...]
+    calls: Callable[[str], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the assembled run hands to operators built from a spec: operators never build
+    executors or open run stores themselves.
+
+    Attributes:
+        check: Checks a reply's code (the static check and the interface's unit tests in an
+            isolated worker); None checks statically only.
+        recorded_run: Opens an earlier run's recorded LLM calls (``replay:RUN``).
+        settings: The run's settings object; a factory cuts the fields it needs from it.
+    """
+
+    check: ReplyCheck | None = None
+    recorded_run: Callable[[str], RecordedRun] | None = None
+    settings: Any = None
+
+
 class Operator(ABC):
     """Makes genomes. ``name`` is how the CLI names it (``symbolic``)."""
 
@@ -84,6 +118,18 @@ class Operator(ABC):
     #: Whether the engine may call this operator from several threads at once (network-bound
     #: operators such as LLM clients); others are called one at a time in the driver.
     concurrent: ClassVar[bool] = False
+    #: Spec prefixes this class builds operators for (``openai`` for ``openai:MODEL``); the
+    #: registry matches them before ``module:Class`` and calls :meth:`from_spec`.
+    spec_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: How those specs are written, for ``list`` (``openai:MODEL@URL``).
+    spec_forms: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def factory(cls, services: Services) -> Callable[[str], list["Operator"]]:
+        """A builder of this family's operators from prefixed specs (one spec may give several,
+        as ``replay:RUN`` does). The registry makes one builder per run, so the operators it
+        builds can share what they must (an LLM budget). Only for classes with ``spec_prefixes``."""
+        raise NotImplementedError(f"{cls.__qualname__} builds no operators from specs")
 
     @abstractmethod
     def mutate(self, parent: Candidate, context: Context) -> Offspring:

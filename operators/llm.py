@@ -16,7 +16,7 @@ in :mod:`operators.providers`). For each offspring it
 2. parses the reply leniently (:func:`parse_reply`: JSON anywhere, fenced blocks, prose
    around it, escaped newlines, a bare Python function);
 3. checks the code (static check, then the interface's unit tests, see
-   :mod:`operators.checking`) and, on failure, re-prompts in the same conversation with
+   :class:`operators.base.Services`: the run hands the operator its reply checker) and, on failure, re-prompts in the same conversation with
    "Code not valid. Error: ..." up to ``--llm-retries`` times;
 4. records every attempt in the run store (prompt, reply, tokens, latency, cost, error),
    linked to the candidate it produced.
@@ -35,19 +35,43 @@ import textwrap
 import threading
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 from engine.candidate import Candidate, EvalResult
-from engine.config import RunConfig
-from engine.genome import GenomeError
-from operators.base import BudgetExhausted, Context, Offspring, Operator, OperatorError, OperatorExhausted
-from operators.checking import ReplyChecker
+from engine.genome import GenomeError, check_genome
+from operators.base import (
+    BudgetExhausted, Context, Offspring, Operator, OperatorError, OperatorExhausted, RecordedRun, ReplyCheck, Services,
+)
 from operators.providers import (
     PROVIDERS, Provider, ProviderError, ProviderSetupError, ReplayMiss, ReplayProvider, load_prices, make_provider,
     parse_spec, prompt_key,
 )
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """What the LLM operators read of the run's settings (the fields of the same names in
+    :class:`engine.config.RunConfig`, which documents them; the defaults agree, by test)."""
+
+    strategy: str = "population"
+    context_order: str = "ascending"
+    context_errors: int = 3
+    llm_retries: int = 3
+    llm_timeout: float = 120.0
+    llm_http_retries: int = 4
+    llm_temperature: float = 0.7
+    llm_max_tokens: int = 2048
+    llm_prices: str | None = None
+    max_llm_calls: int = 0
+    max_cost_usd: float = 0.0
+
+    @classmethod
+    def cut_from(cls, settings: Any) -> "LLMSettings":
+        """The fields of this class taken from a larger settings object (None: defaults)."""
+        if settings is None:
+            return cls()
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
+
 
 RESPOND = 'Reply with one JSON object with the keys "thought", "name" and "code".'
 RETRY = "Code not valid. Error: {error}\n\nFix the problem and reply again. " + RESPOND
@@ -215,7 +239,7 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def context_prompt(context: Context, config: RunConfig, exclude: set[int] = frozenset()) -> str:
+def context_prompt(context: Context, config: LLMSettings, exclude: set[int] = frozenset()) -> str:
     """The archive as the model sees it: elites with fitness, then recent failures."""
     shown, seen = [], set(exclude)
     for elite in list(context.best) + list(context.diverse):
@@ -239,7 +263,7 @@ def context_prompt(context: Context, config: RunConfig, exclude: set[int] = froz
     return "\n\n".join(parts)
 
 
-def user_prompt(kind: str, parents: tuple[Candidate, ...], context: Context, config: RunConfig) -> str:
+def user_prompt(kind: str, parents: tuple[Candidate, ...], context: Context, config: LLMSettings) -> str:
     """The request for a mutation, a crossover or a fresh proposal."""
     scores = {**{e.candidate.id: e.fitness for e in [*context.best, *context.diverse]}, **context.scores}
     intro = context_prompt(context, config, exclude={p.id for p in parents})
@@ -335,38 +359,40 @@ class LLMOperator(Operator):
 
     Args:
         provider: The client (:mod:`operators.providers`).
-        config: Run settings (prompt sizes, retries, temperature, strategy...).
+        config: Its settings (prompt sizes, retries, temperature, strategy...).
         budget: The run's shared budget.
-        checker: Checks replies (shared; owns the isolated check worker).
+        check: Checks a reply's code, returning the error or None (the run's shared reply
+            checker, handed over when the run is assembled); None checks statically only.
         name: The operator's name (default: the provider's spec).
     """
 
     concurrent = True
 
-    def __init__(self, provider: Provider, config: RunConfig | None = None, budget: Budget | None = None,
-                 checker: ReplyChecker | None = None, name: str | None = None) -> None:
+    spec_prefixes = PROVIDERS
+    spec_forms = ("openai:MODEL", "openai:MODEL@URL", "anthropic:MODEL", "anthropic:MODEL@URL", "hf:PATH",
+                  "replay:RUN")
+
+    def __init__(self, provider: Provider, config: LLMSettings | None = None, budget: Budget | None = None,
+                 check: ReplyCheck | None = None, name: str | None = None) -> None:
         self.provider = provider
         self.name = name or provider.spec
-        self.config = config or RunConfig()
+        self.config = config or LLMSettings()
         self.budget = budget or Budget(self.config.max_llm_calls, self.config.max_cost_usd)
-        self.checker = checker or ReplyChecker(self.config.llm_check, isolated=False)
+        self.check = check
         self.store = None
         self.unsaved: list[dict[str, Any]] = []  # calls made before a run store was attached
         self._lock = threading.Lock()
 
     def attach(self, store) -> None:
-        """Record calls in ``store`` (the engine calls this) and count its earlier calls. The
-        reply checker's worker starts now, in the background, beside the evaluation workers."""
+        """Record calls in ``store`` (the engine calls this) and count its earlier calls."""
         self.store = store
         self.budget.attach(store)
-        self.checker.warm_up()
 
     def preflight(self) -> None:
         self.provider.preflight()
 
     def close(self) -> None:
         self.provider.close()
-        self.checker.close()
 
     # -- the three variations -------------------------------------------------------------------
     def mutate(self, parent: Candidate, context: Context) -> Offspring:
@@ -397,7 +423,7 @@ class LLMOperator(Operator):
             parsed = None
             try:
                 parsed = parse_reply(text)
-                self.checker.check(parsed.code, context.interface)
+                self._check(parsed.code, context.interface)
             except (ReplyError, GenomeError) as exc:
                 problem = str(exc)
                 row["error"] = f"reply rejected: {problem}"
@@ -417,6 +443,20 @@ class LLMOperator(Operator):
             return Offspring(last.name, last.code, last.thought, llm_calls=tuple(call_ids))
         raise OperatorError(f"{self.name}: no usable reply after {self.config.llm_retries + 1} attempts; "
                             f"last problem: {problem}")
+
+    def _check(self, code: str, interface) -> None:
+        """Raise :class:`GenomeError` when the reply's code fails the run's reply check."""
+        if self.check is None:
+            check_genome(code, interface.arg_counts)
+            return
+        error = self.check(code)
+        if error is not None:
+            raise GenomeError(error)
+
+    @classmethod
+    def factory(cls, services: Services):
+        return LLMOperatorFactory(LLMSettings.cut_from(services.settings), services.check,
+                                  services.recorded_run).build
 
     def _call(self, messages: list[dict[str, str]], kind: str, attempt: int, seed: int,
               generation: int) -> tuple[str, dict[str, Any]]:
@@ -455,70 +495,65 @@ def is_llm_spec(spec: Any) -> bool:
 
 
 class LLMOperatorFactory:
-    """Builds the run's LLM operators with one shared budget, price table and reply checker."""
+    """Builds the run's LLM operators with one shared budget, price table and reply check.
 
-    def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.budget = Budget(config.max_llm_calls, config.max_cost_usd)
-        self.prices = load_prices(config.llm_prices)
-        isolated = config.executor != "serial"
-        self.checker = ReplyChecker(config.llm_check, isolated=isolated, fitness=config.fitness,
-                                    fitness_options=config.fitness_options, timeout=min(config.timeout, 60.0),
-                                    memory_limit_gb=config.memory_limit_gb)
+    Args:
+        settings: The LLM operators' settings.
+        check: The run's reply check (None: static only).
+        recorded_run: Opens an earlier run's recorded calls (needed by ``replay:RUN``).
+    """
+
+    def __init__(self, settings: LLMSettings | None = None, check: ReplyCheck | None = None,
+                 recorded_run=None) -> None:
+        self.config = settings or LLMSettings()
+        self.check = check
+        self.recorded_run = recorded_run
+        self.budget = Budget(self.config.max_llm_calls, self.config.max_cost_usd)
+        self.prices = load_prices(self.config.llm_prices)
 
     def build(self, spec: str) -> list[LLMOperator]:
         """The operator(s) of one spec; ``replay:RUN`` gives one per LLM operator of RUN."""
         provider, target, _ = parse_spec(spec)
         if provider == "replay":
-            return [LLMOperator(p, self.config, self.budget, self.checker, name=p.operator)
-                    for p in _replay_providers(spec, Path(target))]
+            return [LLMOperator(p, self.config, self.budget, self.check, name=p.operator)
+                    for p in self._replay_providers(spec, target)]
         client = make_provider(spec, timeout=self.config.llm_timeout, retries=self.config.llm_http_retries,
                                prices=self.prices)
         if client.billed and client.price is None and client.url is None:
             warnings.warn(f"--operator {spec!r}: no price known for model {client.model!r}; its cost counts as 0 "
                           "(give one with --llm-prices)", RuntimeWarning, stacklevel=2)
-        return [LLMOperator(client, self.config, self.budget, self.checker)]
+        return [LLMOperator(client, self.config, self.budget, self.check)]
 
+    def _open(self, spec: str, run: str) -> RecordedRun:
+        if self.recorded_run is None:
+            raise ProviderSetupError(f"--operator {spec!r}: this run cannot read recorded runs")
+        try:
+            return self.recorded_run(run)
+        except ProviderSetupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a missing or damaged run folder, said plainly
+            raise ProviderSetupError(f"--operator {spec!r}: {exc}") from exc
 
-def _recorded_llm_operators(run_dir: Path, depth: int = 0) -> list[str]:
-    """Names of the LLM operators of a recorded run, in its ``--operator`` order."""
-    from archives.store import RunStore, StoreError
+    def _recorded_llm_operators(self, spec: str, run: str, depth: int = 0) -> list[str]:
+        """Names of the LLM operators of a recorded run, in its ``--operator`` order."""
+        names: list[str] = []
+        for recorded in self._open(spec, run).operator_specs:
+            if not is_llm_spec(recorded):
+                continue
+            if recorded.startswith("replay:") and depth < 5:
+                names.extend(self._recorded_llm_operators(spec, recorded.partition(":")[2], depth + 1))
+            elif not recorded.startswith("replay:"):
+                names.append(recorded)
+        return names
 
-    try:
-        store = RunStore.open(run_dir, readonly=True)
-    except StoreError as exc:
-        raise ProviderSetupError(f"replay:{run_dir}: {exc}") from exc
-    try:
-        specs = [s.strip() for s in str(store.meta("config", {}).get("operator", "")).split(",") if s.strip()]
-    finally:
-        store.close()
-    names: list[str] = []
-    for spec in specs:
-        if not is_llm_spec(spec):
-            continue
-        if spec.startswith("replay:") and depth < 5:
-            names.extend(_recorded_llm_operators(Path(spec.partition(":")[2]), depth + 1))
-        elif not spec.startswith("replay:"):
-            names.append(spec)
-    return names
-
-
-def _replay_providers(spec: str, run_dir: Path) -> list[ReplayProvider]:
-    from archives.store import RunStore, StoreError
-
-    names = _recorded_llm_operators(run_dir)
-    try:
-        store = RunStore.open(run_dir, readonly=True)
-    except StoreError as exc:
-        raise ProviderSetupError(f"--operator {spec!r}: {exc}") from exc
-    try:
+    def _replay_providers(self, spec: str, run: str) -> list[ReplayProvider]:
+        names = self._recorded_llm_operators(spec, run)
+        recorded = self._open(spec, run)
         providers = []
         for name in names:
-            calls = store.llm_calls(operator=name)
+            calls = recorded.calls(name)
             if calls:
                 providers.append(ReplayProvider(spec, name, calls[0]["model"], calls))
-    finally:
-        store.close()
-    if not providers:
-        raise ProviderSetupError(f"--operator {spec!r}: {run_dir} recorded no LLM calls to replay")
-    return providers
+        if not providers:
+            raise ProviderSetupError(f"--operator {spec!r}: {run} recorded no LLM calls to replay")
+        return providers

@@ -12,7 +12,8 @@ pytest.importorskip("tokenizers")
 from archives.store import RunStore  # noqa: E402
 from engine.cli import main  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
-from engine.plugins import PluginError, load_fitness, load_operators  # noqa: E402
+from engine.assembly import build_operators  # noqa: E402
+from engine.plugins import PluginError, load_fitness  # noqa: E402
 from operators.base import Context, OperatorError  # noqa: E402
 from tests.conftest import EXAMPLE_SPEC  # noqa: E402
 
@@ -48,7 +49,7 @@ def tiny_model(tmp_path_factory):
 def test_a_local_model_answers_and_every_attempt_is_recorded(tiny_model, tmp_path):
     config = RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tiny_model}", executor="serial", llm_retries=1,
                        llm_max_tokens=12)
-    (operator,) = load_operators(config)
+    (operator,), _ = build_operators(config)
     store = RunStore.create(tmp_path / "run", config.to_dict())
     operator.attach(store)
     interface = load_fitness(EXAMPLE_SPEC).interface
@@ -71,11 +72,11 @@ def test_a_run_with_a_local_model_falls_back_and_finishes(tiny_model, tmp_path, 
 
 def test_bad_model_folders_fail_cleanly_at_start(tmp_path):
     with pytest.raises(PluginError, match="not found"):
-        load_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'missing'}"))
+        build_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'missing'}"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(PluginError, match="no config.json"):
-        load_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'empty'}"))
+        build_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'empty'}"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(PluginError, match="loading the model"):
-        load_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'broken'}"))
+        build_operators(RunConfig(fitness=EXAMPLE_SPEC, operator=f"hf:{tmp_path / 'broken'}"))

@@ -15,7 +15,8 @@ from engine.cli import main  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.executor import SerialExecutor  # noqa: E402
-from engine.plugins import PluginError, load_fitness, load_operator, load_operators  # noqa: E402
+from engine.assembly import build_operators  # noqa: E402
+from engine.plugins import PluginError, load_fitness, load_operator  # noqa: E402
 from operators.base import BudgetExhausted, Context, Operator, OperatorError  # noqa: E402
 from operators.llm import Budget  # noqa: E402
 from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC  # noqa: E402
@@ -57,8 +58,8 @@ def keys(monkeypatch):
 
 def make_operator(tmp_path, spec, **settings):
     config = RunConfig(fitness=EXAMPLE_SPEC, executor="serial", llm_http_retries=settings.pop("llm_http_retries", 2),
-                       **settings)
-    operator = load_operator(spec, {"config": config})
+                       operator=spec, **settings)
+    (operator,), _ = build_operators(config)
     store = RunStore.create(tmp_path / "run", config.to_dict())
     operator.attach(store)
     return operator, store
@@ -250,7 +251,7 @@ def test_a_generations_llm_calls_run_concurrently(tmp_path, fake, keys):
     config = RunConfig(fitness=EXAMPLE_SPEC, operator=f"openai:test-model@{fake.openai_url}", executor="serial",
                        out=str(tmp_path / "run"), pop=6, gens=1)
     store = RunStore.create(config.out, config.to_dict())
-    engine = Engine(config, load_fitness(EXAMPLE_SPEC), load_operators(config), store)
+    engine = Engine(config, load_fitness(EXAMPLE_SPEC), build_operators(config)[0], store)
     started = time.perf_counter()
     batch = engine.ask()
     assert len(batch) == 6 and time.perf_counter() - started < 4 * 0.5  # 4 LLM slots (+ 2 seeds), 0.5 s each
@@ -365,3 +366,15 @@ def test_async_run_with_an_llm_operator_stops_at_its_budget_and_resumes(tmp_path
     store = RunStore.open(out, readonly=True)
     assert len(store.candidates()) == 4 + 4 * 2 == len(list(store.evaluations()))
     assert all(c["candidate_id"] is not None for c in store.llm_calls() if c["error"] is None)
+
+
+def test_llm_settings_defaults_agree_with_the_run_config():
+    from dataclasses import fields
+
+    from operators.llm import LLMSettings
+
+    defaults = RunConfig()
+    for setting in fields(LLMSettings):
+        assert getattr(LLMSettings(), setting.name) == getattr(defaults, setting.name), setting.name
+    cut = LLMSettings.cut_from(RunConfig(llm_retries=7, strategy="sequential"))
+    assert (cut.llm_retries, cut.strategy) == (7, "sequential")

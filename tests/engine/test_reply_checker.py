@@ -3,7 +3,7 @@ import pytest
 
 from engine.genome import GenomeError
 from engine.plugins import load_fitness
-from operators.checking import ReplyChecker
+from engine.reply_checker import ReplyChecker
 from tests.conftest import EXAMPLE_SPEC
 
 GOOD = "def abs_loss(pred, target):\n    return (pred - target).abs()\n"

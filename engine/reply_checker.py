@@ -1,6 +1,10 @@
 """Checking an LLM reply before it becomes a candidate, so that the operator can re-prompt with
 the error as the DiscoPOP paper does ("Code not valid. Error: ...").
 
+A service of the runtime: the run's assembly builds one :class:`ReplyChecker` for the fitness
+plug-in and hands it to the operators as a plain callable (``check(code) -> error or None``),
+so operators never learn that executors exist.
+
 The static check (:func:`engine.genome.check_genome`) only parses the code and is safe in the
 driver. The interface's unit tests (:meth:`fitness.base.Interface.check`) *run* the genome, so
 with ``--executor process`` they run in one long-lived isolated worker of the same kind as the
@@ -15,7 +19,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from engine.executor import ProcessExecutor
 from engine.genome import GenomeError, check_genome, compile_genome
+from engine.plugins import load_fitness
 from fitness.base import Fitness, Score
 
 
@@ -31,8 +37,6 @@ class ContractCheck(Fitness):
     name = "contract-check"
 
     def __init__(self, fitness: str, fitness_options: dict[str, Any] | None = None) -> None:
-        from engine.plugins import load_fitness
-
         self.inner = load_fitness(fitness, fitness_options or {})
         self.interface = self.inner.interface
 
@@ -45,7 +49,8 @@ class ContractCheck(Fitness):
 
 class ReplyChecker:
     """Static check, then (``mode == "tests"``) the interface's unit tests, in-process or in an
-    isolated worker. Thread-safe: concurrent operator threads share one worker.
+    isolated worker. Thread-safe: concurrent operator threads share one worker. Calling it
+    returns the error text, or None when the code passes.
 
     Args:
         mode: ``tests`` or ``static``.
@@ -54,11 +59,13 @@ class ReplyChecker:
         fitness_options: Its options.
         timeout: Seconds allowed per check in the worker.
         memory_limit_gb: The worker's address-space limit.
+        interface: The plug-in's interface (loaded from ``fitness`` when not given).
     """
 
-    def __init__(self, mode: str = "tests", isolated: bool = True, fitness: str | None = None,
+    def __init__(self, mode: str = "tests", isolated: bool = True, fitness: Any = None,
                  fitness_options: dict[str, Any] | None = None, timeout: float = 60.0,
-                 memory_limit_gb: float = 4.0) -> None:
+                 memory_limit_gb: float = 4.0, interface: Any = None) -> None:
+        self.interface = interface
         self.mode = mode
         self.isolated = isolated and isinstance(fitness, str)
         self.fitness = fitness
@@ -83,8 +90,6 @@ class ReplyChecker:
     def _start(self) -> None:
         with self.lock:
             if self.executor is None:
-                from engine.executor import ProcessExecutor
-
                 executor = ProcessExecutor(
                     f"{__name__}:ContractCheck", {"fitness": self.fitness, "fitness_options": self.fitness_options},
                     workers=1, timeout=self.timeout, memory_limit_gb=self.memory_limit_gb,
@@ -95,6 +100,17 @@ class ReplyChecker:
                     executor.close()
                     raise
                 self.executor = executor
+
+    def __call__(self, code: str) -> str | None:
+        """The reason ``code`` breaks the contract, or None. Raises only when the checker itself
+        fails (its worker cannot start)."""
+        if self.interface is None:
+            self.interface = load_fitness(self.fitness, self.fitness_options).interface
+        try:
+            self.check(code, self.interface)
+        except GenomeError as exc:
+            return str(exc)
+        return None
 
     def check(self, code: str, interface) -> None:
         """Raise :class:`GenomeError` with a readable message if ``code`` breaks the contract."""
