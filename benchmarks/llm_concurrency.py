@@ -75,7 +75,7 @@ def main() -> None:
     from archives.store import RunStore
     from engine.config import RunConfig
     from engine.engine import Engine
-    from engine.executor import make_executor
+    from engine.executors import make_executor
     from engine.assembly import build_operators
     from engine.plugins import load_fitness
     from tests.operators.fake_llm import Answer, FakeLLM

@@ -109,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from archives.store import RunStore
     from engine.assembly import build_operators, build_stages
     from engine.engine import Engine
-    from engine.executor import make_executor, plugin_resources
+    from engine.executor import plugin_resources
+    from engine.executors import make_executor
     from engine.ladder import check_compatible
 
     if args.resume:
@@ -332,7 +333,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_reevaluate(args: argparse.Namespace) -> int:
     from archives.reading import read_run
     from archives.store import RunStore
-    from engine.executor import make_executor
+    from engine.executors import make_executor
     from engine.plugins import load_fitness
     from engine.reevaluate import choose, fitness_label, reevaluate
 

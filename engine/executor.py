@@ -379,31 +379,3 @@ def plugin_resources(fitnesses: Iterable[Any]) -> dict[str, float]:
     if needs["cpus"] == 0 and needs["gpus"] == 0:
         needs["cpus"] = 1.0
     return needs
-
-
-def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike | None = None,
-                  resources: dict[str, float] | None = None):
-    """The executor named by ``config.executor``, serving every fidelity stage of the run.
-
-    ``resources`` is what the plug-ins ask for per evaluation (:func:`plugin_resources`);
-    ``--cpus-per-eval`` / ``--gpus-per-eval`` override it."""
-    if fitness_spec is None:
-        fitness_spec = [(stage.spec, stage.options) for stage in config.stages()]
-    options = None if isinstance(fitness_spec, (list, tuple)) else config.fitness_options
-    if config.executor == "serial":
-        return SerialExecutor(fitness_spec, options)
-    if config.executor == "ray":
-        from engine.ray_executor import RayExecutor
-
-        resources = resources or {"cpus": 1.0, "gpus": 0.0}
-        cpus = config.cpus_per_eval if config.cpus_per_eval is not None else resources["cpus"]
-        gpus = config.gpus_per_eval if config.gpus_per_eval is not None else resources["gpus"]
-        return RayExecutor(
-            fitness_spec, options, workers=config.workers, timeout=config.timeout,
-            memory_limit_gb=config.memory_limit_gb, log_path=log_path, address=config.ray_address,
-            cpus_per_eval=cpus, gpus_per_eval=gpus,
-        )
-    return ProcessExecutor(
-        fitness_spec, options, workers=config.workers, timeout=config.timeout,
-        memory_limit_gb=config.memory_limit_gb, log_path=log_path,
-    )

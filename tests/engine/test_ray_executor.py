@@ -114,7 +114,8 @@ def test_async_ladder_run_on_ray_with_resources_from_the_plugin(ray_session, tmp
 
 def test_resources_come_from_the_plugin_unless_flags_say_otherwise():
     from engine.config import RunConfig
-    from engine.executor import make_executor, plugin_resources
+    from engine.executor import plugin_resources
+    from engine.executors import make_executor
 
     class Big:
         name = "big"
