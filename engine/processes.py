@@ -47,6 +47,10 @@ def genome_location(exc: BaseException) -> str:
 def classify(exc: BaseException) -> tuple[str, str]:
     """Map an exception from a genome or a plug-in to a status and a readable message."""
     if isinstance(exc, GenomeError):
+        # Plug-ins wrap what a loss raises (or its backward) as an error naming the step; an
+        # allocation that failed there is still out of memory, whatever the plug-in called it.
+        if exc.status == "error" and exc.__cause__ is not None and is_out_of_memory(exc.__cause__):
+            return "oom", f"out of memory: {exc}"[:1000]
         return exc.status, str(exc)
     text = f"{type(exc).__name__}: {exc}"
     if is_out_of_memory(exc):
