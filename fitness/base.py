@@ -1,15 +1,30 @@
 """The fitness plug-in contract: an :class:`Interface` (the loss function's contract, checked
-before any training) and a :class:`Fitness` (seeds, cheap descriptors, scoring).
+before any training) and a :class:`Fitness` (seeds, cheap descriptors, training and scoring).
 
 A plug-in is one class; the engine builds it with the user's ``fitness_options`` as keyword
 arguments, in the driver (for seeds, interface and descriptor space) and again in each
-evaluation worker (for ``descriptors`` and ``evaluate``). Keep ``__init__`` cheap.
+evaluation worker. Keep ``__init__`` cheap.
+
+No genome reports its own score. Scoring is split in two phases:
+
+* :meth:`Fitness.train` (untrusted) runs in a fresh process forked for one genome: it trains
+  with the genome as the loss and returns :class:`Artefacts`, named tensors such as the trained
+  parameters. Nothing it returns is a score.
+* :meth:`Fitness.score` (trusted) runs after that process has exited, in the warm worker where
+  no genome code ever ran: it loads the validated artefacts (no pickle: safetensors) and
+  computes the score on data the genome's process never held (held-out pairs, the true reward,
+  the test split). Keep that data in :attr:`Fitness.held_out`: the engine wipes it in the
+  genome's process before any genome code runs.
+
+A plug-in written for the first contract (only ``evaluate(fn, seed)``) still works: its
+``evaluate`` runs in the genome's process and the result is marked ``unprotected``.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -53,10 +68,159 @@ class Descriptor:
 
 @dataclass
 class Score:
-    """What :meth:`Fitness.evaluate` returns: ``fitness`` (higher is better) and metrics."""
+    """What :meth:`Fitness.score` returns: ``fitness`` (higher is better) and metrics."""
 
     fitness: float
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one artefact must be: its exact shape and dtype, and whether every value must be
+    finite (floating dtypes only)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    finite: bool = True
+
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+#: What :meth:`Fitness.train` returns: named CPU tensors (the trained parameters, a model's
+#: state dict). They leave the genome's process as safetensors bytes, never pickled.
+Artefacts = dict[str, torch.Tensor]
+
+
+class ArtefactError(ValueError):
+    """Artefacts that do not match the plug-in's :meth:`Fitness.artefact_spec`."""
+
+
+def validate_artefacts(artefacts: Any, spec: dict[str, TensorSpec], max_bytes: int) -> Artefacts:
+    """Check ``artefacts`` against ``spec``: the same names, exact shapes and dtypes, finite
+    values where asked, dense CPU tensors, at most ``max_bytes`` in all.
+
+    Returns:
+        The artefacts as a plain dict of contiguous, detached tensors.
+
+    Raises:
+        ArtefactError: naming the artefact and what was wrong.
+    """
+    if not isinstance(artefacts, dict):
+        raise ArtefactError(f"artefacts must be a dict of name -> tensor, got {type(artefacts).__name__}")
+    names, expected = set(artefacts), set(spec)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(map(str, names - expected))
+        raise ArtefactError(f"artefact names differ from the plug-in's spec (missing {missing}, unexpected {extra[:5]})")
+    total = 0
+    checked: Artefacts = {}
+    for name, want in spec.items():
+        tensor = artefacts[name]
+        if type(tensor) is not torch.Tensor:  # noqa: E721 - subclasses could override behaviour
+            raise ArtefactError(f"artefact {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.layout != torch.strided or tensor.device.type != "cpu":
+            raise ArtefactError(f"artefact {name!r} must be a dense CPU tensor, got {tensor.layout} on {tensor.device}")
+        if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+            raise ArtefactError(f"artefact {name!r} is {tensor.dtype} {tuple(tensor.shape)}; expected "
+                                f"{want.dtype} {tuple(want.shape)}")
+        total += tensor.numel() * tensor.element_size()
+        if total > max_bytes:
+            raise ArtefactError(f"artefacts exceed the plug-in's size cap of {max_bytes} bytes")
+        tensor = tensor.detach()
+        if want.finite and (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise ArtefactError(f"artefact {name!r} has non-finite values (nan or inf)")
+        checked[name] = tensor.contiguous()
+    return checked
+
+
+def artefacts_to_bytes(artefacts: Artefacts) -> bytes:
+    """The artefacts as safetensors bytes (no pickle: only a JSON header and raw values)."""
+    from safetensors.torch import save
+
+    # safetensors refuses tensors that share memory; a copy of each keeps it simple.
+    return save({name: tensor.detach().cpu().contiguous().clone() for name, tensor in artefacts.items()})
+
+
+def artefacts_from_bytes(data: bytes, spec: dict[str, TensorSpec], max_bytes: int) -> Artefacts:
+    """Load and validate artefacts sent as safetensors bytes by an untrusted process.
+
+    Raises:
+        ArtefactError: when the bytes are not safetensors or do not match ``spec``.
+    """
+    from safetensors.torch import load
+
+    if len(data) > max_bytes + (1 << 20):  # the header is small; the values are capped
+        raise ArtefactError(f"artefacts exceed the plug-in's size cap of {max_bytes} bytes")
+    try:
+        artefacts = load(bytes(data))
+    except Exception as exc:  # noqa: BLE001 - malformed input from a genome's process
+        raise ArtefactError(f"artefacts are not valid safetensors data: {type(exc).__name__}") from exc
+    return validate_artefacts(artefacts, spec, max_bytes)
+
+
+class HeldOut:
+    """What :meth:`Fitness.score` computes on, kept away from genomes: values by key (a plug-in
+    caches per evaluation seed), the ``capacity`` most recent kept.
+
+    The warm worker that scores holds it; in each genome's process (a fork of that worker) the
+    engine calls :meth:`wipe` before any genome code runs: every tensor (and numpy array) in the
+    values, found through dataclasses, dicts, lists and tuples, is overwritten with zeros, then
+    the values are dropped. Keep held-out data in tensors or arrays, not in Python numbers.
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._values: dict[Any, Any] = {}
+        self.wiped = False
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value stored under ``key``, made with ``make()`` on a miss."""
+        if self.wiped:
+            raise RuntimeError("held-out data is not available in a genome's process")
+        if key not in self._values:
+            self.put(key, make())
+        return self._values[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.wiped:
+            raise RuntimeError("held-out data is not available in a genome's process")
+        self._values.pop(key, None)
+        self._values[key] = value
+        while len(self._values) > self.capacity:
+            self._values.pop(next(iter(self._values)))
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._values
+
+    def wipe(self) -> None:
+        """Overwrite every tensor and array held with zeros and forget the values."""
+        for value in self._values.values():
+            _zero_everything(value, set())
+        self._values.clear()
+        self.wiped = True
+
+
+def _zero_everything(value: Any, seen: set[int]) -> None:
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            value.detach().zero_()
+        return
+    if hasattr(value, "__array__") and hasattr(value, "fill") and getattr(getattr(value, "flags", None), "writeable", False):
+        value.fill(0)
+        return
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    elif hasattr(value, "__dataclass_fields__"):
+        items = [getattr(value, name) for name in value.__dataclass_fields__]
+    else:
+        return
+    for item in items:
+        _zero_everything(item, seen)
 
 
 class Interface:
@@ -186,12 +350,19 @@ def losses_of(output: Any) -> Any:
 class Fitness(ABC):
     """A fitness plug-in: how losses are scored.
 
+    Implement :meth:`seeds`, :meth:`train`, :meth:`score` and :meth:`artefact_spec` (see the
+    module docstring for why scoring is split). A plug-in that implements only
+    :meth:`evaluate` (the first contract) still works, marked unprotected.
+
     Class attributes:
         name: Registry name (``synthetic-pref``).
         interface: The function contract.
         baseline: Name of the seed that serves as the baseline in summaries (e.g. ``dpo``).
         descriptor_space: Axes of the MAP-Elites grid computed by :meth:`descriptors`.
         fitness_floor: A fitness no sensible loss goes below; the QD score counts from it.
+        max_artefact_bytes: Largest total size of the artefacts :meth:`train` may return.
+        max_file_bytes: Largest file the genome's process may write (``RLIMIT_FSIZE``).
+        max_open_files: Open file descriptors allowed in the genome's process (``RLIMIT_NOFILE``).
     """
 
     name: ClassVar[str] = ""
@@ -199,11 +370,24 @@ class Fitness(ABC):
     baseline: ClassVar[str | None] = None
     descriptor_space: ClassVar[tuple[Descriptor, ...]] = ()
     fitness_floor: ClassVar[float] = 0.0
+    max_artefact_bytes: ClassVar[int] = 64 << 20
+    max_file_bytes: ClassVar[int] = 1 << 30
+    max_open_files: ClassVar[int] = 256
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise TypeError(
                 f"fitness plug-in {self.name!r} takes no options, got {sorted(options)}"
+            )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not is_protected(cls) and "evaluate" in cls.__dict__:
+            warnings.warn(
+                f"fitness plug-in {cls.__module__}.{cls.__qualname__} implements only evaluate(fn, seed), so "
+                "the process that runs a genome also computes its score: a genome that escapes the sandbox "
+                "could report any score it likes. Its results are marked 'unprotected'; implement train() "
+                "and score() (see docs/plugins.md).", UnprotectedFitnessWarning, stacklevel=3,
             )
 
     @abstractmethod
@@ -212,7 +396,7 @@ class Fitness(ABC):
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         """Cheap behaviour descriptors of ``fn``, computed without training. Keys are the
-        names in :attr:`descriptor_space`."""
+        names in :attr:`descriptor_space`. Runs in the genome's process."""
         return {}
 
     def resources(self) -> dict[str, float]:
@@ -221,10 +405,60 @@ class Fitness(ABC):
         plug-in whose presets differ (a CPU toy and an 8-GPU recipe) answers per instance."""
         return {"cpus": 1.0, "gpus": 0.0}
 
-    @abstractmethod
-    def evaluate(self, fn: Callable, seed: int) -> Score:
-        """Train with ``fn`` as the loss and score the result; deterministic for ``seed``.
+    # -- the two phases -------------------------------------------------------------------------
+    def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
+        """The artefacts :meth:`train` returns for ``seed``: name -> exact shape and dtype.
+        Anything else a genome's process sends back is rejected."""
+        raise NotImplementedError(f"fitness plug-in {self.name!r} implements train() but not artefact_spec()")
 
+    def train(self, fn: Callable, seed: int) -> Artefacts:
+        """Untrusted phase: train with ``fn`` as the loss and return the artefacts that
+        :meth:`score` needs (e.g. the trained parameters); deterministic for ``seed``.
+
+        Runs in the genome's process. Never read held-out data here: it is wiped there.
         Raise :class:`engine.genome.GenomeError` (status ``error``) when the loss breaks
         training (NaN, divergence), with a message saying what happened.
         """
+        raise NotImplementedError(f"fitness plug-in {self.name!r} implements neither train() nor evaluate()")
+
+    def score(self, artefacts: Artefacts, seed: int) -> Score:
+        """Trusted phase: the score of validated ``artefacts`` (:meth:`artefact_spec`) for
+        ``seed``. Runs where no genome code ran; may use :attr:`held_out` data."""
+        raise NotImplementedError(f"fitness plug-in {self.name!r} implements train() but not score()")
+
+    def evaluate(self, fn: Callable, seed: int) -> Score:
+        """Train and score in this process (tests, notebooks and the serial executor): the
+        artefacts pass the same validation as those that cross a process boundary."""
+        artefacts = validate_artefacts(self.train(fn, seed), self.artefact_spec(seed), self.max_artefact_bytes)
+        return self.score(artefacts, seed)
+
+    @property
+    def held_out(self) -> HeldOut:
+        """This plug-in's :class:`HeldOut` store (made on first use)."""
+        store = self.__dict__.get("_held_out_store")
+        if store is None:
+            store = self.__dict__["_held_out_store"] = HeldOut()
+        return store
+
+
+class UnprotectedFitnessWarning(UserWarning):
+    """A plug-in scores inside the genome's process (only ``evaluate``)."""
+
+
+def _defining_class(cls: type, attribute: str) -> int:
+    """Position in ``cls``'s MRO of the class that defines ``attribute`` (smaller: more derived)."""
+    for position, klass in enumerate(cls.__mro__):
+        if attribute in klass.__dict__:
+            return position
+    return len(cls.__mro__)
+
+
+def is_protected(plugin: Any) -> bool:
+    """Whether a plug-in (class or instance) scores in a trusted phase: it implements
+    ``train`` and ``score``, and no subclass overrides ``evaluate`` below them (a subclass
+    that overrides only ``evaluate`` is scored by that ``evaluate``)."""
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    train, score, evaluate = (_defining_class(cls, name) for name in ("train", "score", "evaluate"))
+    if getattr(cls, "train", None) is Fitness.train or getattr(cls, "score", None) is Fitness.score:
+        return False
+    return evaluate >= max(train, score)

@@ -52,19 +52,28 @@ All instances are trained at once: their parameters are independent, so one summ
 gives each its own gradient, and Adam is per element. The candidate loss is still called
 once per instance so that losses using batch statistics (AQFL, DBAQL, AQL) see one
 instance's batch.
+
+The two phases of the fitness contract (:mod:`fitness.base`): :meth:`SyntheticPreference.train`
+runs the genome on the preference pairs and returns the trained ``theta``; :meth:`~SyntheticPreference.score`
+computes the regularised objective from ``theta`` on the held-out prompts with the true reward.
+The held-out part of the problem (held-out prompts, reward, oracle, label agreement) lives in
+the plug-in's :attr:`~fitness.base.Fitness.held_out` store, which the engine wipes in the
+genome's process. (The problem is still a deterministic function of the evaluation seed and of
+this module's code: a genome that escaped every sandbox layer could regenerate it. The split
+guarantees that the score is computed by code the genome never ran in, not that the task is
+secret.)
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from engine.genome import GenomeError
-from fitness.base import Descriptor, Fitness, Score, Seed, losses_of
-from fitness.preference import PreferenceInterface, preference_seeds
+from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
+from fitness.preference import PreferenceInterface, loss_shape_profile, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
 #: float32, as real preference training does, at half the cost.
@@ -101,13 +110,19 @@ class _Features:
 
 @dataclass(frozen=True)
 class _Problem:
-    """Tensors of all instances (leading dimension ``instances``)."""
+    """What training sees, for all instances (leading dimension ``instances``)."""
 
     features: _Features  # on the training prompts, in the training dtype
     reference_logits: torch.Tensor  # (I, C, T*V)
     context: torch.Tensor  # (I, N) prompt of each pair
     pair_features: torch.Tensor  # (I, 2N, d) features summed over chosen then rejected responses
     pair_reference: torch.Tensor  # (I, 2N) reference logits summed over the same responses
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """What only scoring sees: the held-out prompts, the true reward and the oracle."""
+
     label_agreement: torch.Tensor  # (I,) share of labels that agree with the true reward
     eval_features: _Features  # on the held-out prompts, float64
     eval_reference_logits: torch.Tensor  # (I, E, T, V)
@@ -216,16 +231,26 @@ class SyntheticPreference(Fitness):
         return preference_seeds()
 
     # -- the task ------------------------------------------------------------------------
-    def _problem(self, seed: int) -> _Problem:
-        """The problem instances of ``seed`` (the last one is cached: a worker often scores
-        several candidates on the same seed)."""
-        if self._cached is not None and self._cached[0] == seed:
-            return self._cached[1]
-        problem = self._make_problem(seed)
-        self._cached = (seed, problem)
-        return problem
+    def train_problem(self, seed: int) -> _Problem:
+        """The training side of the problem instances of ``seed`` (the last one is cached: a
+        worker often scores several candidates on the same seed)."""
+        if self._cached is None or self._cached[0] != seed:
+            self._cache_problem(seed)
+        return self._cached[1]
 
-    def _make_problem(self, seed: int) -> _Problem:
+    def score_problem(self, seed: int) -> _HeldOut:
+        """The held-out side of the problem instances of ``seed`` (scoring only)."""
+        if seed not in self.held_out:
+            self._cache_problem(seed)
+        return self.held_out.get(seed, lambda: self._make_problem(seed)[1])
+
+    def _cache_problem(self, seed: int) -> None:
+        problem, held_out = self._make_problem(seed)
+        self._cached = (seed, problem)
+        if not self.held_out.wiped:
+            self.held_out.put(seed, held_out)
+
+    def _make_problem(self, seed: int) -> tuple[_Problem, _HeldOut]:
         generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
 
         def normal(*shape: int) -> torch.Tensor:
@@ -308,20 +333,24 @@ class SyntheticPreference(Fitness):
         oracle_log_probs = torch.log_softmax(oracle_logits, dim=-1)
         oracle_kl = (oracle_log_probs.exp() * (oracle_log_probs - ref_log_probs)).sum(dim=(-1, -2)).mean(dim=1)
         train_features = _Features(prompt_factor[:, :C], features.token, features.offset)
-        return _Problem(
+        problem = _Problem(
             features=train_features.to(TRAIN_DTYPE),
             reference_logits=train_reference.reshape(I, C, T * V).to(TRAIN_DTYPE).contiguous(),
             context=context,
             pair_features=pair_features.to(TRAIN_DTYPE).contiguous(),
             pair_reference=pair_reference.to(TRAIN_DTYPE).contiguous(),
+        )
+        # The held-out side owns its tensors (clones): wiping it never touches training data.
+        held_out = _HeldOut(
             label_agreement=agreement,
-            eval_features=_Features(prompt_factor[:, C:].contiguous(), features.token, features.offset),
+            eval_features=_Features(prompt_factor[:, C:].contiguous(), features.token.clone(), features.offset.clone()),
             eval_reference_logits=eval_reference.contiguous(),
             eval_reward=eval_reward.contiguous(),
             reference_value=reference_value,
             oracle_gain=oracle_value - reference_value,
             oracle_kl=oracle_kl,
         )
+        return problem, held_out
 
     def _sequence_logps(self, problem: _Problem, theta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities ``(I, N)`` of the chosen and rejected responses.
@@ -340,7 +369,7 @@ class SyntheticPreference(Fitness):
         chosen, rejected = scores.split(self.pairs, dim=1)
         return chosen - normaliser, rejected - normaliser
 
-    def _value(self, problem: _Problem, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _value(self, problem: _HeldOut, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per instance: J(pi) - J(pi_ref), the reward gained and KL(pi || pi_ref) (mean over prompts)."""
         theta = theta.detach().to(DTYPE)
         logits = problem.eval_reference_logits + problem.eval_features.shift(theta).view(
@@ -354,9 +383,12 @@ class SyntheticPreference(Fitness):
         return reward_gain - self.kl_coef * kl, reward_gain, kl
 
     # -- the plug-in contract -------------------------------------------------------------
-    def evaluate(self, fn: Callable, seed: int) -> Score:
-        start = time.perf_counter()
-        problem = self._problem(seed)
+    def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
+        return {"theta": TensorSpec((self.instances, self.features), TRAIN_DTYPE)}
+
+    def train(self, fn: Callable, seed: int) -> Artefacts:
+        """Full-batch Adam on the preference pairs with ``fn`` as the loss; returns ``theta``."""
+        problem = self.train_problem(seed)
         loss_fn = self.interface.bind(fn)
         ref_chosen, ref_rejected = self._sequence_logps(problem, None)
         theta = torch.zeros(self.instances, self.features, dtype=TRAIN_DTYPE, requires_grad=True)
@@ -373,9 +405,16 @@ class SyntheticPreference(Fitness):
             optimiser.step()
             if not torch.isfinite(theta).all():
                 raise GenomeError(f"the policy parameters became non-finite at training step {step}", status="error")
+        return {"theta": theta.detach()}
+
+    def score(self, artefacts: Artefacts, seed: int) -> Score:
+        """The share of the oracle's regularised gain that ``theta`` reaches on held-out prompts."""
+        theta = artefacts["theta"]
+        problem, held_out = self.train_problem(seed), self.score_problem(seed)
         with torch.no_grad():
-            gain, reward_gain, kl = self._value(problem, theta)
-            per_instance = gain / problem.oracle_gain
+            gain, reward_gain, kl = self._value(held_out, theta)
+            per_instance = gain / held_out.oracle_gain
+            ref_chosen, ref_rejected = self._sequence_logps(problem, None)
             chosen, rejected = self._sequence_logps(problem, theta)
             margins = (chosen - rejected) - (ref_chosen - ref_rejected)
             accuracy = (margins > 0).to(DTYPE).mean(dim=1)
@@ -388,13 +427,12 @@ class SyntheticPreference(Fitness):
             "reward_gain": float(reward_gain.mean()),
             "kl": float(kl.mean()),
             "objective_gain": float(gain.mean()),
-            "oracle_gain": float(problem.oracle_gain.mean()),
-            "oracle_kl": float(problem.oracle_kl.mean()),
+            "oracle_gain": float(held_out.oracle_gain.mean()),
+            "oracle_kl": float(held_out.oracle_kl.mean()),
             "train_accuracy": float(accuracy.mean()),
-            "label_agreement": float(problem.label_agreement.mean()),
+            "label_agreement": float(held_out.label_agreement.mean()),
             "mean_margin": float((self.beta * margins).mean()),
             "steps": self.steps,
-            "seconds": time.perf_counter() - start,
         }
         return Score(fitness=fitness, metrics=metrics)
 

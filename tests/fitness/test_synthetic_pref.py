@@ -1,7 +1,9 @@
 """The default fitness: preference optimisation with a known reward (``synthetic-pref``)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +241,41 @@ def test_bad_options_are_rejected_showing_the_value(option, value):
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError):
         SyntheticPreference(temperature=1.0)  # type: ignore[call-arg]
+
+
+# -- the split contract ------------------------------------------------------------------------
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "synthetic_pref_golden.json"
+
+
+def _golden_cases(names):
+    values = json.loads(GOLDEN.read_text())
+    return [(name, seed, values[f"{name}/{seed}"]) for name in names for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("name, seed, expected", _golden_cases(["dpo", "lrml", "dbaql"]))
+def test_seed_scores_are_exactly_those_recorded_before_the_split(fitness, name, seed, expected):
+    """Values recorded (as float.hex) with the single-phase evaluate() of the previous contract."""
+    assert fitness.evaluate(SEEDS[name], seed).fitness.hex() == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, seed, expected", _golden_cases(
+    ["slic", "ipo", "kto_pair", "padll", "aqfl", "aql", "cell", "pfl"]))
+def test_every_other_seed_scores_exactly_as_recorded(fitness, name, seed, expected):
+    assert fitness.evaluate(SEEDS[name], seed).fitness.hex() == expected
+
+
+def test_train_returns_only_theta_and_score_needs_the_held_out_data():
+    small = SyntheticPreference(instances=2, steps=15, pairs=128, eval_prompts=16)
+    artefacts = small.train(SEEDS["dpo"], 0)
+    assert set(artefacts) == {"theta"} and set(small.artefact_spec(0)) == {"theta"}
+    assert artefacts["theta"].shape == (2, small.features) and artefacts["theta"].dtype == torch.float32
+    expected = small.score(artefacts, 0)
+    assert expected.fitness == small.evaluate(SEEDS["dpo"], 0).fitness
+    # What a genome's process does first: the held-out data is zeroed and dropped there.
+    held = small.score_problem(0)
+    small.held_out.wipe()
+    assert float(held.eval_reward.abs().sum()) == 0.0 and float(held.oracle_gain.abs().sum()) == 0.0
+    small.train(SEEDS["dpo"], 0)  # training still works without it
+    with pytest.raises(RuntimeError, match="not available in a genome's process"):
+        small.score(artefacts, 0)
