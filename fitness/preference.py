@@ -15,6 +15,7 @@ four tensors only, or four tensors followed by a parameter named ``beta``.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -266,3 +267,100 @@ PREFERENCE_SEEDS: tuple[Seed, ...] = (
 def preference_seeds() -> list[Seed]:
     """The seed losses, DPO first (it is the baseline)."""
     return list(PREFERENCE_SEEDS)
+
+
+# -- loss-shape profile ---------------------------------------------------------------------
+#: Keys of :func:`loss_shape_profile`, each with what it measures (shown to users).
+SHAPE_PROFILE = {
+    "shape_slope_at_zero": "f'(0) / mean |f'| on z in [-1, 1] (DPO -1; positive: the loss rises "
+                           "with the margin at zero, the trap DiscoPOP's LRML shows at small beta)",
+    "shape_slope_sign_at_zero": "sign of f'(0): -1 pushes the margin up (like DPO), 0 flat, +1 pushes it down",
+    "shape_increasing_share": "share of z in [-10, 10] where the loss rises with the margin (0 for DPO, "
+                              "1 for a sign-flipped loss)",
+    "shape_left_slope": "f'(-10) / mean |f'| on [-1, 1]: how hard badly ordered pairs are pushed (DPO -2, hinge -1, "
+                        "near 0 gives up on them, positive pushes them further wrong)",
+    "shape_left_tail_exponent": "log2 |f'(-20)| / |f'(-10)|: 0 linear tail (DPO, hinge), 1 quadratic (IPO), "
+                                "large exponential, negative saturating",
+    "shape_left_bounded": "1 when the loss flattens as z -> -inf (grows less than 1% of its typical "
+                          "slope between z = -100 and -1000), else 0",
+    "shape_right_behaviour": "as z -> +inf: -1 keeps falling without bound (pushes margins forever), "
+                             "0 flattens (DPO, hinge), +1 rises again (IPO penalises large margins)",
+}
+
+
+def loss_shape_profile(interface: PreferenceInterface, fn: Callable) -> dict[str, float]:
+    """Loss-shape descriptors of a preference loss that predict known failures, computed by
+    evaluating ``fn`` on a grid of margins ``z = beta * logits`` (no training).
+
+    The loss is called on one batch spanning z in [-20, 20] (the chosen log-probability moves,
+    the other three are fixed), and on a second batch of extreme margins (+-100, +-1000) for
+    boundedness. Slopes are ``d f / d z``, divided by the mean absolute slope on [-1, 1], so
+    no value changes when the loss is multiplied by a positive constant or shifted. Losses
+    that use batch statistics are profiled on these batches. The keys and their meaning are
+    :data:`SHAPE_PROFILE`; a loss that cannot be evaluated on the grid (raises, wrong shape,
+    non-finite or no gradient on [-20, 20]) or is flat gets an empty dict: nothing is claimed.
+    """
+    dtype = torch.float64
+    points = 801
+    z = torch.linspace(-20.0, 20.0, points, dtype=dtype)  # step 0.05: 0 and +-10 are grid points
+    values, slope = _profile_batch(interface, fn, z)
+    if values is None or slope is None or not (torch.isfinite(values).all() and torch.isfinite(slope).all()):
+        return {}
+    middle = z.abs() <= 10.0
+    scale = float(slope[z.abs() <= 1.0].abs().mean())
+    if not scale > 1e-12:
+        return {}
+    tolerance = 1e-3 * scale
+    zero = points // 2
+    at = {round(float(v), 2): i for i, v in enumerate(z)}
+    slope_zero = float(slope[zero])
+    left10, left20 = abs(float(slope[at[-10.0]])), abs(float(slope[at[-20.0]]))
+    tail = math.log2((left20 + tolerance) / (left10 + tolerance))
+    profile = {
+        "shape_slope_at_zero": slope_zero / scale,
+        "shape_slope_sign_at_zero": float(0 if abs(slope_zero) <= tolerance else math.copysign(1, slope_zero)),
+        "shape_increasing_share": float((slope[middle] > tolerance).to(dtype).mean()),
+        "shape_left_slope": max(-1e4, min(1e4, float(slope[at[-10.0]]) / scale)),
+        "shape_left_tail_exponent": max(-30.0, min(30.0, tail)),
+    }
+    extremes = torch.tensor([-1000.0, -100.0, 100.0, 1000.0], dtype=dtype)
+    far, _ = _profile_batch(interface, fn, extremes, gradient=False)
+    if far is not None:
+        # A non-finite value out there is growth without bound (exp overflows first).
+        finite = torch.isfinite(far)
+        threshold = 0.01 * scale * 900.0
+        left_change = float(far[0] - far[1]) if bool(finite[:2].all()) else math.inf
+        profile["shape_left_bounded"] = float(abs(left_change) < threshold)
+        if bool(finite[2:].all()):
+            right_change = float(far[3] - far[2])
+            profile["shape_right_behaviour"] = float(
+                0 if abs(right_change) < threshold else math.copysign(1, right_change))
+        else:
+            profile["shape_right_behaviour"] = float(math.copysign(1, float(far[3])) if not torch.isnan(far[3])
+                                                     else 1.0)
+    return profile
+
+
+def _profile_batch(interface: PreferenceInterface, fn: Callable, z: torch.Tensor,
+                   gradient: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Losses (and ``d f / d z``) of ``fn`` at margins ``z``; ``(None, None)`` if it misbehaves."""
+    reference_chosen = torch.full_like(z, -40.0)
+    reference_rejected = torch.full_like(z, -45.0)
+    policy_rejected = reference_rejected.clone().requires_grad_(gradient)
+    policy_chosen = (reference_chosen + z / interface.beta).requires_grad_(gradient)
+    try:
+        with torch.set_grad_enabled(gradient):
+            losses = losses_of(interface.bind(fn)(policy_chosen, policy_rejected, reference_chosen.clone(),
+                                                  reference_rejected.clone()))
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != tuple(z.shape):
+            return None, None
+        if not gradient:
+            return losses.detach().to(z.dtype), None
+        if not losses.requires_grad:
+            return None, None
+        (grad,) = torch.autograd.grad(losses.sum(), policy_chosen, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a genome may raise anything; it gets no profile
+        return None, None
+    if grad is None:
+        return None, None
+    return losses.detach().to(z.dtype), grad.detach().to(z.dtype) / interface.beta
