@@ -20,6 +20,8 @@ FITNESS_REGISTRY: dict[str, str] = {
     "synthetic-pref": "fitness.synthetic_pref:SyntheticPreference",
     "cifar10": "fitness.cifar10:Cifar10",
     "dpo": "fitness.dpo:DPOFitness",
+    "pref-suite": "fitness.suites.pref_suite:PreferenceSuite",
+    "cls-suite": "fitness.suites.cls_suite:ClassificationSuite",
 }
 
 #: Built-in operators (a class that declares spec prefixes is also found by them).

@@ -1,0 +1,404 @@
+"""Task suites: a fitness scored over a family of small tasks, with a meta-train part that
+selection sees and a disjoint meta-test part kept for validation.
+
+A loss is "better" only when it is better on tasks the search never saw (DiscoPOP's LRML was
+found on MT-Bench and re-checked on Alpaca Eval, TL;DR and IMDb; Lu et al. 2024, sec. 5). A
+suite draws its tasks from a seeded generator, scores a candidate on each task paired with the
+baseline loss on the same task and evaluation seed, and aggregates the per-task gains robustly
+(mean gain together with the worst task), so a loss that collapses on one task cannot rank
+first.
+
+Each task is evaluated in two phases, kept apart for the trust boundary:
+
+* ``train_task(fn, task, seed) -> dict[str, Tensor]``: the only code that runs the genome. It
+  sees the training data of the task (preference pairs and the reference policy; labelled
+  examples), never what the score is computed on.
+* ``score_task(parameters, task, seed) -> float``: no genome code; uses the true reward or the
+  held-out data, kept in the plug-in's ``held_out`` store.
+
+The plug-in contract's ``train(fn, seed)`` and ``score(artefacts, seed)`` run these over every
+task of the suite and every evaluation seed.
+
+The per-(task, seed) records (:class:`TaskResult`) are the unit a noise-aware engine can
+store, extend with fresh seeds and re-aggregate (:func:`aggregate`) without re-running any.
+"""
+from __future__ import annotations
+
+import math
+import time
+from abc import abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from engine.genome import GenomeError, compile_genome
+from fitness.base import Artefacts, Fitness, Score, TensorSpec
+
+#: The two parts of a suite.
+SPLITS = ("train", "test")
+_SPLIT_CODES = {"train": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a suite.
+
+    Attributes:
+        name: Unique, readable name (``train-3:linear/anti/...``): the key in metrics.
+        split: ``train`` (meta-train: selection) or ``test`` (meta-test: validation only).
+        index: Position in its split.
+        spec: The task's parameters (a frozen dataclass of the domain).
+        key: Integers that, with the evaluation seed, seed the task's problem instance.
+    """
+
+    name: str
+    split: str
+    index: int
+    spec: Any
+    key: tuple[int, ...]
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A torch generator for the problem instance of this task and evaluation ``seed``."""
+        state = np.random.SeedSequence([*self.key, int(seed) & 0xFFFF_FFFF, (int(seed) >> 32) & 0xFFFF_FFFF])
+        return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A candidate's score on one task and evaluation seed, paired with the baseline's.
+
+    ``gain = score - baseline``: both are in the task's normalised units, so gains of
+    different tasks are comparable (each domain says what a unit is).
+    """
+
+    task: str
+    seed: int
+    score: float
+    baseline: float
+    seconds: float = 0.0
+
+    @property
+    def gain(self) -> float:
+        return self.score - self.baseline
+
+    def as_record(self) -> dict[str, Any]:
+        return {"task": self.task, "seed": self.seed, "score": self.score, "baseline": self.baseline,
+                "gain": self.gain, "seconds": round(self.seconds, 4)}
+
+
+def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5) -> dict[str, Any]:
+    """Robust aggregate of paired per-task gains.
+
+    Per task, the gain is averaged over its seeds; the fitness is ``(1 - worst_weight) *
+    mean over tasks + worst_weight * worst task``. The baseline itself scores exactly 0; a loss
+    must gain on average *and* not lose much on any task to score above it.
+
+    The standard error ``gain_se`` is over evaluation seeds of the per-seed mean gain over
+    tasks (paired with the baseline); it is ``None`` with fewer than two seeds, or when some
+    seed lacks some task.
+
+    Returns:
+        ``fitness``, ``mean_gain``, ``worst_gain``, ``worst_task``, ``gain_se``, ``seeds``
+        (evaluation seeds seen) and ``per_task`` (``task -> {score, baseline, gain, seeds}``,
+        means over seeds).
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("aggregate() needs at least one task result")
+    if not 0.0 <= worst_weight <= 1.0:
+        raise ValueError(f"worst_weight must be in [0, 1], got {worst_weight!r}")
+    by_task: dict[str, list[TaskResult]] = {}
+    for result in results:
+        by_task.setdefault(result.task, []).append(result)
+    per_task = {}
+    for name, items in by_task.items():
+        per_task[name] = {
+            "score": float(np.mean([r.score for r in items])),
+            "baseline": float(np.mean([r.baseline for r in items])),
+            "gain": float(np.mean([r.gain for r in items])),
+            "seeds": len(items),
+        }
+    gains = {name: entry["gain"] for name, entry in per_task.items()}
+    mean_gain = float(np.mean(list(gains.values())))
+    worst_task = min(gains, key=gains.__getitem__)
+    worst_gain = gains[worst_task]
+    seeds = sorted({r.seed for r in results})
+    gain_se = None
+    if len(seeds) > 1:
+        per_seed = []
+        for seed in seeds:
+            row = {r.task: r.gain for r in results if r.seed == seed}
+            if set(row) != set(by_task):
+                per_seed = []
+                break
+            per_seed.append(float(np.mean(list(row.values()))))
+        if per_seed:
+            gain_se = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
+    return {
+        "fitness": (1.0 - worst_weight) * mean_gain + worst_weight * worst_gain,
+        "mean_gain": mean_gain,
+        "worst_gain": worst_gain,
+        "worst_task": worst_task,
+        "gain_se": gain_se,
+        "seeds": seeds,
+        "per_task": per_task,
+    }
+
+
+def latin_hypercube(count: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` points in ``[0, 1)^dims``, one per stratum along every axis (Latin hypercube
+    sampling, McKay et al. 1979): a few tasks still cover each factor's whole range."""
+    strata = np.stack([rng.permutation(count) for _ in range(dims)], axis=1)
+    return (strata + rng.random((count, dims))) / count
+
+
+def log_uniform(u: float, low: float, high: float) -> float:
+    """Map ``u`` in [0, 1) to a log-uniform value in [low, high)."""
+    return float(math.exp(math.log(low) + u * (math.log(high) - math.log(low))))
+
+
+def pick(u: float, choices: Sequence[Any]) -> Any:
+    """Map ``u`` in [0, 1) to one of ``choices`` (equal shares)."""
+    return choices[min(int(u * len(choices)), len(choices) - 1)]
+
+
+def check_int(suite: str, name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{suite} option {name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+class TaskSuite(Fitness):
+    """Base of the suites: the task list, the two phases over all tasks, the paired baseline
+    and the aggregation.
+
+    Subclasses set ``name``, ``interface``, ``baseline`` (a seed's name) and implement
+    :meth:`make_tasks`, :meth:`parameter_spec`, :meth:`build_problem`, :meth:`train_task` and
+    :meth:`score_task`.
+
+    The plug-in contract's phases (:mod:`fitness.base`) run every task of the suite for each
+    evaluation seed: :meth:`train` returns the trained parameters of every (task, seed) as
+    artefacts named ``"{task index}:{seed}:{parameter}"``; :meth:`score` scores them on the
+    held-out part of each problem (kept in :attr:`held_out`, wiped in the genome's process),
+    trains the baseline on the same problems (trusted seed code, once per task and seed per
+    process) and aggregates.
+
+    Args:
+        split: ``train`` (meta-train, the default: what selection sees) or ``test``
+            (meta-test: validation only, never for selection).
+        tasks: Indices of the split's tasks to use (default: all).
+        seeds: Evaluation seeds per evaluation: ``seed, seed + 1, ...``.
+        worst_weight: Weight of the worst task in the fitness (see :func:`aggregate`).
+        suite_seed: Seed of the task generator; the same value gives the same tasks.
+        train_tasks: Number of meta-train tasks.
+        test_tasks: Number of meta-test tasks.
+    """
+
+    fitness_floor = -1.0
+
+    def __init__(
+        self,
+        split: str = "train",
+        tasks: Sequence[int] | int | None = None,
+        seeds: int = 1,
+        worst_weight: float = 0.5,
+        suite_seed: int = 0,
+        train_tasks: int = 8,
+        test_tasks: int = 12,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"{self.name} option split must be train or test, got {split!r}")
+        self.split = split
+        self.seeds_per_evaluation = check_int(self.name, "seeds", seeds, 1)
+        if isinstance(worst_weight, bool) or not isinstance(worst_weight, (int, float)) \
+                or not 0.0 <= worst_weight <= 1.0:
+            raise ValueError(f"{self.name} option worst_weight must be a number in [0, 1], got {worst_weight!r}")
+        self.worst_weight = float(worst_weight)
+        self.suite_seed = check_int(self.name, "suite_seed", suite_seed, 0)
+        self.counts = {"train": check_int(self.name, "train_tasks", train_tasks, 1),
+                       "test": check_int(self.name, "test_tasks", test_tasks, 1)}
+        all_tasks = self.split_tasks(split)
+        if tasks is None:
+            self.tasks = all_tasks
+        else:
+            indices = [tasks] if isinstance(tasks, int) and not isinstance(tasks, bool) else list(tasks)
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(all_tasks)]
+            if bad or not indices:
+                raise ValueError(f"{self.name} option tasks must be indices in [0, {len(all_tasks)}) of the "
+                                 f"{split} split, got {tasks!r}")
+            self.tasks = [all_tasks[i] for i in dict.fromkeys(indices)]
+        self._baseline_fn: Callable | None = None
+        self._baseline_scores: dict[tuple[str, int], float] = {}
+        self._training: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        # Room for every problem of a few evaluation-seed sets (the last ones used are kept).
+        self.held_out.capacity = max(self.held_out.capacity, 4 * len(self.tasks) * self.seeds_per_evaluation)
+
+    # -- tasks ------------------------------------------------------------------------------
+    def split_tasks(self, split: str) -> list[Task]:
+        """The tasks of ``split`` (deterministic for ``suite_seed``). Meta-train and meta-test
+        tasks are drawn from independent streams and keyed apart, so no problem instance is
+        shared."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be train or test, got {split!r}")
+        code = _SPLIT_CODES[split]
+        rng = np.random.default_rng([self.suite_seed, code])
+        specs = self.make_tasks(self.counts[split], split, rng)
+        return [
+            Task(name=f"{split}-{i}:{self.describe(spec)}", split=split, index=i, spec=spec,
+                 key=(self.suite_seed, code, i))
+            for i, spec in enumerate(specs)
+        ]
+
+    @abstractmethod
+    def make_tasks(self, count: int, split: str, rng: np.random.Generator) -> list[Any]:
+        """``count`` task specs drawn with ``rng``."""
+
+    def describe(self, spec: Any) -> str:
+        """A short readable summary of a task spec (part of the task's name)."""
+        return str(spec)
+
+    def task(self, name_or_index: str | int) -> Task:
+        """A task of this suite's split, by name or index."""
+        for task in self.split_tasks(self.split):
+            if name_or_index in (task.name, task.index):
+                return task
+        raise KeyError(f"{self.name}: no task {name_or_index!r} in the {self.split} split")
+
+    # -- problems: training data (seen by the genome) and held-out truth (never) -------------
+    @abstractmethod
+    def build_problem(self, task: Task, seed: int) -> tuple[Any, Any]:
+        """``(training data, held-out truth)`` of ``task``'s problem instance for ``seed``."""
+
+    def training_data(self, task: Task, seed: int) -> Any:
+        """What the training phase of ``task`` receives (a few are cached per process). When
+        the problem is built here, its held-out part goes to :attr:`held_out` (unless that was
+        wiped: in a genome's process it is dropped before any genome code runs)."""
+        key = (task.name, int(seed))
+        if key in self._training:
+            self._training.move_to_end(key)
+            return self._training[key]
+        data, truth = self.build_problem(task, seed)
+        if not self.held_out.wiped:
+            self.held_out.put(key, truth)
+        del truth
+        self._training[key] = data
+        while len(self._training) > self.held_out.capacity:
+            self._training.popitem(last=False)
+        return data
+
+    def truth(self, task: Task, seed: int) -> Any:
+        """The held-out part of ``task``'s problem for ``seed`` (scoring phase only)."""
+        return self.held_out.get((task.name, int(seed)), lambda: self.build_problem(task, seed)[1])
+
+    # -- the two phases, per task -----------------------------------------------------------
+    @abstractmethod
+    def parameter_spec(self, task: Task) -> dict[str, TensorSpec]:
+        """Shapes and dtypes of the parameters :meth:`train_task` returns for ``task``."""
+
+    @abstractmethod
+    def train_task(self, fn: Callable, task: Task, seed: int) -> dict[str, torch.Tensor]:
+        """Train with ``fn`` as the loss on ``task``'s training data; the trained parameters.
+        The only code that runs the genome.
+
+        Raises:
+            GenomeError: (status ``error``) when the loss breaks training, naming the task.
+        """
+
+    @abstractmethod
+    def score_task(self, parameters: dict[str, torch.Tensor], task: Task, seed: int) -> float:
+        """The normalised score of trained ``parameters`` on ``task`` (no genome code runs)."""
+
+    # -- the plug-in contract's phases over the whole suite ---------------------------------
+    def evaluation_seeds(self, seed: int) -> list[int]:
+        """The evaluation seeds one evaluation uses."""
+        return [int(seed) + k for k in range(self.seeds_per_evaluation)]
+
+    def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
+        spec = {}
+        for s in self.evaluation_seeds(seed):
+            for task in self.tasks:
+                for name, tensor in self.parameter_spec(task).items():
+                    spec[f"{task.index}:{s}:{name}"] = tensor
+        return spec
+
+    def train(self, fn: Callable, seed: int) -> Artefacts:
+        artefacts: Artefacts = {}
+        for s in self.evaluation_seeds(seed):
+            for task in self.tasks:
+                for name, tensor in self.train_task(fn, task, s).items():
+                    artefacts[f"{task.index}:{s}:{name}"] = tensor
+        return artefacts
+
+    def score(self, artefacts: Artefacts, seed: int) -> Score:
+        start = time.perf_counter()
+        results = []
+        for s in self.evaluation_seeds(seed):
+            for task in self.tasks:
+                prefix = f"{task.index}:{s}:"
+                parameters = {name[len(prefix):]: value for name, value in artefacts.items() if name.startswith(prefix)}
+                results.append(TaskResult(task.name, s, self.score_task(parameters, task, s),
+                                          self.baseline_score(task, s)))
+        summary = aggregate(results, self.worst_weight)
+        metrics = {
+            "split": self.split,
+            "fitness_rule": f"{1 - self.worst_weight:g} * mean_gain + {self.worst_weight:g} * worst_gain "
+                            f"(gain = score - {self.baseline} score, same task and seed)",
+            **{k: v for k, v in summary.items() if k != "fitness"},
+            "mean_score": float(np.mean([r.score for r in results])),
+            "mean_baseline": float(np.mean([r.baseline for r in results])),
+            "results": [r.as_record() for r in results],
+            "score_seconds": time.perf_counter() - start,
+        }
+        return Score(fitness=summary["fitness"], metrics=metrics)
+
+    # -- the baseline and in-process helpers ------------------------------------------------
+    def baseline_function(self) -> Callable:
+        """The compiled baseline seed (DPO, cross-entropy): trusted code."""
+        if self._baseline_fn is None:
+            seed = next(s for s in self.seeds() if s.name == self.baseline)
+            self._baseline_fn = compile_genome(seed.code, self.interface.arg_counts)
+        return self._baseline_fn
+
+    def baseline_score(self, task: Task, seed: int) -> float:
+        """The baseline's score on ``task`` and ``seed`` (trained once per process)."""
+        key = (task.name, int(seed))
+        if key not in self._baseline_scores:
+            parameters = self.train_task(self.baseline_function(), task, seed)
+            self._baseline_scores[key] = self.score_task(parameters, task, seed)
+        return self._baseline_scores[key]
+
+    def evaluate_task(self, fn: Callable, task: Task, seed: int) -> TaskResult:
+        """Train and score ``fn`` on one task and seed in this process, paired with the
+        baseline (benchmarks, validation scripts, notebooks)."""
+        baseline = self.baseline_score(task, seed)
+        start = time.perf_counter()
+        value = self.score_task(self.train_task(fn, task, seed), task, seed)
+        return TaskResult(task.name, int(seed), value, baseline, time.perf_counter() - start)
+
+    def evaluate_many(self, fn: Callable, seeds: Iterable[int], tasks: Sequence[Task] | None = None) -> list[TaskResult]:
+        """Every (task, seed) pair of ``tasks`` (default: this suite's) and ``seeds``, in this process."""
+        tasks = self.tasks if tasks is None else tasks
+        return [self.evaluate_task(fn, task, seed) for seed in seeds for task in tasks]
+
+
+def results_from_metrics(metrics: dict[str, Any]) -> list[TaskResult]:
+    """The per-(task, seed) results stored in a suite evaluation's metrics (for re-aggregating
+    evaluations on more seeds without re-running any)."""
+    return [TaskResult(r["task"], int(r["seed"]), float(r["score"]), float(r["baseline"]), float(r.get("seconds", 0)))
+            for r in metrics.get("results", [])]
+
+
+def check_losses(losses: object, expected: int, task_name: str, step: int) -> torch.Tensor:
+    """The per-example losses of one training step, checked; raises :class:`GenomeError`
+    naming the task and step."""
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (expected,):
+        found = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise GenomeError(f"task {task_name}: the loss returned {found} at training step {step}; "
+                          f"expected shape ({expected},)", status="error")
+    if not losses.is_floating_point():
+        raise GenomeError(f"task {task_name}: the loss returned dtype {losses.dtype} at training step {step}",
+                          status="error")
+    return losses
