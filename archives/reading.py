@@ -332,7 +332,7 @@ def rebuild_elites(space: list[dict[str, Any]], candidates: dict[int, Candidate]
         full[rest] = full.get(rest, 0) + 1
         elite = {
             "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "cell": list(cell),
-            "descriptors": {a["name"]: v for a, v in zip(space, ordered)}, "operator": candidate.operator,
+            "descriptors": {a["name"]: v for a, v in zip(space, ordered)}, "operator": candidate.label,
             "generation": candidate.generation, "parents": list(candidate.parents),
         }
         taken[cell] = elite

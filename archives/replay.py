@@ -37,7 +37,7 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
         lambda: {"made": 0, "valid": 0, "scored": 0, "failed": 0, "improved": 0})
     for candidate in candidates.values():
         result = results.get(candidate.id)
-        stats = operators[candidate.operator]
+        stats = operators[candidate.label]
         stats["made"] += 1
         if result is None:
             continue
@@ -156,7 +156,7 @@ def _key_metrics(rows: list[EvalResult], limit: int = 3) -> list[str]:
 def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], labels: list[str]) -> dict[str, Any]:
     return {
         "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "generation": candidate.generation,
-        "operator": candidate.operator, "parents": list(candidate.parents),
+        "operator": candidate.label, "parents": list(candidate.parents),
         "metrics": {k: result.metrics.get(k) for k in key_metrics},
         "extra": {label: _extra_value(data.extra[label].get(candidate.id)) for label in labels},
     }
@@ -354,7 +354,7 @@ def candidate_report(data: RunData, candidate_id: int) -> dict[str, Any]:
     lineage = [
         {"depth": depth, "id": cid, "name": data.candidates[cid].name if cid in data.candidates else "?",
          "fitness": data.fitness_of(cid),
-         "operator": data.candidates[cid].operator if cid in data.candidates else None,
+         "operator": data.candidates[cid].label if cid in data.candidates else None,
          "generation": data.candidates[cid].generation if cid in data.candidates else None}
         for depth, cid in data.lineage(candidate_id)[1:]
     ]

@@ -17,7 +17,10 @@ from engine.candidate import Candidate, EvalResult
 
 STORE_NAME = "run.sqlite"
 FORMAT = "evoloss-run"
-VERSION = 1
+VERSION = 2
+#: Older format versions this code opens, and migrates in place when opened for writing
+#: (version 1 kept a candidate's operator and variation in one column: ``symbolic:mutate``).
+MIGRATES = (1,)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +33,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     operator TEXT NOT NULL,
     generation INTEGER NOT NULL,
     code_hash TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    variation TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -141,7 +145,7 @@ class RunStore:
         if json.loads(rows.get("format", "null")) != FORMAT:
             raise StoreError(f"{path} is not an evoloss run store (format {rows.get('format')!r})")
         version = json.loads(rows.get("version", "0"))
-        if version != VERSION:
+        if version != VERSION and version not in MIGRATES:
             raise StoreError(
                 f"{path} has run-store format version {version}; this evoloss reads version {VERSION}. "
                 "Use the evoloss release that wrote it, or start a new run."
@@ -149,12 +153,25 @@ class RunStore:
         store = cls(path, connection)
         if not readonly:
             store._db.executescript(_LLM_SCHEMA)
+            if version != VERSION:
+                store._migrate(version)
         try:
             store._db.execute("SELECT count(*) FROM candidates").fetchone()
             store._db.execute("SELECT count(*) FROM evaluations").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path} is damaged: {exc}") from exc
         return store
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older store to :data:`VERSION` in one transaction (a kill leaves it as it was)."""
+        with self._transaction():
+            if version < 2:
+                self._db.execute("ALTER TABLE candidates ADD COLUMN variation TEXT NOT NULL DEFAULT ''")
+                rows = self._db.execute("SELECT id, operator FROM candidates").fetchall()
+                split = [Candidate(r["id"], "", "", operator=r["operator"]) for r in rows]
+                self._db.executemany("UPDATE candidates SET operator = ?, variation = ? WHERE id = ?",
+                                     [(c.operator, c.variation, c.id) for c in split])
+            self.set_meta("version", VERSION)
 
     def close(self) -> None:
         with self._calls_lock:
@@ -183,9 +200,9 @@ class RunStore:
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "INSERT INTO candidates (id, name, code, thought, parents, operator, generation, code_hash, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(c.id, c.name, c.code, c.thought, json.dumps(list(c.parents)), c.operator, c.generation,
+                "INSERT INTO candidates (id, name, code, thought, parents, operator, variation, generation, code_hash, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(c.id, c.name, c.code, c.thought, json.dumps(list(c.parents)), c.operator, c.variation, c.generation,
                   c.code_hash, now) for c in candidates],
             )
 
@@ -240,7 +257,8 @@ class RunStore:
         return [
             Candidate(id=r["id"], name=r["name"], code=r["code"], thought=r["thought"],
                       parents=tuple(json.loads(r["parents"])), operator=r["operator"],
-                      generation=r["generation"], code_hash=r["code_hash"])
+                      generation=r["generation"], code_hash=r["code_hash"],
+                      variation=r["variation"] if "variation" in r.keys() else "")
             for r in self._db.execute(f"SELECT * FROM candidates{where} ORDER BY id", values)
         ]
 

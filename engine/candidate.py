@@ -4,11 +4,39 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-#: Every status an evaluation can end with. ``ok`` is the only one with a fitness.
-STATUSES = ("ok", "invalid", "error", "timeout", "oom", "duplicate")
-FAILED = ("invalid", "error", "timeout", "oom")
+
+class Status(StrEnum):
+    """How an evaluation ended. ``ok`` is the only status with a fitness. Members are strings,
+    so they are stored, printed and compared as their values (``Status.OK == "ok"``)."""
+
+    OK = "ok"
+    INVALID = "invalid"  # failed a static check or the interface's unit tests
+    ERROR = "error"  # raised, or broke training (NaN, divergence)
+    TIMEOUT = "timeout"  # ran past a deadline; its worker was killed
+    OOM = "oom"  # ran out of memory
+    DUPLICATE = "duplicate"  # behaves like an earlier candidate: not trained again
+
+    @property
+    def failed(self) -> bool:
+        return self in FAILED
+
+
+#: Every status an evaluation can end with.
+STATUSES = tuple(Status)
+#: The statuses of a failed evaluation (neither scored nor a duplicate).
+FAILED = (Status.INVALID, Status.ERROR, Status.TIMEOUT, Status.OOM)
+
+
+class Variation(StrEnum):
+    """How an offspring was made from its parents."""
+
+    SEED = "seed"  # a known loss the plug-in starts from (no operator, no parents)
+    MUTATE = "mutate"  # one parent
+    CROSSOVER = "crossover"  # two parents
+    PROPOSE = "propose"  # no explicit parent
 
 
 @dataclass(frozen=True)
@@ -21,9 +49,12 @@ class Candidate:
         code: Python source of one function with the fitness plug-in's signature.
         thought: The operator's rationale for this genome.
         parents: Ids of the parent candidates (empty for seeds and fresh proposals).
-        operator: What made it: ``seed``, ``symbolic:mutate``, ``symbolic:crossover``, ...
+        operator: The operator that made it (``symbolic``, ``openai:gpt-4o``), or ``seed``.
         generation: Generation in which it was asked.
         code_hash: Hash of the normalised AST (see :func:`engine.genome.code_hash`).
+        variation: How it was made (a :class:`Variation`: ``mutate``, ``crossover``,
+            ``propose``, ``seed``). A combined ``operator`` such as ``symbolic:mutate`` (how
+            older runs stored it) is split into the two fields.
     """
 
     id: int
@@ -34,6 +65,33 @@ class Candidate:
     operator: str = "seed"
     generation: int = 0
     code_hash: str = ""
+    variation: str = ""
+
+    def __post_init__(self) -> None:
+        operator, variation = self.operator, self.variation
+        if not variation:
+            head, _, tail = operator.rpartition(":")
+            if head and tail in Variation.__members__.values():
+                operator, variation = head, tail
+            elif operator == Variation.SEED:
+                variation = Variation.SEED
+        if variation:
+            try:
+                variation = Variation(variation)
+            except ValueError:
+                raise ValueError(f"unknown variation {variation!r} of candidate {self.id}; expected one of "
+                                 f"{[v.value for v in Variation]}") from None
+        object.__setattr__(self, "operator", operator)
+        object.__setattr__(self, "variation", variation)
+
+    @property
+    def is_seed(self) -> bool:
+        return self.variation is Variation.SEED or self.operator == "seed"
+
+    @property
+    def label(self) -> str:
+        """``operator:variation`` (``symbolic:mutate``), or ``seed``: how summaries group candidates."""
+        return "seed" if self.is_seed else (f"{self.operator}:{self.variation}" if self.variation else self.operator)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -47,8 +105,8 @@ class EvalResult:
 
     Attributes:
         candidate_id: Which candidate.
-        status: One of :data:`STATUSES`.
-        fitness: Higher is better; ``None`` unless ``status == "ok"``.
+        status: A :class:`Status` (a plain string is converted).
+        fitness: Higher is better; ``None`` unless the status is ``ok``.
         metrics: Plug-in specific numbers (JSON-serialisable).
         descriptors: Behaviour descriptors for the archive (name -> value).
         fingerprint: Behavioural fingerprint (rounded loss and gradient on fixed inputs).
@@ -68,12 +126,15 @@ class EvalResult:
     duplicate_of: int | None = None
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown evaluation status {self.status!r}; expected one of {STATUSES}")
+        try:
+            self.status = Status(self.status)
+        except ValueError:
+            raise ValueError(f"unknown evaluation status {self.status!r}; expected one of "
+                             f"{[s.value for s in Status]}") from None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status is Status.OK
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

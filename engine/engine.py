@@ -654,7 +654,7 @@ class Engine:
             candidate = self.candidates[elite.candidate_id]
             records.append({
                 "id": candidate.id, "name": candidate.name, "fitness": elite.fitness, "cell": list(elite.cell),
-                "descriptors": dict(zip(archive.names, elite.descriptors)), "operator": candidate.operator,
+                "descriptors": dict(zip(archive.names, elite.descriptors)), "operator": candidate.label,
                 "generation": candidate.generation, "parents": list(candidate.parents), "thought": candidate.thought,
                 "code": candidate.code, **({"fidelity": self.labels[level]} if self.ladder else {}),
             })

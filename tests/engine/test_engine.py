@@ -37,7 +37,7 @@ def test_first_population_is_seeds_plus_offspring(tmp_path):
     batch = engine.ask()
     assert [c.operator for c in batch[:2]] == ["seed", "seed"]
     assert [c.name for c in batch[:2]] == ["mse", "mae"]
-    assert len(batch) == 5 and all(c.operator == "jitter:mutate" for c in batch[2:])
+    assert len(batch) == 5 and all(c.label == "jitter:mutate" for c in batch[2:])
     assert all(c.parents and c.parents[0] in (0, 1) for c in batch[2:])
 
 
@@ -51,7 +51,7 @@ def test_run_fills_archive_and_store(tmp_path):
     assert engine.archive.stats()["elites"] >= 1
     assert (tmp_path / "run" / "archive.json").exists()
     later = [c for c in store.candidates() if c.generation > 0]
-    assert all(c.parents or c.operator.endswith("propose") for c in later)
+    assert all(c.parents or c.variation == "propose" for c in later)
 
 
 def test_known_genome_is_never_evaluated_twice(tmp_path):
