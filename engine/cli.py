@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {run,evaluate,replay,show,reevaluate,list}``.
+"""Command line: ``python -m engine {run,evaluate,replay,show,reevaluate,list,serve}``.
 
 ``main(argv)`` returns the exit code: 0 success, 1 a failed evaluation (``evaluate``),
 2 bad input (flag, file, plug-in, run folder), 130 interrupted (everything finished is saved).
@@ -407,6 +407,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    # The web stack is imported here only: other commands never pay for it.
+    from archives.dashboard import require_web_stack, serve
+
+    try:
+        require_web_stack()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    if not Path(args.runs).exists():
+        raise UsageError(f"{args.runs} does not exist: pass a run folder or a folder of runs")
+    serve(args.runs, host=args.host, port=args.port, open_browser=args.open)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Evolutionary search for loss functions.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -471,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="name the fitness plug-ins and operators found")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
+
+    serve = sub.add_parser("serve", help="a live web dashboard over a run or a folder of runs (read-only)")
+    serve.add_argument("runs", nargs="?", default="runs", metavar="RUN | RUNS_DIR",
+                       help="a run folder or a folder of runs (default: runs)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--open", action="store_true", help="open the dashboard in a web browser")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
