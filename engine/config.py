@@ -117,6 +117,12 @@ class RunConfig:
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "address-space limit per worker in GiB; 0 turns it off (CUDA reserves huge address ranges, so GPU "
         "runs need 0 and rely on the timeout and the GPU's own memory)"))
+    sandbox: str = field(default="auto", metadata=_help(
+        "OS jail of every evaluation worker: auto (the strongest that works here: bwrap, else unshare, else none "
+        "with a warning), bwrap (bubblewrap), unshare (util-linux) or none (no jail: warns); see docs/security.md"))
+    allow_host_network: bool = field(default=False, metadata=_help(
+        "give evaluation workers the host's network when the fitness plug-in declares that it needs it "
+        "(multi-node training); never implied"))
     tournament_size: int = field(default=3, metadata=_help("tournament size for parent selection"))
     hof_size: int = field(default=10, metadata=_help("hall-of-fame size"))
     max_attempts: int = field(default=10, metadata=_help(
@@ -159,7 +165,7 @@ class RunConfig:
         parse_fitness(self.fitness)
         if not 0.0 < self.promote <= 1.0:
             raise ValueError(f"promote must be a fraction in (0, 1], got {self.promote!r}")
-        for name in ("asynchronous", "promote_baseline"):
+        for name in ("asynchronous", "promote_baseline", "allow_host_network"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.max_evals, int) or isinstance(self.max_evals, bool) or self.max_evals < 0:
@@ -173,7 +179,7 @@ class RunConfig:
             raise ValueError(f"code_size_bins must be >= 0, got {self.code_size_bins!r}")
         choices = {"operator_choice": ("bandit", "ucb", "uniform"), "strategy": ("population", "sequential"),
                    "context_order": ("ascending", "descending"), "llm_check": ("tests", "static"),
-                   "interrupt": ("drain", "cancel")}
+                   "interrupt": ("drain", "cancel"), "sandbox": ("auto", "bwrap", "unshare", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

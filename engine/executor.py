@@ -2,28 +2,35 @@
 (the same workers inside Ray actors: :mod:`engine.ray_executor`) and ``serial`` (in-process,
 for debugging).
 
-Each process worker runs in its own session (process group) with an address-space limit and
-an environment holding no secrets. A task that overruns its wall-clock timeout has its
-worker's whole process group killed; a worker that dies mid-task (segfault, kernel OOM
-killer) is replaced and the task retried once, then recorded as failed. Either way the run
-goes on.
+Each process worker runs in an OS jail (:mod:`engine.jail`: ``--sandbox``) in its own session,
+with resource limits, an environment holding no secrets and one private scratch folder; its
+output reaches the run's worker log through a pipe (capped), so it holds no file of the run.
+A task that overruns its wall-clock timeout has its worker killed with everything it started;
+a worker that dies mid-task (segfault, kernel OOM killer) is replaced and the task retried
+once, then recorded as failed. Either way the run goes on: a replacement starts in the
+background and gets work once it is ready, while the other workers go on.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from engine import jail
 from engine.candidate import EvalResult
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
@@ -34,7 +41,10 @@ _KEEP_ENV = {
     "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
     "EVOLOSS_DATA", "SYSTEMROOT",
 }
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|"
+                     r"^(AWS|AZURE|GOOGLE|GCP|GCLOUD|OPENAI|ANTHROPIC)_", re.I)
+#: Bytes of output one worker may write to the run's worker log; the rest is dropped, with a note.
+LOG_LIMIT_BYTES = 4 << 20
 
 OnResult = Callable[[EvalResult], None]
 
@@ -170,10 +180,28 @@ def stage_specs(fitness_spec: Any, fitness_options: dict[str, Any] | None = None
 class _Worker:
     process: subprocess.Popen
     conn: Connection
+    scratch: Path | None = None
     task: Task | None = None
     deadline: float = float("inf")
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
+
+
+def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int = LOG_LIMIT_BYTES) -> None:
+    """Copy one worker's output into the run's worker log, at most ``limit`` bytes; read (and
+    drop) the rest so that a genome printing in a loop never blocks on a full pipe."""
+    written = 0
+    with stream:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            if written >= limit:
+                continue
+            chunk = chunk[: limit - written]
+            written += len(chunk)
+            with lock:
+                log.write(chunk)
+                if written >= limit:
+                    log.write(f"\n[worker {pid}: output past {limit} bytes dropped]\n".encode())
+                log.flush()
 
 
 class ProcessExecutor(Executor):
@@ -187,11 +215,16 @@ class ProcessExecutor(Executor):
         memory_limit_gb: Address-space limit per worker.
         log_path: File that receives the workers' stdout and stderr.
         startup_timeout: Seconds a worker may take to import torch and load the plug-in.
+        sandbox: ``auto``, ``bwrap``, ``unshare`` or ``none`` (:func:`engine.jail.choose`), or a
+            :class:`engine.jail.Sandbox` already chosen.
+        allow_host_network: Let a plug-in that declares it needs the host's network have it.
+        gpus: Show the GPU devices in the jail (default: when a plug-in's ``resources()`` asks).
     """
 
     def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, workers: int = 2,
                  timeout: float = 120.0, memory_limit_gb: float = 4.0, log_path: str | os.PathLike | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, sandbox: str | jail.Sandbox = "auto",
+                 allow_host_network: bool = False, gpus: bool | None = None) -> None:
         self.stages = stage_specs(fitness_spec, fitness_options)
         if not all(isinstance(spec, str) for spec, _ in self.stages):
             raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
@@ -204,15 +237,55 @@ class ProcessExecutor(Executor):
         self.workers: list[_Worker] = []
         self.restarts = 0
         self._log = None
+        self._log_lock = threading.Lock()
+        self.sandbox_mode = sandbox
+        self.sandbox: jail.Sandbox | None = None
+        self.allow_host_network = allow_host_network
+        self.gpus = gpus
+        self.limits = jail.Limits(address_space=self.memory_limit)
+        self._scratch_root: Path | None = None
+        self._view_parts: dict[str, Any] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        """Start every worker at once, then wait until all are ready."""
+        self.sandbox = self.sandbox_mode if isinstance(self.sandbox_mode, jail.Sandbox) else \
+            jail.choose(self.sandbox_mode)
+        if self.sandbox.warning:
+            warnings.warn(self.sandbox.warning, RuntimeWarning, stacklevel=2)
+        self._prepare_view()
         if self.log_path:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
-        for _ in range(self.n_workers):
-            self.workers.append(self._spawn())
-        for worker in list(self.workers):
-            self._await_ready(worker)
+        try:
+            for _ in range(self.n_workers):
+                self.workers.append(self._spawn())
+            deadline = time.monotonic() + self.startup_timeout
+            while not all(worker.ready for worker in self.workers):
+                waiting = [w for w in self.workers if not w.ready]
+                for conn in wait([w.conn for w in waiting], timeout=max(0.0, deadline - time.monotonic())):
+                    self._started(next(w for w in waiting if w.conn is conn))
+                self._check_startup(time.monotonic())
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_view(self) -> None:
+        """What every worker's jail shows: worked out once, from the plug-ins built here."""
+        self._scratch_root = Path(tempfile.mkdtemp(prefix="evoloss-workers-"))
+        if not self.sandbox.jailed:
+            return
+        plugins = [load_fitness(spec, options) for spec, options in self.stages]
+        read_only, writable, wants_network = jail.plugin_needs(plugins)
+        if wants_network and not self.allow_host_network:
+            warnings.warn(f"fitness {self.fitness_spec!r} declares that it needs the host's network; its jail has "
+                          "none unless you pass --allow-host-network", RuntimeWarning, stacklevel=3)
+        gpus = self.gpus if self.gpus is not None else plugin_resources(plugins)["gpus"] > 0
+        hide = [Path.home(), Path.cwd()] + ([self.log_path.resolve().parent] if self.log_path else [])
+        self._view_parts = {
+            "read_only": jail.interpreter_paths() + jail.project_paths() + jail.plugin_code_paths(plugins) + read_only,
+            "writable": writable, "hide": hide, "workdir": Path.cwd(), "gpus": gpus,
+            "host_network": wants_network and self.allow_host_network,
+        }
 
     def close(self) -> None:
         for worker in self.workers:
@@ -231,31 +304,53 @@ class ProcessExecutor(Executor):
         if self._log:
             self._log.close()
             self._log = None
+        if self._scratch_root is not None:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            self._scratch_root = None
 
     def _spawn(self) -> _Worker:
+        """Start one worker in its jail; it is ready once it says so (:meth:`_started`)."""
+        scratch = Path(tempfile.mkdtemp(prefix="worker-", dir=self._scratch_root))
         parent, child = socket.socketpair()
         command = [
             sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
-            "--stages", json.dumps(self.stages),
+            "--stages", json.dumps(self._absolute_stages()),
             "--memory-limit", str(self.memory_limit),
             "--sys-path", json.dumps([os.path.abspath(p or ".") for p in sys.path]),
         ]
-        output = self._log if self._log else subprocess.DEVNULL
-        process = subprocess.Popen(
-            command, pass_fds=[child.fileno()], start_new_session=True, env=scrubbed_environment(),
-            stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-        )
-        child.close()
-        return _Worker(process=process, conn=Connection(parent.detach()))
+        view = jail.View(scratch=scratch, **self._view_parts)
+        env = jail.jail_environment(scrubbed_environment(), view, self.sandbox)
+        argv, launcher_env = jail.wrap(self.sandbox, command, view, env, self.limits)
+        try:
+            process = subprocess.Popen(
+                argv, pass_fds=[child.fileno()], start_new_session=True, env=launcher_env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self._log else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT, preexec_fn=jail.preexec(self.limits),  # noqa: PLW1509 - only without prlimit
+            )
+        finally:
+            child.close()
+        if self._log:
+            threading.Thread(target=_pump_output, args=(process.stdout, self._log, self._log_lock, process.pid),
+                             daemon=True, name=f"evoloss-log-{process.pid}").start()
+        return _Worker(process=process, conn=Connection(parent.detach()), scratch=scratch)
 
-    def _await_ready(self, worker: _Worker) -> None:
-        if not worker.conn.poll(self.startup_timeout):
-            self._kill(worker)
-            raise PluginError(f"an evaluation worker did not start within {self.startup_timeout:g} s")
+    def _absolute_stages(self) -> list:
+        """The stages with ``path.py:Class`` specs made absolute (a jailed worker starts elsewhere)."""
+        stages = []
+        for spec, options in self.stages:
+            location, _, name = spec.rpartition(":")
+            if location.endswith(".py") and os.path.exists(location):
+                spec = f"{os.path.abspath(location)}:{name}"
+            stages.append((spec, options))
+        return stages
+
+    def _started(self, worker: _Worker) -> None:
+        """Read a starting worker's first message: ready, or a failure that stops the run."""
         try:
             message = worker.conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             code = worker.process.wait()
+            self._kill(worker)
             raise PluginError(
                 f"an evaluation worker exited during start-up (exit code {code})"
                 + (f"; see {self.log_path}" if self.log_path else "")
@@ -265,7 +360,25 @@ class ProcessExecutor(Executor):
             raise PluginError(f"loading fitness {self.fitness_spec!r} in a worker failed: {message['error']}")
         worker.ready = True
 
+    def _check_startup(self, now: float) -> None:
+        for worker in self.workers:
+            if not worker.ready and now - worker.started > self.startup_timeout:
+                self._kill(worker)
+                raise PluginError(f"an evaluation worker did not start within {self.startup_timeout:g} s"
+                                  + (f"; see {self.log_path}" if self.log_path else ""))
+
+    def await_ready(self, worker: _Worker) -> None:
+        """Block until ``worker`` is ready (callers that drive one worker by hand: the Ray actor)."""
+        if worker.ready:
+            return
+        if not worker.conn.poll(max(0.0, self.startup_timeout - (time.monotonic() - worker.started))):
+            self._kill(worker)
+            raise PluginError(f"an evaluation worker did not start within {self.startup_timeout:g} s")
+        self._started(worker)
+
     def _kill(self, worker: _Worker) -> None:
+        """Kill a worker and everything it started: its process group, and, in a jail, the
+        PID namespace (bwrap dies, its init dies with it, and the kernel kills the rest)."""
         try:
             os.killpg(worker.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -274,12 +387,18 @@ class ProcessExecutor(Executor):
             worker.process.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             pass
+        if worker.scratch is not None:
+            shutil.rmtree(worker.scratch, ignore_errors=True)
+            root = worker.scratch.parent / f".{worker.scratch.name}.root"  # the unshare jail's mount point
+            if root.exists():
+                shutil.rmtree(root, ignore_errors=True)
 
     def _replace(self, worker: _Worker) -> _Worker:
+        """Kill ``worker`` and start a fresh one in its place without waiting for it: the run
+        loop hands it work once it reports ready."""
         self._kill(worker)
         worker.conn.close()
         fresh = self._spawn()
-        self._await_ready(fresh)
         self.workers[self.workers.index(worker)] = fresh
         self.restarts += 1
         return fresh
@@ -293,7 +412,7 @@ class ProcessExecutor(Executor):
         try:
             while True:
                 for worker in self.workers:
-                    if worker.task is None:
+                    if worker.ready and worker.task is None:
                         task = next_task(retries, source)
                         if task is None:
                             break
@@ -301,19 +420,26 @@ class ProcessExecutor(Executor):
                         worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed,
                                           "stage": task.stage})
                 busy = [w for w in self.workers if w.task]
+                starting = [w for w in self.workers if not w.ready]
                 more = bool(retries) or not source.exhausted()
                 if not busy and not more:
                     return
-                wait_for = wait_seconds([w.deadline for w in busy], more, len(busy) < len(self.workers), source)
-                if busy:
-                    ready = wait([w.conn for w in busy], timeout=wait_for)
+                idle = any(w.ready and not w.task for w in self.workers)
+                deadlines = [w.deadline for w in busy] + [w.started + self.startup_timeout for w in starting]
+                wait_for = wait_seconds(deadlines, more, idle, source)
+                if busy or starting:
+                    ready = wait([w.conn for w in busy + starting], timeout=wait_for)
                 else:
                     time.sleep(wait_for)
                     ready = []
+                for worker in starting:
+                    if worker.conn in ready:
+                        self._started(worker)
                 for worker in busy:
                     if worker.conn in ready:
                         self._receive(worker, retries, decide, on_result)
                 now = time.monotonic()
+                self._check_startup(now)
                 for worker in list(self.workers):
                     if worker.task and now >= worker.deadline:
                         task = worker.task
@@ -334,7 +460,7 @@ class ProcessExecutor(Executor):
         try:
             message = worker.conn.recv()
         except (EOFError, OSError):
-            code = worker.process.wait()
+            code = self._exit_code(worker)
             self._replace(worker)
             task.attempts += 1
             if task.attempts < 2:
@@ -348,6 +474,14 @@ class ProcessExecutor(Executor):
         elif message["type"] == "result":
             worker.task, worker.deadline = None, float("inf")
             on_result(EvalResult(**message["result"]))
+
+    def _exit_code(self, worker: _Worker) -> int:
+        """The worker's exit code, as a negative signal number when a signal ended it (a jail's
+        launcher reports a worker killed by signal N as exit code 128 + N)."""
+        code = worker.process.wait()
+        if self.sandbox is not None and self.sandbox.jailed and 128 < code < 128 + 65:
+            return 128 - code
+        return code
 
     @staticmethod
     def _death_result(task: Task, code: int) -> EvalResult:

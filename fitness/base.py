@@ -66,6 +66,16 @@ class Descriptor:
             raise ValueError(f"descriptor {self.name!r}: bins must be >= 1, got {self.bins}")
 
 
+@dataclass(frozen=True)
+class SandboxNeeds:
+    """What a plug-in's evaluations need from the OS jail (:meth:`Fitness.sandbox_needs`):
+    paths shown read-only, paths shown writable, and the host's network."""
+
+    read_only: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
+    host_network: bool = False
+
+
 @dataclass
 class Score:
     """What :meth:`Fitness.score` returns: ``fitness`` (higher is better) and metrics."""
@@ -405,7 +415,19 @@ class Fitness(ABC):
         plug-in whose presets differ (a CPU toy and an 8-GPU recipe) answers per instance."""
         return {"cpus": 1.0, "gpus": 0.0}
 
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the evaluation worker's OS jail must show besides the interpreter, the project
+        and this plug-in's own code: read-only data (a data set folder, a model cache), folders
+        to write across evaluations (a cache), and whether the host's network is needed (given
+        only with ``--allow-host-network``). Everything else stays hidden (docs/security.md)."""
+        return SandboxNeeds()
+
     # -- the two phases -------------------------------------------------------------------------
+    def prepare(self, seed: int) -> None:
+        """Build or load what :meth:`train` and :meth:`score` need for ``seed`` (data, caches,
+        held-out data), before a genome's process is forked: each one inherits it instead of
+        building it again. Runs where no genome code runs; must not initialise CUDA."""
+
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         """The artefacts :meth:`train` returns for ``seed``: name -> exact shape and dtype.
         Anything else a genome's process sends back is rejected."""
