@@ -1,0 +1,188 @@
+"""``pref-suite``: synthetic DPO settings with a meta-train / meta-test split."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.genome import GenomeError, compile_genome
+from engine.plugins import PluginError, load_fitness
+from fitness.base import validate_artefacts
+from fitness.preference import SHAPE_PROFILE, PreferenceInterface, preference_seeds
+from fitness.suites import TaskResult, aggregate
+from fitness.suites.base import results_from_metrics
+from fitness.suites.pref_suite import POLICIES, REFERENCES, PreferenceData, PreferenceSuite
+from tests.fitness.suite_contract import check_suite_contract
+
+torch.set_num_threads(1)
+
+SEEDS = {seed.name: compile_genome(seed.code, PreferenceInterface.arg_counts) for seed in preference_seeds()}
+
+
+def _logits(pc, pr, rc, rr):
+    return (pc - pr) - (rc - rr)
+
+
+def constant(self, pc, pr, rc, rr):
+    return 0.0 * _logits(pc, pr, rc, rr) + 1.0
+
+
+def sign_flipped(self, pc, pr, rc, rr):
+    return -F.logsigmoid(-self.beta * _logits(pc, pr, rc, rr))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return PreferenceSuite()
+
+
+@pytest.fixture(scope="module")
+def ranking(suite):
+    """Scores of DPO and broken losses on the whole meta-train split, seed 0."""
+    return {name: suite.evaluate(fn, 0) for name, fn in
+            {"dpo": SEEDS["dpo"], "constant": constant, "sign_flipped": sign_flipped}.items()}
+
+
+# -- the split -----------------------------------------------------------------------------
+def test_meta_train_and_meta_test_are_disjoint_and_deterministic_for_a_suite_seed():
+    first, again, other = PreferenceSuite(), PreferenceSuite(), PreferenceSuite(suite_seed=5)
+    train, test = first.split_tasks("train"), first.split_tasks("test")
+    assert len(train) == 8 and len(test) == 12
+    assert not {t.name for t in train} & {t.name for t in test}
+    assert not {t.key for t in train} & {t.key for t in test}
+    assert not {t.spec for t in train} & {t.spec for t in test}
+    assert [t.spec for t in train] == [t.spec for t in again.split_tasks("train")]
+    assert [t.spec for t in test] == [t.spec for t in again.split_tasks("test")]
+    assert [t.spec for t in train] != [t.spec for t in other.split_tasks("train")]
+    assert first.tasks == train and PreferenceSuite(split="test").tasks == test
+
+
+@pytest.mark.parametrize("suite_seed", [0, 1, 2])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_each_split_covers_every_policy_reference_and_the_beta_range(suite_seed, split):
+    specs = [t.spec for t in PreferenceSuite(suite_seed=suite_seed).split_tasks(split)]
+    assert {s.policy for s in specs} == set(POLICIES)
+    assert {s.reference for s in specs} == set(REFERENCES)
+    assert min(s.beta for s in specs) < 0.02  # the small beta that trapped LRML on IMDb
+    assert max(s.beta for s in specs) > 0.25
+    assert all(0 <= s.label_noise <= 0.3 and 0 <= s.misspecification <= 0.5 for s in specs)
+    assert all(128 <= s.pairs <= 1024 and 2 <= s.positions <= 24 for s in specs)
+
+
+def test_training_sees_pairs_and_reference_but_no_reward_and_scoring_needs_held_out_data():
+    fields = {f.name for f in dataclasses.fields(PreferenceData)}
+    assert fields == {"policy", "beta", "steps", "learning_rate", "reference_logits", "context", "chosen",
+                      "rejected", "inputs"}
+    suite = PreferenceSuite(tasks=[0, 1])
+    suite.held_out.wipe()  # what the engine does in a genome's process
+    artefacts = suite.train(SEEDS["dpo"], 0)  # training still works from the seed alone
+    assert artefacts
+    with pytest.raises(RuntimeError, match="held-out data is not available"):
+        suite.score(artefacts, 0)
+    fresh = PreferenceSuite(tasks=[0, 1])
+    assert fresh.score(validate_artefacts(artefacts, fresh.artefact_spec(0), fresh.max_artefact_bytes), 0).fitness == 0.0
+
+
+# -- ranking ---------------------------------------------------------------------------------
+def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
+    dpo = ranking["dpo"]
+    assert dpo.fitness == 0.0
+    assert 0.2 < dpo.metrics["mean_score"] < 0.9  # DPO gains, and leaves room on the tasks
+    assert ranking["constant"].fitness < -0.3
+    assert all(r["score"] == pytest.approx(0.0, abs=1e-9) for r in ranking["constant"].metrics["results"])
+    assert ranking["sign_flipped"].fitness < ranking["constant"].fitness - 0.3
+    assert ranking["sign_flipped"].metrics["mean_score"] < -0.3
+
+
+def test_a_loss_that_wins_one_task_and_collapses_on_another_does_not_beat_dpo(suite, ranking):
+    # IPO on the meta-train task where it beats DPO most, sign-flipped DPO on the task with the
+    # smallest beta, DPO elsewhere: the loss reads beta to tell the tasks apart.
+    ipo_gains = {task.spec.beta: suite.evaluate_task(SEEDS["ipo"], task, 0).gain for task in suite.tasks}
+    win_beta = max(ipo_gains, key=ipo_gains.get)
+    lose_beta = min(ipo_gains)
+    assert ipo_gains[win_beta] > 0.05 and win_beta != lose_beta
+
+    def gaming(self, pc, pr, rc, rr):
+        if self.beta == win_beta:
+            return SEEDS["ipo"](self, pc, pr, rc, rr)
+        if self.beta == lose_beta:
+            return sign_flipped(self, pc, pr, rc, rr)
+        return SEEDS["dpo"](self, pc, pr, rc, rr)
+
+    score = suite.evaluate(gaming, 0)
+    gains = {name: entry["gain"] for name, entry in score.metrics["per_task"].items()}
+    assert max(gains.values()) == pytest.approx(ipo_gains[win_beta], abs=1e-9)
+    assert score.metrics["worst_gain"] < -0.3
+    assert score.fitness < ranking["dpo"].fitness
+
+
+def test_aggregate_ranks_a_collapse_below_the_baseline_even_with_a_higher_mean():
+    results = [TaskResult("a", 0, 0.9, 0.5), TaskResult("b", 0, 0.5, 0.5), TaskResult("c", 0, 0.1, 0.3)]
+    summary = aggregate(results)
+    assert summary["mean_gain"] == pytest.approx((0.4 + 0.0 - 0.2) / 3)
+    assert summary["worst_task"] == "c" and summary["worst_gain"] == pytest.approx(-0.2)
+    assert summary["fitness"] == pytest.approx(0.5 * summary["mean_gain"] - 0.1)
+    assert summary["fitness"] < 0.0  # the baseline scores 0
+    assert aggregate(results, worst_weight=0.0)["fitness"] > 0.0
+    with pytest.raises(ValueError, match="worst_weight"):
+        aggregate(results, worst_weight=2)
+
+
+def test_standard_error_is_over_seeds_of_the_paired_mean_gain():
+    results = [TaskResult(t, s, 0.5 + g, 0.5) for s, g in ((0, 0.1), (1, 0.3)) for t in ("a", "b")]
+    summary = aggregate(results)
+    assert summary["seeds"] == [0, 1]
+    assert summary["gain_se"] == pytest.approx(0.1)
+    assert summary["per_task"]["a"]["seeds"] == 2
+    assert aggregate(results[:2])["gain_se"] is None
+
+
+# -- determinism, metrics, failures ------------------------------------------------------------
+def test_evaluation_is_deterministic_for_a_seed_and_records_every_task_and_seed():
+    options = {"tasks": [5, 7], "seeds": 2}
+    first = PreferenceSuite(**options).evaluate(SEEDS["slic"], 4)
+    again = PreferenceSuite(**options).evaluate(SEEDS["slic"], 4)
+    assert first.fitness == again.fitness
+    assert first.metrics["results"] == [{**r, "seconds": a["seconds"]} for r, a in
+                                        zip(again.metrics["results"], first.metrics["results"])]
+    assert [(r["task"][:7], r["seed"]) for r in first.metrics["results"]] == [
+        ("train-5", 4), ("train-7", 4), ("train-5", 5), ("train-7", 5)]
+    assert first.metrics["gain_se"] is not None
+    assert PreferenceSuite(**options).evaluate(SEEDS["slic"], 6).fitness != first.fitness
+    # Stored results re-aggregate to the same fitness (no task is re-run).
+    assert aggregate(results_from_metrics(first.metrics))["fitness"] == pytest.approx(first.fitness)
+
+
+def test_metrics_carry_the_loss_shape_profile(ranking):
+    metrics = ranking["dpo"].metrics
+    assert set(SHAPE_PROFILE) <= set(metrics)
+    assert metrics["shape_slope_sign_at_zero"] == -1.0
+    lrml = PreferenceSuite(tasks=[0]).evaluate(SEEDS["lrml"], 0).metrics
+    assert lrml["shape_slope_sign_at_zero"] == 1.0 and lrml["shape_slope_at_zero"] > 1.0
+
+
+def test_a_non_finite_loss_fails_naming_the_task():
+    def explodes(self, pc, pr, rc, rr):
+        return torch.exp(-1000.0 * self.beta * _logits(pc, pr, rc, rr)) * 1e300
+
+    with pytest.raises(GenomeError, match="task train-0:tabular"):
+        PreferenceSuite(tasks=[0]).evaluate(explodes, 0)
+
+
+def test_plugin_contract_through_the_registry():
+    score = check_suite_contract("pref-suite", {"tasks": [0, 2], "split": "test"})
+    assert all(name.startswith("test-") for name in score.metrics["per_task"])
+
+
+@pytest.mark.parametrize("options,fragment", [
+    ({"split": "val"}, "split must be train or test"),
+    ({"tasks": [8]}, r"indices in \[0, 8\)"),
+    ({"seeds": 0}, "seeds must be an integer >= 1"),
+    ({"worst_weight": 1.5}, "worst_weight"),
+    ({"nonsense": 1}, "nonsense"),
+])
+def test_bad_options_are_named(options, fragment):
+    with pytest.raises(PluginError, match=fragment):
+        load_fitness("pref-suite", options)
