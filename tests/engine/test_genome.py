@@ -24,28 +24,28 @@ HOSTILE = [
     ("compile", body("compile('1', 'f', 'eval')"), "'compile'"),
     ("getattr_save", body("getattr(torch, 'save')(pred, '/tmp/x')"), "'getattr'"),
     ("globals", body("globals()['x'] = 1"), "'globals'"),
-    ("torch_save", body("torch.save(pred, '/tmp/x.pt')"), "'save'"),
-    ("torch_load", body("torch.load('/tmp/x.pt')"), "'load'"),
-    ("torch_hub", body("torch.hub.list('user/repo')"), "'hub'"),
-    ("torch_from_file", body("torch.from_file('/etc/passwd', size=10)"), "'from_file'"),
-    ("storage_from_file", body("torch.UntypedStorage.from_file('/etc/passwd', False, 10)"), "'from_file'"),
-    ("cpp_extension", body("torch.utils.cpp_extension.load_inline('x', '')"), "'utils'"),
-    ("ops_load_library", body("torch.ops.load_library('/tmp/evil.so')"), "'ops'"),
-    ("classes", body("torch.classes.load_library('/tmp/evil.so')"), "'classes'"),
-    ("library", body("torch.library.Library('x', 'DEF')"), "'library'"),
-    ("jit", body("torch.jit.script(pred)"), "'jit'"),
-    ("torch_os", body("torch.os.system('ls')"), "'os'"),
-    ("functional_torch", body("F.torch.sum(pred)"), "'torch'"),
+    ("torch_save", body("torch.save(pred, '/tmp/x.pt')"), "'torch.save' is not on the allow-list"),
+    ("torch_load", body("torch.load('/tmp/x.pt')"), "'torch.load' is not on the allow-list"),
+    ("torch_hub", body("torch.hub.list('user/repo')"), "'torch.hub' is not on the allow-list"),
+    ("torch_from_file", body("torch.from_file('/etc/passwd', size=10)"), "'torch.from_file'"),
+    ("storage_from_file", body("torch.UntypedStorage.from_file('/etc/passwd', False, 10)"), "'torch.UntypedStorage'"),
+    ("cpp_extension", body("torch.utils.cpp_extension.load_inline('x', '')"), "'torch.utils'"),
+    ("ops_load_library", body("torch.ops.load_library('/tmp/evil.so')"), "'torch.ops'"),
+    ("classes", body("torch.classes.load_library('/tmp/evil.so')"), "'torch.classes'"),
+    ("library", body("torch.library.Library('x', 'DEF')"), "'torch.library'"),
+    ("jit", body("torch.jit.script(pred)"), "'torch.jit'"),
+    ("torch_os", body("torch.os.system('ls')"), "'torch.os'"),
+    ("functional_torch", body("F.torch.sum(pred)"), "'F.torch'"),
     ("dunder_class", body("pred.__class__"), "__class__"),
     ("subclasses", body("().__class__.__bases__[0].__subclasses__()"), "dunder attribute"),
     ("private_attr", body("torch._C"), "'_C'"),
     ("format_escape", body("'{0.__class__}'.format(pred)"), "'format'"),
     ("numpy_tofile", body("pred.detach().numpy()"), "'numpy'"),
-    ("distributed", body("torch.distributed.init_process_group('gloo')"), "'distributed'"),
-    ("multiprocessing", body("torch.multiprocessing.spawn(pred)"), "'multiprocessing'"),
-    ("manual_seed", body("torch.manual_seed(0)"), "'manual_seed'"),
-    ("set_num_threads", body("torch.set_num_threads(64)"), "'set_num_threads'"),
-    ("compile_fn", body("torch.compile(pred)"), "'compile'"),
+    ("distributed", body("torch.distributed.init_process_group('gloo')"), "'torch.distributed'"),
+    ("multiprocessing", body("torch.multiprocessing.spawn(pred)"), "'torch.multiprocessing'"),
+    ("manual_seed", body("torch.manual_seed(0)"), "'torch.manual_seed'"),
+    ("set_num_threads", body("torch.set_num_threads(64)"), "'torch.set_num_threads'"),
+    ("compile_fn", body("torch.compile(pred)"), "'torch.compile'"),
     ("sys_modules", body("sys.exit(0)"), "'sys'"),
     ("breakpoint", body("breakpoint()"), "'breakpoint'"),
     ("type_call", body("type(pred)"), "'type'"),
@@ -108,8 +108,9 @@ def test_ordinary_losses_pass(code):
 
 def test_compiled_genome_has_no_dangerous_builtins():
     fn = compile_genome("def loss(pred, target):\n    return pred\n")
-    assert "open" not in fn.__globals__["__builtins__"]
-    assert "__import__" not in fn.__globals__["__builtins__"]
+    genome_globals = fn.__wrapped__.__globals__
+    assert "open" not in genome_globals["__builtins__"]
+    assert "__import__" not in genome_globals["__builtins__"]
 
 
 def test_code_hash_ignores_names_comments_and_layout():
