@@ -146,8 +146,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         import_ray()  # a missing Ray is reported before the run folder is made
     # LLM operators are checked here (key, server, model folder), before the run folder is made.
     operators, close_operators = build_operators(config, fitness.interface)
+    from engine import jail
+
+    jail.mark_not_dumpable()  # no process of this user reads the driver's environment (API keys)
+    sandbox = jail.choose(config.sandbox)  # an explicit sandbox that cannot run here stops the run (exit 2)
+    if not args.quiet:
+        print(sandbox.describe(), file=sys.stderr)
     if store is None:
         store = RunStore.create(config.out, config.to_dict())
+    store.set_meta("sandbox", {"requested": sandbox.requested, "kind": sandbox.kind, "reason": sandbox.reason})
     run_dir = Path(config.out)
     if config.strategy == "sequential":
         total = max(len(seeds), 1) + config.gens
@@ -164,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(), _interrupts(engine, config.interrupt, progress):
             warnings.simplefilter("always", RuntimeWarning)
-            with make_executor(config, log_path=run_dir / "workers.log", resources=resources) as executor, progress:
+            with make_executor(config, log_path=run_dir / "workers.log", resources=resources,
+                               sandbox=sandbox) as executor, progress:
                 engine.run(executor)
         if engine.draining:
             raise KeyboardInterrupt
@@ -241,6 +249,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.preset is not None:
         options["preset"] = args.preset
     fitness = load_fitness(args.fitness, options)  # fail fast, in this process, on a bad plug-in
+    from engine import jail
+
+    jail.mark_not_dumpable()
+    sandbox = jail.choose(args.sandbox) if args.executor != "serial" else \
+        jail.Sandbox("none", "--executor serial evaluates in this process", requested=args.sandbox)
+    print(sandbox.describe(), file=sys.stderr)
     results = []
     try:
         check_genome(code, fitness.interface.arg_counts)
@@ -253,13 +267,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             executor = SerialExecutor(args.fitness, options)
         else:
             executor = ProcessExecutor(args.fitness, options, workers=1, timeout=args.timeout,
-                                       memory_limit_gb=args.memory_limit_gb)
+                                       memory_limit_gb=args.memory_limit_gb, sandbox=sandbox,
+                                       allow_host_network=args.allow_host_network)
         with executor:
             executor.run([(0, code)], args.seed, None, results.append)
     result = results[0]
     payload = {"status": result.status, "fitness": result.fitness, "error": result.error,
                "metrics": result.metrics, "descriptors": result.descriptors, "seconds": result.seconds,
-               "file": str(path), "fitness_name": fitness.name}
+               "file": str(path), "fitness_name": fitness.name, "sandbox": sandbox.kind}
     if args.json:
         print(json.dumps(payload))
     else:
@@ -395,6 +410,12 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from engine.doctor import run_doctor
+
+    return run_doctor(args.sandbox, as_json=args.json)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from engine.plugins import available
 
@@ -443,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--memory-limit-gb", type=float, default=RunConfig.memory_limit_gb)
     evaluate.add_argument("--executor", choices=("process", "serial"), default=RunConfig.executor)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--sandbox", choices=("auto", "bwrap", "unshare", "none"), default=RunConfig.sandbox,
+                          help="the worker's OS jail (see run --help)")
+    evaluate.add_argument("--allow-host-network", action="store_true",
+                          help="give the worker the host's network if the plug-in declares it needs it")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     replay = sub.add_parser("replay", help="summarise a run: best losses, archive, generations, operators, "
@@ -481,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     reeval.add_argument("--memory-limit-gb", type=float, default=RunConfig.memory_limit_gb)
     reeval.add_argument("--json", action="store_true", help="print one JSON object")
     reeval.set_defaults(handler=cmd_reevaluate)
+
+    doctor = sub.add_parser("doctor", help="say which OS jail workers get here, and run hostile probes through it")
+    doctor.add_argument("--sandbox", choices=("auto", "bwrap", "unshare", "none"), default=RunConfig.sandbox)
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.set_defaults(handler=cmd_doctor)
 
     listing = sub.add_parser("list", help="name the fitness plug-ins and operators found")
     listing.add_argument("--json", action="store_true")

@@ -10,11 +10,13 @@ from engine.executor import ProcessExecutor, SerialExecutor
 
 
 def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike | None = None,
-                  resources: dict[str, float] | None = None):
+                  resources: dict[str, float] | None = None, sandbox=None):
     """The executor named by ``config.executor``, serving every fidelity stage of the run.
 
     ``resources`` is what the plug-ins ask for per evaluation (:func:`plugin_resources`);
-    ``--cpus-per-eval`` / ``--gpus-per-eval`` override it."""
+    ``--cpus-per-eval`` / ``--gpus-per-eval`` override it. ``sandbox`` is the
+    :class:`engine.jail.Sandbox` already chosen (default: chosen from ``config.sandbox``)."""
+    sandbox = sandbox if sandbox is not None else config.sandbox
     if fitness_spec is None:
         fitness_spec = [(stage.spec, stage.options) for stage in config.stages()]
     options = None if isinstance(fitness_spec, (list, tuple)) else config.fitness_options
@@ -30,8 +32,10 @@ def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike 
             fitness_spec, options, workers=config.workers, timeout=config.timeout,
             memory_limit_gb=config.memory_limit_gb, log_path=log_path, address=config.ray_address,
             cpus_per_eval=cpus, gpus_per_eval=gpus,
+            sandbox=getattr(sandbox, "kind", sandbox), allow_host_network=config.allow_host_network,
         )
     return ProcessExecutor(
         fitness_spec, options, workers=config.workers, timeout=config.timeout,
-        memory_limit_gb=config.memory_limit_gb, log_path=log_path,
+        memory_limit_gb=config.memory_limit_gb, log_path=log_path, sandbox=sandbox,
+        allow_host_network=config.allow_host_network,
     )

@@ -75,16 +75,19 @@ class _EvaluationActor:
     """One evaluation slot (a Ray actor): a process-executor worker driven call by call."""
 
     def __init__(self, stages: list, timeout: float, memory_limit_gb: float,
-                 log_path: str | None, sys_path: list[str], startup_timeout: float) -> None:
+                 log_path: str | None, sys_path: list[str], startup_timeout: float, sandbox: str = "auto",
+                 allow_host_network: bool = False, gpus: bool = False) -> None:
         # Plug-ins given as module:Class resolve as they do on the driver.
         for entry in reversed(sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         if log_path and not os.path.isdir(os.path.dirname(log_path)):
             log_path = None  # a node that does not share the run folder
+        # The sandbox is chosen on this node: the driver's choice must be available here too.
         self.pool = ProcessExecutor(stages, workers=1, timeout=timeout,
                                     memory_limit_gb=memory_limit_gb, log_path=log_path,
-                                    startup_timeout=startup_timeout)
+                                    startup_timeout=startup_timeout, sandbox=sandbox,
+                                    allow_host_network=allow_host_network, gpus=gpus)
         self.pool.start()
         self.deadline = float("inf")
 
@@ -93,6 +96,9 @@ class _EvaluationActor:
 
     def submit(self, candidate_id: int, code: str, seed: int, stage: int = 0) -> dict[str, Any]:
         """Start one evaluation; returns its probe (fingerprint) or its end."""
+        # A replacement started in the background after the last evaluation; it is ready by now
+        # or soon (its start-up does not count against this evaluation's timeout).
+        self.pool.await_ready(self.pool.workers[0])
         self.deadline = time.monotonic() + self.pool.timeout
         try:
             self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed, "stage": stage})
@@ -120,7 +126,7 @@ class _EvaluationActor:
 
     def _died(self) -> dict[str, Any]:
         worker = self.pool.workers[0]
-        code = worker.process.wait()
+        code = self.pool._exit_code(worker)
         self.pool._replace(worker)
         return {"type": "died", "code": code}
 
@@ -153,12 +159,14 @@ class RayExecutor(Executor):
         cpus_per_eval: Ray CPUs each evaluation holds.
         gpus_per_eval: Ray GPUs each evaluation holds (fractions share a GPU).
         startup_timeout: Seconds an evaluation slot may take to import torch and load the plug-in.
+        sandbox: The OS jail of each slot's worker (:mod:`engine.jail`), chosen on its node.
+        allow_host_network: Let a plug-in that declares it needs the host's network have it.
     """
 
     def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, workers: int = 2,
                  timeout: float = 120.0, memory_limit_gb: float = 4.0, log_path: str | os.PathLike | None = None,
                  address: str | None = None, cpus_per_eval: float = 1.0, gpus_per_eval: float = 0.0,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, sandbox: str = "auto", allow_host_network: bool = False) -> None:
         self.ray = import_ray()
         self.stages = stage_specs(fitness_spec, fitness_options)
         if not all(isinstance(spec, str) for spec, _ in self.stages):
@@ -172,6 +180,8 @@ class RayExecutor(Executor):
         self.cpus_per_eval = cpus_per_eval
         self.gpus_per_eval = gpus_per_eval
         self.startup_timeout = startup_timeout
+        self.sandbox = sandbox
+        self.allow_host_network = allow_host_network
         self.slots: list[_Slot] = []
         self.restarts = 0
         self._owns_ray = False
@@ -241,7 +251,8 @@ class RayExecutor(Executor):
     def _new_actor(self):
         return self._actor_class.remote(
             self.stages, self.timeout, self.memory_limit_gb, self.log_path,
-            [os.path.abspath(p or ".") for p in sys.path], self.startup_timeout,
+            [os.path.abspath(p or ".") for p in sys.path], self.startup_timeout, self.sandbox,
+            self.allow_host_network, self.gpus_per_eval > 0,
         )
 
     def close(self) -> None:
