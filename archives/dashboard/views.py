@@ -128,13 +128,16 @@ def _operator_table(snapshot: Snapshot) -> list[dict[str, Any]]:
     arms = sorted({_arm(c.operator) for c in data.candidates.values() if c.operator != "seed"})
     probabilities = choice_probabilities(config.get("operator_choice", "bandit"), chooser.get("rewards") or {},
                                          arms, window=config.get("bandit_window")) if arms else {}
-    rows = []
+    rows, shown = [], set()
     for name, stats in sorted(summary["operators"].items()):
         arm = _arm(name)
+        # One chance per operator (its mutate, crossover and propose rows share it): on its first row.
+        first = name != "seed" and arm not in shown
+        shown.add(arm)
         rows.append({"operator": name, "arm": arm, "made": stats["made"], "valid": stats["valid"],
                      "scored": stats["scored"], "improved": stats["improved"], "valid_share": stats["valid_share"],
                      "improved_share": stats["improved_share"],
-                     "choice_probability": probabilities.get(arm) if name != "seed" else None})
+                     "choice_probability": probabilities.get(arm) if first else None})
     return rows
 
 

@@ -384,8 +384,10 @@
         (failed.length ? " Not drawn: " + failed.map((c) => c.label + " (" + c.error + ")").join("; ") : "");
       const style = (c) => (c.role === "dpo" ? { color: "#000", dash: "dash", width: 1.6 } : c.role === "candidate"
         ? { color: "#2b6cb0", width: 2.6 } : { width: 1.2 });
+      // The axes fit the candidate and DPO; a parent far off may leave the frame.
+      const framed = good.filter((c) => c.role !== "parent");
       const range = (key) => {
-        const all = good.flatMap((c) => c[key]).filter(Number.isFinite).sort((a, b) => a - b);
+        const all = framed.flatMap((c) => c[key]).filter(Number.isFinite).sort((a, b) => a - b);
         if (!all.length) return undefined;
         const low = all[Math.floor(0.01 * (all.length - 1))], high = all[Math.ceil(0.99 * (all.length - 1))];
         const pad = 0.1 * ((high - low) || 1);
