@@ -275,17 +275,10 @@ class ProcessExecutor(Executor):
         if not self.sandbox.jailed:
             return
         plugins = [load_fitness(spec, options) for spec, options in self.stages]
-        read_only, writable, wants_network = jail.plugin_needs(plugins)
-        if wants_network and not self.allow_host_network:
-            warnings.warn(f"fitness {self.fitness_spec!r} declares that it needs the host's network; its jail has "
-                          "none unless you pass --allow-host-network", RuntimeWarning, stacklevel=3)
         gpus = self.gpus if self.gpus is not None else plugin_resources(plugins)["gpus"] > 0
-        hide = [Path.home(), Path.cwd()] + ([self.log_path.resolve().parent] if self.log_path else [])
-        self._view_parts = {
-            "read_only": jail.interpreter_paths() + jail.project_paths() + jail.plugin_code_paths(plugins) + read_only,
-            "writable": writable, "hide": hide, "workdir": Path.cwd(), "gpus": gpus,
-            "host_network": wants_network and self.allow_host_network,
-        }
+        self._view_parts = jail.worker_view_parts(
+            plugins, run_dir=self.log_path.parent if self.log_path else None,
+            allow_host_network=self.allow_host_network, gpus=gpus)
 
     def close(self) -> None:
         for worker in self.workers:

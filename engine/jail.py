@@ -297,6 +297,26 @@ def plugin_needs(plugins: Iterable[Any]) -> tuple[list[Path], list[Path], bool]:
     return read_only, writable, host_network
 
 
+def worker_view_parts(plugins: list[Any], *, run_dir: str | os.PathLike | None = None,
+                      allow_host_network: bool = False, gpus: bool = False) -> dict[str, Any]:
+    """Everything of an evaluation worker's :class:`View` but its scratch folder: the
+    interpreter, the project, the plug-ins' code and declared paths; the user's home, the
+    working folder and the run folder hidden; the working folder (empty) as the current one."""
+    read_only, writable, wants_network = plugin_needs(plugins)
+    if wants_network and not allow_host_network:
+        import warnings
+
+        names = ", ".join(getattr(p, "name", type(p).__name__) for p in plugins)
+        warnings.warn(f"fitness {names} declares that it needs the host's network; its jail has none unless you "
+                      "pass --allow-host-network", RuntimeWarning, stacklevel=3)
+    hide = [Path.home(), Path.cwd()] + ([Path(run_dir).resolve()] if run_dir else [])
+    return {
+        "read_only": interpreter_paths() + project_paths() + plugin_code_paths(plugins) + read_only,
+        "writable": writable, "hide": hide, "workdir": Path.cwd(), "gpus": gpus,
+        "host_network": wants_network and allow_host_network,
+    }
+
+
 def _resolve_links(path: Path) -> tuple[list[tuple[str, str]], Path]:
     """The symlinks met walking ``path`` from ``/`` (as (link, target) pairs), and where it ends."""
     links: list[tuple[str, str]] = []
@@ -485,6 +505,10 @@ def jail_environment(env: dict[str, str], view: View, sandbox: Sandbox) -> dict[
     """The worker's environment inside the jail: ``env`` (already scrubbed) with the scratch as
     ``HOME`` and ``TMPDIR`` and the sandbox named (``EVOLOSS_SANDBOX``)."""
     inside = dict(env)
+    # Caches a plug-in declares (sandbox_needs) stay where the driver finds them, not in the scratch home.
+    home = Path.home()
+    inside.setdefault("EVOLOSS_CACHE", os.environ.get("EVOLOSS_CACHE") or str(home / ".cache" / "evoloss"))
+    inside.setdefault("HF_HOME", os.environ.get("HF_HOME") or str(home / ".cache" / "huggingface"))
     inside.update({"HOME": str(view.scratch), "TMPDIR": str(view.scratch), "EVOLOSS_SANDBOX": sandbox.kind})
     if sandbox.jailed:
         # getpass.getuser() (torch's caches use it) reads these before the password file, which is not shown.

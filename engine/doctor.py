@@ -1,0 +1,338 @@
+"""``python -m engine doctor``: which OS jail evaluation workers get on this machine, and whether
+it holds.
+
+It says which sandbox ``--sandbox auto`` picks and why (each candidate probed), then runs the
+project's hostile probes through the chosen one, each as plain Python in a jail built exactly
+like an evaluation worker's (the same view, environment and limits), i.e. as a genome that got
+past the static check and the restricted namespaces would run. The doctor plants what they look
+for: a secret file in the home folder, one in the working folder, a run store, an API-key
+variable in its own environment, a loopback TCP listener and an abstract Unix socket, and a
+stand-in process for the driver. Each probe is judged from outside (did the secret come back,
+did a file appear, did a connection arrive, does a process survive, is the stand-in alive), and
+printed as held or NOT HELD; the exit code is 1 if any is not held (2 if the sandbox asked for
+cannot run here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import jail
+
+#: Seconds a probe may run.
+PROBE_TIMEOUT = 20.0
+#: How long a detached child of the detach probe waits before it writes its marker.
+SURVIVOR_DELAY = 1.0
+
+_PRELUDE = """
+import json, os, sys
+ARGS = json.loads(sys.argv[1])
+OUT = []
+def say(text):
+    OUT.append(str(text)[:4000])
+def done():
+    print(json.dumps(OUT))
+"""
+
+PROBES: dict[str, tuple[str, str]] = {
+    "read_home": ("read a file in the home folder", """
+for path in (ARGS["home_file"], ARGS["home"]):
+    try:
+        say(open(path).read() if os.path.isfile(path) else os.listdir(path))
+    except OSError as exc:
+        say(f"{path}: {exc.strerror}")
+done()
+"""),
+    "read_workdir": ("read files in the working folder and the run store", """
+for path in (ARGS["work_file"], ARGS["run_file"], ARGS["workdir"]):
+    try:
+        say(open(path, errors="replace").read() if os.path.isfile(path) else os.listdir(path))
+    except OSError as exc:
+        say(f"{path}: {exc.strerror}")
+done()
+"""),
+    "read_environ": ("read /proc/*/environ for API keys", """
+paths = ["/proc/self/environ"] + [f"/proc/{p}/environ" for p in os.listdir("/proc") if p.isdigit()]
+for path in paths:
+    try:
+        say(open(path, "rb").read().decode(errors="replace"))
+    except OSError as exc:
+        say(f"{path}: {exc.strerror}")
+say(dict(os.environ))
+done()
+"""),
+    "write_outside": ("write outside the scratch folder", """
+for path in ARGS["write_targets"]:
+    try:
+        with open(path, "w") as handle:
+            handle.write("written by a jailed probe")
+        say(f"wrote {path}")
+    except OSError as exc:
+        say(f"{path}: {exc.strerror}")
+done()
+"""),
+    "connect": ("connect to a loopback listener and an abstract socket", """
+import socket
+try:
+    socket.create_connection(("127.0.0.1", ARGS["port"]), timeout=3).close()
+    say("connected over TCP")
+except OSError as exc:
+    say(f"tcp: {exc.strerror or exc}")
+try:
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.settimeout(3)
+    unix.connect("\\0" + ARGS["abstract"])
+    unix.close()
+    say("connected to the abstract socket")
+except OSError as exc:
+    say(f"unix: {exc.strerror or exc}")
+done()
+"""),
+    "detach": ("leave a detached child that outlives the evaluation", """
+import time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(ARGS["delay"])
+        with open(os.path.join(ARGS["scratch"], "survivor"), "w") as handle:
+            handle.write(str(os.getpid()))
+        time.sleep(60)
+        os._exit(0)
+    os._exit(0)
+os.wait()
+say("detached a grandchild")
+done()
+"""),
+    "kill_parent": ("kill its parent and the driver", """
+import signal
+for name, pid in (("parent", os.getppid()), ("driver", ARGS["driver_pid"])):
+    try:
+        os.kill(pid, signal.SIGKILL)
+        say(f"killed the {name} ({pid})")
+    except OSError as exc:
+        say(f"{name} ({pid}): {exc.strerror}")
+done()
+"""),
+}
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    title: str
+    held: bool
+    detail: str
+
+
+class Bait:
+    """What the probes look for, planted before and removed after."""
+
+    def __init__(self) -> None:
+        self.secret = f"evoloss-doctor-secret-{secrets.token_hex(8)}"
+        self.tag = secrets.token_hex(6)
+        self.folder = Path(tempfile.mkdtemp(prefix="evoloss-doctor-"))
+        self.home = Path.home()
+        self.workdir = Path.cwd()
+        self.home_file = self.home / f".evoloss-doctor-{self.tag}"
+        self.work_file = self.workdir / f".evoloss-doctor-{self.tag}"
+        self.run_dir = self.workdir / f".evoloss-doctor-run-{self.tag}"
+        self.run_file = self.run_dir / "run.sqlite"
+        self.planted: list[Path] = []
+        self.env_name = "EVOLOSS_DOCTOR_API_KEY"
+        self.listener: socket.socket | None = None
+        self.abstract: socket.socket | None = None
+        self.connections = 0
+        self.stand_in: subprocess.Popen | None = None
+
+    def plant(self) -> None:
+        for path in (self.home_file, self.work_file):
+            try:
+                path.write_text(self.secret)
+                self.planted.append(path)
+            except OSError:
+                pass
+        try:
+            self.run_dir.mkdir()
+            self.run_file.write_text(self.secret)
+            self.planted += [self.run_file, self.run_dir]
+        except OSError:
+            pass
+        os.environ[self.env_name] = self.secret
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.abstract.bind("\0" + f"evoloss-doctor-{self.tag}")
+        self.abstract.listen()
+        for server in (self.listener, self.abstract):
+            threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        self.stand_in = subprocess.Popen([sys.executable, "-I", "-S", "-c", "import time; time.sleep(600)"],
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def write_targets(self) -> list[str]:
+        import engine
+
+        return [str(self.home / f".evoloss-doctor-write-{self.tag}"),
+                str(self.workdir / f".evoloss-doctor-write-{self.tag}"),
+                str(self.run_dir / f"write-{self.tag}"),
+                str(Path(engine.__file__).parent / f".evoloss-doctor-write-{self.tag}"),
+                str(Path(sys.prefix) / f".evoloss-doctor-write-{self.tag}"),
+                f"/tmp/.evoloss-doctor-write-{self.tag}",
+                str(self.folder / f"write-{self.tag}")]
+
+    def remove(self) -> None:
+        os.environ.pop(self.env_name, None)
+        for server in (self.listener, self.abstract):
+            if server is not None:
+                server.close()
+        if self.stand_in is not None:
+            self.stand_in.kill()
+            self.stand_in.wait()
+        for path in [*map(Path, self.write_targets()), *self.planted]:
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:
+                pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _survivors(tag: str) -> list[int]:
+    """Processes (of any namespace) whose command line carries ``tag``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if tag.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def run_probe(name: str, sandbox: jail.Sandbox, bait: Bait, view_parts: dict[str, Any]) -> ProbeResult:
+    """Run probe ``name`` in a jail like an evaluation worker's; judge it from outside."""
+    from engine.executor import scrubbed_environment
+
+    title, body = PROBES[name]
+    scratch = Path(tempfile.mkdtemp(prefix=f"probe-{name}-", dir=bait.folder))
+    args = {"home": str(bait.home), "home_file": str(bait.home_file), "workdir": str(bait.workdir),
+            "work_file": str(bait.work_file), "run_file": str(bait.run_file), "scratch": str(scratch),
+            "write_targets": bait.write_targets(), "port": bait.listener.getsockname()[1],
+            "abstract": f"evoloss-doctor-{bait.tag}", "delay": SURVIVOR_DELAY,
+            "driver_pid": bait.stand_in.pid, "tag": bait.tag}
+    code = f"# evoloss-doctor-probe {bait.tag}\n" + _PRELUDE + body
+    command = [sys.executable, "-I", "-S", "-c", code, json.dumps(args)]
+    if name == "kill_parent":  # a parent of its own inside the jail, so the doctor is never the target
+        command = [sys.executable, "-I", "-S", "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+                   *command]
+    view = jail.View(scratch=scratch, **view_parts)
+    env = jail.jail_environment(scrubbed_environment(), view, sandbox)
+    argv, launcher_env = jail.wrap(sandbox, command, view, env, jail.Limits(address_space=4 << 30))
+    try:
+        done = subprocess.run(argv, env=launcher_env, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=PROBE_TIMEOUT, preexec_fn=jail.preexec(jail.Limits()),  # noqa: PLW1509
+                              start_new_session=True)
+        output = (done.stdout + done.stderr).decode("utf-8", "replace")
+    except subprocess.TimeoutExpired as exc:
+        output = f"timed out; {(exc.stdout or b'').decode('utf-8', 'replace')}"
+    try:
+        said = json.loads(output.strip().splitlines()[0]) if output.strip().startswith("[") else [output.strip()]
+    except ValueError:
+        said = [output.strip()]
+    return _judge(name, title, said, output, bait, scratch)
+
+
+def _judge(name: str, title: str, said: list[str], output: str, bait: Bait, scratch: Path) -> ProbeResult:
+    leaked = bait.secret in output
+    if name in ("read_home", "read_workdir", "read_environ"):
+        held = not leaked and bait.env_name not in output
+        detail = "the secret came back" if not held else "; ".join(said)[:300]
+        if name != "read_environ" and not any(p for p in bait.planted if p.name.endswith(bait.tag)):
+            detail += " (nothing could be planted here: not tested)"
+        return ProbeResult(name, title, held, detail)
+    if name == "write_outside":
+        written = [path for path in bait.write_targets() if os.path.exists(path)]
+        return ProbeResult(name, title, not written,
+                           f"files appeared: {', '.join(written)}" if written else "nothing written outside the scratch")
+    if name == "connect":
+        reached = bait.connections > 0 or any("connected" in line for line in said)
+        return ProbeResult(name, title, not reached,
+                           f"{bait.connections} connection(s) reached the listeners" if reached else "; ".join(said))
+    if name == "detach":
+        time.sleep(SURVIVOR_DELAY + 1.0)
+        survivors = _survivors(bait.tag)
+        marker = (scratch / "survivor").exists()
+        for pid in survivors:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        held = not survivors and not marker
+        detail = "the detached child died with the jail" if held else \
+            f"survivors {survivors}, marker written after the evaluation: {marker}"
+        return ProbeResult(name, title, held, detail)
+    if name == "kill_parent":
+        alive = bait.stand_in.poll() is None
+        return ProbeResult(name, title, alive, ("the driver's stand-in is alive; " if alive else
+                                                "the driver's stand-in was killed; ") + "; ".join(said))
+    raise KeyError(name)
+
+
+def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | None = None) -> int:
+    """Print the sandbox ``mode`` gives here and the probes' verdicts; 0 if all held, else 1.
+
+    Raises:
+        jail.SandboxUnavailable: for an explicit sandbox that cannot run here (exit code 2).
+    """
+    from engine.plugins import load_fitness
+
+    jail.mark_not_dumpable()  # as the run's driver does
+    candidates = {kind: jail.probe(kind) for kind in ("bwrap", "unshare")}
+    sandbox = jail.choose(mode)
+    plugin = load_fitness("synthetic-pref")
+    bait = Bait()
+    results: list[ProbeResult] = []
+    try:
+        bait.plant()
+        view_parts = jail.worker_view_parts([plugin], run_dir=bait.run_dir) if sandbox.jailed else {}
+        for name in probes or list(PROBES):
+            results.append(run_probe(name, sandbox, bait, view_parts))
+    finally:
+        bait.remove()
+    held = all(r.held for r in results)
+    if as_json:
+        print(json.dumps({"sandbox": sandbox.kind, "reason": sandbox.reason, "requested": mode,
+                          "candidates": {k: v or "works" for k, v in candidates.items()},
+                          "probes": [asdict(r) for r in results], "held": held}))
+    else:
+        print(sandbox.describe())
+        for kind, problem in candidates.items():
+            print(f"  {kind:8} {'works' if problem is None else problem}")
+        if sandbox.warning:
+            print(sandbox.warning)
+        print("probes (plain Python in a worker's jail, as a genome past the static check would run):")
+        for result in results:
+            print(f"  {'held    ' if result.held else 'NOT HELD'}  {result.title}: {result.detail}")
+        print("forging its score: checked by the trusted-scoring tests (python -m engine evaluate --jail-only), "
+              "not by the doctor")
+        print(f"{sum(r.held for r in results)} of {len(results)} probes held")
+    return 0 if held else 1
