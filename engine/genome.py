@@ -247,36 +247,26 @@ class _Checker:
         self.bound = _bound_names(function)
         self.allowed = set(SAFE_BUILTINS) | self.bound
         self.parents: dict[ast.AST, ast.AST] = {}
-        for parent in ast.walk(module):
-            for child in ast.iter_child_nodes(parent):
-                self.parents[child] = parent
         # Annotations are never evaluated (compile_genome strips them); inside them only the
-        # rules against private names and calls apply.
+        # rules against private and forbidden names apply.
         self.annotation_nodes: set[int] = set()
-        for node in ast.walk(module):
-            annotations = []
-            if isinstance(node, ast.arg):
-                annotations.append(node.annotation)
-            elif isinstance(node, ast.FunctionDef):
-                annotations.append(node.returns)
-            elif isinstance(node, ast.AnnAssign):
-                annotations.append(node.annotation)
-            for annotation in annotations:
-                if annotation is not None:
-                    self.annotation_nodes.update(id(n) for n in ast.walk(annotation))
 
     def run(self) -> None:
-        # Children before their parent, in source order: the innermost problem is reported
-        # (``torch.builtins`` rather than the ``.open`` read from it).
+        # Each construct is looked at as a whole first (check_structure), then its parts,
+        # children before their parent, in source order, so that the innermost problem is
+        # reported (``torch.builtins`` rather than the ``.open`` read from it).
         stack: list[tuple[ast.AST, bool]] = [(self.module, False)]
         while stack:
             node, expanded = stack.pop()
             if expanded:
                 self.check(node)
-            else:
-                self.check_structure(node)
-                stack.append((node, True))
-                stack.extend((child, False) for child in reversed(list(ast.iter_child_nodes(node))))
+                continue
+            self.check_structure(node)
+            stack.append((node, True))
+            children = list(ast.iter_child_nodes(node))
+            for child in children:
+                self.parents[child] = node
+            stack.extend((child, False) for child in reversed(children))
 
     def line(self, node: ast.AST) -> Any:
         while node is not None and getattr(node, "lineno", None) is None:
@@ -285,6 +275,15 @@ class _Checker:
 
     def check_structure(self, node: ast.AST) -> None:
         """Rules about a construct as a whole, applied before its parts are looked at."""
+        annotation = None
+        if isinstance(node, ast.arg):
+            annotation = node.annotation
+        elif isinstance(node, ast.FunctionDef):
+            annotation = node.returns
+        elif isinstance(node, ast.AnnAssign):
+            annotation = node.annotation
+        if annotation is not None:
+            self.annotation_nodes.update(id(n) for n in ast.walk(annotation))
         refused = _REFUSED_NODES.get(type(node))
         if refused:
             raise GenomeError(f"line {self.line(node)}: {refused}")
@@ -615,14 +614,14 @@ def restricted_namespace() -> dict[str, Any]:
     """Globals for a genome: read-only allow-listed views of ``torch`` (with ``linalg`` and
     ``special``), ``F`` and ``math``, and the safe builtins. Built fresh for each genome, so
     nothing one genome does to its namespace is seen by another."""
-    torch_members, functional_members, math_members, linalg_members, special_members = _resolved_members()
+    torch_members, functional_members, math_members, linalg_members, special_members = _view_bodies()
     functional_view = _read_only_view("F", functional_members)
     torch_view = _read_only_view("torch", {
         **torch_members,
-        "linalg": _read_only_view("torch.linalg", linalg_members),
-        "special": _read_only_view("torch.special", special_members),
+        "linalg": staticmethod(_read_only_view("torch.linalg", linalg_members)),
+        "special": staticmethod(_read_only_view("torch.special", special_members)),
         # torch.nn.functional.<function> is another spelling of F.<function>.
-        "nn": _read_only_view("torch.nn", {"functional": functional_view}),
+        "nn": _read_only_view("torch.nn", {"functional": staticmethod(functional_view)}),
     })
     return {
         "__builtins__": dict(SAFE_BUILTINS),
@@ -651,24 +650,34 @@ def _resolved_members() -> tuple[dict[str, Any], ...]:
     )
 
 
-_REFUSAL_SOURCE = (
+@functools.lru_cache(maxsize=1)
+def _view_bodies() -> tuple[dict[str, Any], ...]:
+    """The class bodies of the views: each member wrapped so that reading it from an
+    instance gives the member itself (a Python function would otherwise bind as a method).
+    Built once per process (wrapping ~400 members costs milliseconds); the classes that hold
+    them are made fresh for each genome."""
+    return tuple({name: staticmethod(value) for name, value in members.items()} for members in _resolved_members())
+
+
+_REFUSAL = compile(
     "def __getattr__(self, name):\n"
-    "    raise AttributeError(LABEL + '.' + name + ' is not available to a genome (not on the allow-list)')\n"
+    "    raise AttributeError(LABEL + '.' + name + ' is not available to a genome (not on the allow-list)')\n",
+    "<allow-list>", "exec",
 )
 
 
-def _read_only_view(label: str, members: dict[str, Any]) -> Any:
-    """An object whose attributes are exactly ``members``: no ``__dict__``, no attribute
-    assignment, and nothing on it (its class, its ``__getattr__`` and that function's globals)
-    refers to the module it was taken from."""
-    # The refusal is compiled against a globals dict of its own, not this module's (which
-    # holds modules such as builtins).
+def _read_only_view(label: str, body: dict[str, Any]) -> Any:
+    """An object whose attributes are exactly the members in ``body``: no ``__dict__``, no
+    attribute assignment, and nothing on it (its class, its ``__getattr__`` and that
+    function's globals) refers to the module the members were taken from."""
+    # The refusal runs against a globals dict of its own, not this module's (which holds
+    # modules such as builtins).
     scope: dict[str, Any] = {"__builtins__": {}, "AttributeError": AttributeError, "LABEL": label}
-    exec(compile(_REFUSAL_SOURCE, f"<allow-list {label}>", "exec"), scope)  # noqa: S102 - fixed source
-    body: dict[str, Any] = {name: staticmethod(value) for name, value in members.items()}
-    body.update(__slots__=(), __getattr__=scope["__getattr__"], __module__="genome",
-                __doc__=f"The allow-listed names of {label} a genome may use (read-only).")
-    return type(label, (), body)()
+    exec(_REFUSAL, scope)  # noqa: S102 - fixed source
+    namespace = dict(body)
+    namespace.update(__slots__=(), __getattr__=scope["__getattr__"], __module__="genome",
+                     __doc__=f"The allow-listed names of {label} a genome may use (read-only).")
+    return type(label, (), namespace)()
 
 
 # -- inputs detached from the caller's graph ---------------------------------------------------
