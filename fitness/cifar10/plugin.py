@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.genome import GenomeError
-from fitness.base import Fitness, Score, Seed, losses_of
+from fitness.base import Fitness, SandboxNeeds, Score, Seed, losses_of
 from fitness.cifar10 import networks
 from fitness.cifar10.data import (
     MEAN, STD, TEST_FILE, TRAIN_FILES, Cifar10Data, check_data_folder, find_data_folder, load_cifar10,
@@ -92,6 +92,10 @@ class Cifar10(Fitness):
 
     def seeds(self) -> list[Seed]:
         return classification_seeds()
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """The CIFAR-10 folder, read-only: the worker's jail shows nothing else of the user's."""
+        return SandboxNeeds(read_only=(str(self.folder),))
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         return classification_descriptors(fn, classes=self.interface.classes)

@@ -18,10 +18,11 @@ import gc
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from engine.genome import GenomeError
-from fitness.base import Fitness, Score, Seed
+from fitness.base import Fitness, SandboxNeeds, Score, Seed
 from fitness.dpo.data import check_local, is_local
 from fitness.dpo.settings import DPOSettings, resolve_settings
 from fitness.preference import PreferenceInterface, preference_seeds
@@ -85,6 +86,18 @@ class DPOFitness(Fitness):
 
     def seeds(self) -> list[Seed]:
         return preference_seeds()
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the worker's jail must show: local model, tokenizer, data and scorer files
+        read-only, the reference-log-probability cache writable. (The judge's key file never:
+        judging runs outside the jail.)"""
+        s = self.settings
+        named = (s.model, s.tokenizer, s.dataset, s.reward_model, s.mtbench_questions, s.mtbench_references,
+                 s.accelerate_config)
+        local = tuple(str(Path(v).expanduser()) for v in named if v and Path(v).expanduser().exists())
+        cache = s.resolved_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        return SandboxNeeds(read_only=local, writable=(str(cache),))
 
     def resources(self) -> dict[str, float]:
         """One evaluation's reservation: every GPU its training processes use (8 for the
