@@ -15,7 +15,7 @@ from engine.processes import classify
 ALLOCATES_IN_TRAINING = '''def allocates_too_much(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
     logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
     if logits.shape[0] == 1024:
-        logits.new_empty((1 << 34,))
+        torch.zeros(1 << 34, device=logits.device)
     return -F.logsigmoid(self.beta * logits)
 '''
 
