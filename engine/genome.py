@@ -992,6 +992,8 @@ def short_error(exc: BaseException, limit: int = SHORT_ERROR_CHARS) -> str:
         f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
     line = genome_line(exc)
     suffix = f" (genome line {line})" if line is not None else ""
+    if suffix and head.endswith(suffix):  # a GenomeError that already quotes its cause's line
+        suffix = ""
     room = max(limit - len(suffix), 20)
     if len(head) > room:
         head = head[: room - 3] + "..."
