@@ -291,6 +291,10 @@ def _judge(name: str, title: str, said: list[str], output: str, bait: Bait, scra
             f"survivors {survivors}, marker written after the evaluation: {marker}"
         return ProbeResult(name, title, held, detail)
     if name == "kill_parent":
+        try:  # a SIGKILL takes effect when the stand-in is next scheduled
+            bait.stand_in.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
         alive = bait.stand_in.poll() is None
         return ProbeResult(name, title, alive, ("the driver's stand-in is alive; " if alive else
                                                 "the driver's stand-in was killed; ") + "; ".join(said))

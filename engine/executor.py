@@ -187,9 +187,11 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
 
 
-def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int = LOG_LIMIT_BYTES) -> None:
-    """Copy one worker's output into the run's worker log, at most ``limit`` bytes; read (and
-    drop) the rest so that a genome printing in a loop never blocks on a full pipe."""
+def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int | None = None) -> None:
+    """Copy one worker's output into the run's worker log, at most ``limit`` bytes (default
+    :data:`LOG_LIMIT_BYTES`); read (and drop) the rest so that a genome printing in a loop never
+    blocks on a full pipe."""
+    limit = LOG_LIMIT_BYTES if limit is None else limit
     written = 0
     with stream:
         for chunk in iter(lambda: stream.read1(65536), b""):
