@@ -167,6 +167,7 @@ def test_the_baseline_seed_climbs_every_stage_it_passes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.dpo
 def test_ladder_example_config_runs_real_dpo_on_the_promoted(tmp_path, capsys):
     from tests.conftest import ROOT
 

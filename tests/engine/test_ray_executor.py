@@ -15,6 +15,8 @@ from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC, ROOT, wait_for_evaluations
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.ray
+
 from engine.ray_executor import RayExecutor, local_ray_options  # noqa: E402
 
 GOOD = "def loss(pred, target):\n    return (pred - target) ** 2\n"

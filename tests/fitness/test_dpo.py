@@ -14,6 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 torch.set_num_threads(1)
 
+pytestmark = pytest.mark.dpo
+
 from engine.cli import main  # noqa: E402
 from engine.evaluation import run_candidate  # noqa: E402
 from engine.genome import GenomeError, compile_genome  # noqa: E402

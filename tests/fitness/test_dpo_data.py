@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from fitness.dpo import PRESETS, DPOFitness, DPOSettings
@@ -67,6 +65,8 @@ def test_prompt_limit_must_leave_room_for_responses():
 
 # -- data ------------------------------------------------------------------------------------------
 def test_local_jsonl_json_and_parquet_give_the_same_pairs(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="parquet files need pyarrow (the analysis or dpo extra)")
+    pq = pytest.importorskip("pyarrow.parquet")
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     as_json = tmp_path / "pairs.json"

@@ -11,6 +11,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+pytestmark = pytest.mark.dpo
+
 from fitness.dpo import DPOFitness  # noqa: E402
 from fitness.dpo.mtbench import (  # noqa: E402
     Judge,

@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+pytestmark = pytest.mark.hf
+
 from archives.store import RunStore  # noqa: E402
 from engine.cli import main  # noqa: E402
 from engine.config import RunConfig  # noqa: E402

@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("anthropic")
 
+pytestmark = pytest.mark.llm
+
 from archives.store import RunStore  # noqa: E402
 from engine.candidate import Candidate  # noqa: E402
 from engine.cli import main  # noqa: E402
