@@ -1,19 +1,72 @@
 """An evaluation worker process: ``python -m engine.worker`` (started by the process executor).
 
-It limits its own address space, uses one torch thread, loads the fitness plug-in once and
-then scores genomes sent over a socket until told to stop. Its environment was already
-scrubbed of secrets by the executor; its stdout goes to the run's worker log.
+The warm worker limits its own address space, uses one torch thread, loads the fitness
+plug-ins once and never runs genome code. For each genome it forks one child
+(:class:`EvaluationChild`), the genome's own process, which:
+
+* starts a session of its own (its process group holds whatever the genome starts), dies with
+  the warm worker (``PR_SET_DEATHSIG``), keeps no file descriptor but its pipe to the warm
+  worker and an output pipe as stdout/stderr (none to the driver or the run store), lowers its
+  rlimits (file size, open files, no core dumps; the address space is inherited), works in a
+  scratch folder of its own, and wipes the plug-ins' held-out data;
+* runs the untrusted phase (:func:`engine.evaluation.untrusted_phase`: contract checks,
+  fingerprint, descriptors, training) and sends back artefacts (safetensors bytes), then exits.
+
+The warm worker relays the dedup probe between the child and the driver, enforces two
+deadlines (``check_timeout`` for the contract checks, ``timeout`` for training), caps what the
+child prints (``--log-cap`` bytes per worker, then a note), kills the child's whole process
+group and sweeps every other process it left (the warm worker is a child subreaper, so even a
+double-forked, detached process stays its descendant), then runs the trusted phase: it
+validates the artefacts and scores them with ``Fitness.score``. Nothing survives from one
+genome to the next: not a thread, a registry entry, a patched module or a mutated plug-in.
+
+CUDA and fork do not mix: a process that initialised CUDA cannot use it in a forked child.
+The warm worker therefore never initialises CUDA (it stops with an error if loading a plug-in
+did); each genome's process initialises it itself, which costs a CUDA context per evaluation
+(about 0.3-1 s and a few hundred MB of GPU memory, small beside a GPU training run). A plug-in
+that needs the GPU to score (its ``resources()`` ask for GPUs) is scored in a second forked
+child that runs no genome code.
+
+The worker's environment was already scrubbed of secrets by the executor; its stdout goes to
+the run's worker log.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
+import shutil
+import signal
 import sys
-from multiprocessing.connection import Connection
+import tempfile
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
 
 from engine.processes import end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
+
+#: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
+CHECK_TIMEOUT = 10.0
+#: Default cap on what the genomes' processes of one worker may print, bytes.
+LOG_CAP = 1 << 20
+#: How long the sweep of a finished evaluation's processes may take before it gives up.
+SWEEP_SECONDS = 5.0
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _warm_up(torch) -> None:
@@ -25,12 +78,477 @@ def _warm_up(torch) -> None:
     optimiser.step()
 
 
+# -- output of the genomes' processes ----------------------------------------------------------------
+class CappedOutput:
+    """Copies what genomes' processes print to this worker's stdout (the worker log), up to
+    ``cap`` bytes over the worker's life; after that one note per evaluation says what was cut."""
+
+    def __init__(self, cap: int = LOG_CAP, fd: int = 1) -> None:
+        self.cap = cap
+        self.fd = fd
+        self.written = 0
+        self.dropped = 0
+        self.label = ""
+
+    def begin(self, label: str) -> None:
+        self.label, self.dropped = label, 0
+
+    def write(self, data: bytes) -> None:
+        room = self.cap - self.written
+        if room > 0:
+            self._write(data[:room])
+            self.written += min(room, len(data))
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def end(self) -> None:
+        if self.dropped:
+            self._write(f"\n[evoloss worker] output of {self.label} truncated: {self.dropped} bytes dropped "
+                        f"(cap of {self.cap} bytes of genome output per worker log)\n".encode())
+            self.dropped = 0
+
+    def _write(self, data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass
+
+
+# -- the genome's process -------------------------------------------------------------------------------
+class ChildExited(Exception):
+    """The genome's process ended (or closed its pipe) without the message expected."""
+
+
+class EvaluationChild:
+    """One forked process that runs one genome (see the module docstring).
+
+    Use :meth:`start` with the body to run (given the child's :class:`~engine.evaluation.Channel`),
+    then :meth:`receive`, :meth:`receive_bytes` and :meth:`send_json`; :meth:`finish` always."""
+
+    def __init__(self, pid: int, connection: Connection, output_fd: int, output: CappedOutput | None) -> None:
+        self.pid = pid
+        self.connection = connection
+        self.output_fd = output_fd
+        self.output = output
+        self.exit_status: int | None = None
+
+    @classmethod
+    def start(cls, body: Callable[[Any], None], limits: dict[str, int], scratch: str | None = None,
+              inherited: list[Any] = (), output: CappedOutput | None = None) -> "EvaluationChild":
+        """Fork the child; ``inherited`` are objects with ``close()`` (the driver connection)
+        that the child closes first, ``limits`` holds ``file_bytes`` and ``open_files``."""
+        from multiprocessing import Pipe
+
+        parent_end, child_end = Pipe(duplex=True)
+        output_read, output_write = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        parent_pid = os.getpid()
+        # Frozen objects are skipped by the garbage collector: without this, the child's first
+        # full collection writes to every object's header and copies the whole inherited heap
+        # (about 100 ms of page copies in a torch process). Unfrozen again in the parent below.
+        gc.freeze()
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                gc.unfreeze()
+        if pid == 0:  # the genome's process: never returns
+            code = 0
+            try:
+                parent_end.close()
+                os.close(output_read)
+                _become_evaluation_child(parent_pid, child_end, output_write, limits, scratch, inherited)
+                from engine.evaluation import Channel
+
+                body(Channel(child_end))
+            except BaseException:  # noqa: BLE001 - nothing may return into the warm worker's code
+                code = 70
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except BaseException:  # noqa: BLE001
+                        pass
+                os._exit(code)
+        child_end.close()
+        os.close(output_write)
+        os.set_blocking(output_read, False)
+        return cls(pid, parent_end, output_read, output)
+
+    # -- talking to it ----------------------------------------------------------------------------
+    def _wait(self, deadline: float) -> bool:
+        """Relay the child's output until its pipe has a message (True) or ``deadline`` (False)."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            watched = [self.connection] + ([self.output_fd] if self.output_fd is not None else [])
+            ready = wait(watched, timeout=min(remaining, 3600.0))
+            if self.output_fd in ready:
+                self._relay_output()
+            if self.connection in ready:
+                return True
+
+    def _relay_output(self) -> None:
+        try:
+            data = os.read(self.output_fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # every writer closed it
+            os.close(self.output_fd)
+            self.output_fd = None
+            return
+        if self.output is not None:
+            self.output.write(data)
+
+    def receive(self, deadline: float, limit: int) -> dict[str, Any] | None:
+        """The next JSON message (at most ``limit`` bytes), or None at ``deadline``.
+
+        Raises:
+            ChildExited: the child closed its pipe (exited or crashed) or sent something that
+                is not a JSON object.
+        """
+        data = self.receive_bytes(deadline, limit)
+        if data is None:
+            return None
+        try:
+            message = json.loads(data)
+        except ValueError as exc:
+            raise ChildExited("sent a message that is not JSON") from exc
+        if not isinstance(message, dict):
+            raise ChildExited("sent a message that is not a JSON object")
+        return message
+
+    def receive_bytes(self, deadline: float, limit: int) -> bytes | None:
+        if not self._wait(deadline):
+            return None
+        try:
+            return self.connection.recv_bytes(limit)
+        except (EOFError, ConnectionError):
+            raise ChildExited("exited") from None
+        except OSError as exc:  # a frame larger than the limit
+            raise ChildExited(f"sent more than {limit} bytes at once") from exc
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        try:
+            self.connection.send_bytes(json.dumps(message).encode())
+        except OSError:
+            pass  # it died; the next receive says so
+
+    # -- ending it ------------------------------------------------------------------------------
+    def finish(self) -> int:
+        """Kill the child's process group, reap it, sweep every process it left behind and drain
+        its output; returns its wait status. Safe to call twice."""
+        if self.connection.closed:
+            return self.exit_status or 0
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.exit_status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # in case it never reached setsid()
+            except ProcessLookupError:
+                pass
+            try:
+                _, self.exit_status = os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                self.exit_status = 0
+        sweep_descendants()
+        self.connection.close()
+        deadline = time.monotonic() + 1.0
+        while self.output_fd is not None and time.monotonic() < deadline:
+            if wait([self.output_fd], timeout=max(0.0, deadline - time.monotonic())):
+                self._relay_output()
+        if self.output_fd is not None:
+            os.close(self.output_fd)
+            self.output_fd = None
+        return self.exit_status
+
+    def exited_on_its_own(self) -> int | None:
+        """The child's wait status if it has exited by itself (not killed by us), else None."""
+        if self.exit_status is None:
+            for pause in (0.0, 0.05, 0.2):  # it closed its pipe and is exiting: give it a moment
+                time.sleep(pause)
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    return None
+                if pid:
+                    self.exit_status = status
+                    break
+        return self.exit_status
+
+
+def _become_evaluation_child(parent_pid: int, connection: Connection, output_write: int,
+                             limits: dict[str, int], scratch: str | None, inherited) -> None:
+    """Everything the genome's process does before any genome code (see the module docstring)."""
+    os.setsid()
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the warm worker died before the death signal was armed
+        os._exit(1)
+    for thing in inherited:
+        try:
+            thing.close()
+        except OSError:
+            pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(output_write, 1)
+    os.dup2(output_write, 2)
+    keep = connection.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _max_fd())
+    for kind, value in ((resource.RLIMIT_FSIZE, limits.get("file_bytes")),
+                        (resource.RLIMIT_NOFILE, limits.get("open_files"))):
+        if value:
+            soft, hard = resource.getrlimit(kind)
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(kind, (value, value))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if scratch:
+        os.chdir(scratch)
+        os.environ.update({"HOME": scratch, "TMPDIR": scratch})
+        tempfile.tempdir = scratch
+
+
+def _max_fd() -> int:
+    try:
+        return max(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ValueError, OSError):  # pragma: no cover
+        return 4096
+
+
+def sweep_descendants(seconds: float = SWEEP_SECONDS) -> bool:
+    """Kill and reap every process below this one (the warm worker is a child subreaper, so every
+    process an evaluation started is below it, even one that detached into a session of its own).
+    Returns False if some survived ``seconds`` of trying."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True  # no child at all, hence no descendant
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            print(f"[evoloss worker] could not end every process left by an evaluation within {seconds:g} s",
+                  file=sys.stderr, flush=True)
+            return False
+        import psutil
+
+        try:
+            descendants = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        for process in descendants:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # its own group, if it leads one
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.002)
+
+
+# -- one evaluation, seen from the warm worker --------------------------------------------------------
+def _death_message(status: int) -> tuple[str, str]:
+    """Status and message for a genome's process that ended without its result."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        if number == signal.SIGKILL:
+            return "oom", ("the genome's process was killed (SIGKILL) before it returned its artefacts, most "
+                           "likely by the kernel's out-of-memory killer")
+        if number == signal.SIGXFSZ:
+            return "error", "the genome's process wrote a file larger than the limit (SIGXFSZ)"
+        return "error", f"the genome's process crashed with {name}"
+    return "error", f"the genome's process exited with code {os.WEXITSTATUS(status)} before returning its result"
+
+
+def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, float]]:
+    """The fingerprint and descriptors a genome's process reported, validated (it may lie only
+    about its own behaviour: a fingerprint of 64 hex digits at most, finite descriptors named
+    in the plug-in's descriptor space)."""
+    import math
+
+    fingerprint = message.get("fingerprint")
+    if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= 64 or \
+            any(c not in "0123456789abcdef" for c in fingerprint):
+        raise ValueError("an invalid fingerprint")
+    names = {d.name for d in getattr(fitness, "descriptor_space", ())}
+    descriptors = message.get("descriptors")
+    if not isinstance(descriptors, dict) or len(descriptors) > max(len(names), 64):
+        raise ValueError("invalid descriptors")
+    clean: dict[str, float] = {}
+    for key, value in descriptors.items():
+        if (names and key not in names) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f"an invalid descriptor {str(key)[:40]!r}")
+        clean[str(key)] = float(value)
+    return fingerprint, clean
+
+
+def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, inherited=(),
+                      output: CappedOutput | None = None, scratch_root: str | None = None):
+    """Score one task: the untrusted phase in a fresh forked process, the trusted phase here."""
+    import math
+
+    from engine.candidate import EvalResult
+    from engine.evaluation import (CHILD_STATUSES, MAX_MESSAGE_BYTES, bounded_error, duplicate_result,
+                                   jsonable, short_error, trusted_score, untrusted_phase)
+    from fitness.base import ArtefactError, artefacts_from_bytes, is_protected
+
+    start = time.perf_counter()
+    candidate_id, code, seed = task["candidate_id"], task["code"], task["seed"]
+    check_timeout = float(task.get("check_timeout") or CHECK_TIMEOUT)
+    timeout = float(task.get("timeout") or 0) or float("inf")
+    jail_only = bool(task.get("jail_only", False))
+    fingerprint, descriptors = None, {}
+
+    def failed(status: str, error: str) -> EvalResult:
+        return EvalResult(candidate_id, status, error=error, fingerprint=fingerprint, descriptors=descriptors,
+                          seconds=time.perf_counter() - start)
+
+    try:
+        # Caches and held-out data, built here once and inherited by every genome's process.
+        getattr(fitness, "prepare", lambda seed: None)(seed)
+    except Exception as exc:  # noqa: BLE001 - a plug-in's own failure
+        return failed(*short_error(exc))
+    scratch = tempfile.mkdtemp(prefix=f"eval-{candidate_id}-", dir=scratch_root)
+    if output is not None:
+        output.begin(f"candidate {candidate_id}")
+    limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
+              "open_files": int(getattr(fitness, "max_open_files", 0) or 0)}
+    child = EvaluationChild.start(
+        lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
+        limits, scratch=scratch, inherited=list(inherited), output=output,
+    )
+    phase = "checks"
+    try:
+        message = child.receive(time.monotonic() + check_timeout, MAX_MESSAGE_BYTES)
+        if message is None:
+            return failed("timeout", f"the contract checks did not finish within {check_timeout:g} s "
+                                     "(--check-timeout): the loss hangs or is far too slow on tiny inputs")
+        if message.get("type") == "checked":
+            try:
+                fingerprint, descriptors = _checked_message(message, fitness)
+            except ValueError as exc:
+                return failed("error", f"the genome's process reported {exc}")
+            if decide is not None:
+                duplicate_of = decide(candidate_id, fingerprint)
+                if duplicate_of is not None:
+                    return duplicate_result(candidate_id, duplicate_of, fingerprint, descriptors, start)
+            phase = "training"
+            child.send_json({"type": "go"})
+            deadline = time.monotonic() + timeout
+            message = child.receive(deadline, MAX_MESSAGE_BYTES)
+            if message is None:
+                return failed("timeout", f"training exceeded the {timeout:g} s wall-clock limit (--timeout); "
+                                         "its process was killed")
+        kind = message.get("type")
+        if kind == "failed":
+            status = message.get("status") if message.get("status") in CHILD_STATUSES else "error"
+            return failed(status, bounded_error(message.get("error", "")))
+        if kind == "artefacts" and phase == "training" and is_protected(fitness):
+            cap = int(fitness.max_artefact_bytes)
+            data = child.receive_bytes(deadline, cap + (1 << 20))
+            if data is None:
+                return failed("timeout", f"training exceeded the {timeout:g} s wall-clock limit (--timeout); "
+                                         "its process was killed")
+            child.finish()  # nothing of the genome runs while it is scored
+            try:
+                artefacts = artefacts_from_bytes(data, fitness.artefact_spec(seed), cap)
+            except ArtefactError as exc:
+                return failed("error", bounded_error(f"the genome's process returned invalid artefacts: {exc}"))
+            value, metrics = _score(fitness, artefacts, seed, trusted_score)
+            peak = message.get("gpu_peak_memory_bytes")
+            if isinstance(peak, int) and not isinstance(peak, bool) and peak >= 0:
+                metrics.setdefault("gpu_peak_memory_bytes", peak)
+            return EvalResult(candidate_id, "ok", fitness=value, metrics=metrics, descriptors=descriptors,
+                              fingerprint=fingerprint, seconds=time.perf_counter() - start)
+        if kind == "unprotected" and phase == "training" and not is_protected(fitness):
+            value = message.get("fitness")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return failed("error", "the plug-in's evaluate() returned a fitness that is not a finite number")
+            metrics = message.get("metrics") if isinstance(message.get("metrics"), dict) else {}
+            metrics = jsonable(metrics)
+            metrics["unprotected"] = True
+            return EvalResult(candidate_id, "ok", fitness=float(value), metrics=metrics, descriptors=descriptors,
+                              fingerprint=fingerprint, seconds=time.perf_counter() - start)
+        return failed("error", f"the genome's process sent an unexpected message during the {phase}")
+    except ChildExited as exc:
+        status = child.exited_on_its_own()
+        if status is not None and str(exc) == "exited":
+            return failed(*_death_message(status))
+        return failed("error", f"the genome's process {exc} during the {phase}")
+    except Exception as exc:  # noqa: BLE001 - the trusted phase's own failure (a plug-in bug)
+        status, message = short_error(exc)
+        return failed(status, message)
+    finally:
+        child.finish()
+        if output is not None:
+            output.end()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _score(fitness, artefacts, seed, trusted_score):
+    """The trusted phase here, or in a forked child that runs no genome code when the plug-in
+    scores on GPUs (this process must never initialise CUDA)."""
+    wants_gpu = float(dict(fitness.resources()).get("gpus", 0) or 0) > 0
+    if not wants_gpu:
+        return trusted_score(fitness, artefacts, seed)
+    return _score_in_child(fitness, artefacts, seed, trusted_score)
+
+
+def _score_in_child(fitness, artefacts, seed, trusted_score):
+    from engine.evaluation import MAX_MESSAGE_BYTES, short_error
+
+    def body(channel) -> None:
+        try:
+            value, metrics = trusted_score(fitness, artefacts, seed)
+            channel.send_json({"type": "score", "fitness": value, "metrics": metrics})
+        except BaseException as exc:  # noqa: BLE001
+            status, message = short_error(exc)
+            channel.send_json({"type": "failed", "status": status, "error": message})
+
+    scorer = EvaluationChild.start(body, {}, output=CappedOutput(1 << 62))
+    try:
+        message = scorer.receive(float("inf"), MAX_MESSAGE_BYTES * 16)
+    except ChildExited:
+        raise RuntimeError("the scoring process ended without a score") from None
+    finally:
+        scorer.finish()
+    if message.get("type") != "score":
+        from engine.genome import GenomeError
+
+        raise GenomeError(message.get("error", "scoring failed"), status=message.get("status", "error"))
+    return float(message["fitness"]), message["metrics"]
+
+
+# -- the warm worker's loop -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--stages", required=True, help="JSON list of [fitness spec, options] (fidelity stages)")
     parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space (0: none)")
     parser.add_argument("--sys-path", default="[]")
+    parser.add_argument("--log-cap", type=int, default=LOG_CAP,
+                        help="bytes of genome output copied to the worker log over the worker's life")
     args = parser.parse_args(argv)
 
     for entry in reversed(json.loads(args.sys_path)):
@@ -40,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     # A worker never needs core dumps, and a crashing genome should not write one.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Every process an evaluation starts stays below this one, even once detached (the sweep).
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    # A genome's process may not ptrace this one or read its memory.
+    _prctl(4, 0)  # PR_SET_DUMPABLE
 
     watch_parent()
     conn = Connection(args.fd)
@@ -48,11 +570,15 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-        from engine.evaluation import run_candidate
         from engine.plugins import load_fitness
 
         stages = [load_fitness(spec, options) for spec, options in json.loads(args.stages)]
         _warm_up(torch)
+        if torch.cuda.is_initialized():
+            names = ", ".join(repr(getattr(stage, "name", stage)) for stage in stages)
+            raise RuntimeError(f"loading fitness {names} initialised CUDA in the warm worker, which forks one "
+                               "process per genome (CUDA does not survive a fork): initialise CUDA in train() "
+                               "or score(), not in __init__")
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops cleanly
         from engine.plugins import PluginError
 
@@ -65,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.send({"type": "probe", "candidate_id": candidate_id, "fingerprint": fingerprint})
         return conn.recv()["duplicate_of"]
 
+    output = CappedOutput(args.log_cap)
     while True:
         try:
             task = conn.recv()
@@ -72,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if task is None:
             return 0
-        result = run_candidate(stages[task.get("stage", 0)], task["candidate_id"], task["code"], task["seed"], decide=decide)
+        stage = stages[task.get("stage", 0)]
+        result = evaluate_in_child(stage, stages, task, decide, inherited=[conn], output=output)
         conn.send({"type": "result", "result": result.to_dict()})
         sys.stdout.flush()
 

@@ -383,6 +383,10 @@ class SyntheticPreference(Fitness):
         return reward_gain - self.kl_coef * kl, reward_gain, kl
 
     # -- the plug-in contract -------------------------------------------------------------
+    def prepare(self, seed: int) -> None:
+        self.train_problem(seed)
+        self.score_problem(seed)
+
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         return {"theta": TensorSpec((self.instances, self.features), TRAIN_DTYPE)}
 
