@@ -20,7 +20,7 @@ Option 3 is used: about 40 lines that read as the DPO objective, while tokenisat
 templates, collation, truncation, the reference computation, the optimiser, mixed precision,
 gradient checkpointing, distributed training and metric logging stay stock TRL. It covers the
 configuration this plug-in builds (reverse-KL scores, no ``ld_alpha``, no WPO weighting, a
-dense, non-MoE model without PEFT); ``tests/fitness/test_dpo.py`` checks that the DPO and LRML
+dense, non-MoE model without PEFT); ``tests/fitness/test_dpo_plugin.py`` checks that the DPO and LRML
 seeds give TRL's own ``sigmoid`` and ``discopop`` loss and gradients on the same batch.
 """
 from __future__ import annotations
