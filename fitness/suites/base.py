@@ -85,8 +85,11 @@ class TaskResult:
         return self.score - self.baseline
 
     def as_record(self) -> dict[str, Any]:
-        return {"task": self.task, "seed": self.seed, "score": self.score, "baseline": self.baseline,
-                "gain": self.gain, "seconds": round(self.seconds, 4)}
+        record = {"task": self.task, "seed": self.seed, "score": self.score, "baseline": self.baseline,
+                  "gain": self.gain}
+        if self.seconds:  # known when trained in this process
+            record["seconds"] = round(self.seconds, 4)
+        return record
 
 
 def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5) -> dict[str, Any]:
@@ -315,6 +318,15 @@ class TaskSuite(Fitness):
     def evaluation_seeds(self, seed: int) -> list[int]:
         """The evaluation seeds one evaluation uses."""
         return [int(seed) + k for k in range(self.seeds_per_evaluation)]
+
+    def prepare(self, seed: int) -> None:
+        """Build every problem of this evaluation (training data and held-out truth) before a
+        genome's process is forked from this one: it inherits the training data and its copy
+        of the held-out store is wiped."""
+        for s in self.evaluation_seeds(seed):
+            for task in self.tasks:
+                self.training_data(task, s)
+                self.truth(task, s)
 
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         spec = {}

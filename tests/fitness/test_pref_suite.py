@@ -145,8 +145,7 @@ def test_evaluation_is_deterministic_for_a_seed_and_records_every_task_and_seed(
     first = PreferenceSuite(**options).evaluate(SEEDS["slic"], 4)
     again = PreferenceSuite(**options).evaluate(SEEDS["slic"], 4)
     assert first.fitness == again.fitness
-    assert first.metrics["results"] == [{**r, "seconds": a["seconds"]} for r, a in
-                                        zip(again.metrics["results"], first.metrics["results"])]
+    assert first.metrics["results"] == again.metrics["results"]
     assert [(r["task"][:7], r["seed"]) for r in first.metrics["results"]] == [
         ("train-5", 4), ("train-7", 4), ("train-5", 5), ("train-7", 5)]
     assert first.metrics["gain_se"] is not None
@@ -186,3 +185,15 @@ def test_plugin_contract_through_the_registry():
 def test_bad_options_are_named(options, fragment):
     with pytest.raises(PluginError, match=fragment):
         load_fitness("pref-suite", options)
+
+
+def test_prepare_builds_every_problem_before_a_genome_process_is_forked():
+    suite = PreferenceSuite(tasks=[3, 5], seeds=2)
+    suite.prepare(10)
+    keys = [(task.name, seed) for seed in (10, 11) for task in suite.tasks]
+    assert all(key in suite.held_out for key in keys)
+    data = {key: suite.training_data(suite.task(key[0]), key[1]) for key in keys}
+    suite.held_out.wipe()  # the genome's process: training uses the inherited data, not new copies
+    artefacts = suite.train(SEEDS["dpo"], 10)
+    assert all(suite.training_data(suite.task(name), seed) is data[(name, seed)] for name, seed in keys)
+    assert set(artefacts) == set(suite.artefact_spec(10))
