@@ -30,7 +30,9 @@ rest of the task's half.
 
 Training: mini-batch SGD with momentum 0.9 (batch 64, 300 steps, weight decay 5e-4), as
 ``cifar10`` trains, so a loss's scale acts as a learning-rate factor and is part of what is
-searched. The fitness is the robust aggregate of the gain over cross-entropy on the same task
+searched. The held-out examples stay in the plug-in's held-out store, out of the training
+phase's reach; the digits data set itself is public (scikit-learn ships it), so its held-out
+half is only as secret as that. The fitness is the robust aggregate of the gain over cross-entropy on the same task
 and evaluation seed (:func:`fitness.suites.base.aggregate`); cross-entropy scores exactly 0.
 """
 from __future__ import annotations

@@ -36,7 +36,17 @@ The fitness of a candidate is the robust aggregate of its gain over DPO on the s
 evaluation seed (:func:`fitness.suites.base.aggregate`): ``0.5 * mean gain + 0.5 * worst-task
 gain`` by default, so DPO scores exactly 0. Per-(task, seed) scores and DPO's scores are in
 the metrics. Training: full-batch Adam (``eps`` 1e-12, so the loss's positive scale does not
-matter) from the reference, in float32; problems and scores are float64.
+matter) from the reference, in float32, 100 steps at learning rate 0.05; problems and scores
+are float64.
+
+Trust boundary: the training phase (:func:`train_policy`) receives a :class:`PreferenceData`:
+the pairs, the reference policy on the training prompts and the policy's inputs; the reward,
+the oracle and the evaluation prompts stay in the plug-in's held-out store. The loss-shape
+profile (:func:`fitness.preference.loss_shape_profile`) needs the genome, so it is measured in
+the training phase and returned as an artefact; the scoring phase copies it into the metrics.
+Problems are deterministic functions of the task and the seed (a genome that escaped every
+sandbox layer could regenerate them); the split guarantees who computes the score, not
+secrecy.
 """
 from __future__ import annotations
 
