@@ -221,13 +221,22 @@ class ProcessExecutor(Executor):
             :class:`engine.jail.Sandbox` already chosen.
         allow_host_network: Let a plug-in that declares it needs the host's network have it.
         gpus: Show the GPU devices in the jail (default: when a plug-in's ``resources()`` asks).
+        check_timeout: Seconds the contract checks of one genome may take. The worker ends a
+            genome's process at this deadline and at ``timeout`` (training); the executor's own
+            deadline (checks + twice the training limit + 30 s) only catches a worker stuck in
+            the plug-in's trusted code (``prepare``, ``score``).
+        jail_only: Testing only: genomes run as plain Python (no static check, no restricted
+            namespaces), to test the jail and the fresh process alone.
     """
 
     def __init__(self, fitness_spec: Any, fitness_options: dict[str, Any] | None = None, workers: int = 2,
                  timeout: float = 120.0, memory_limit_gb: float = 4.0, log_path: str | os.PathLike | None = None,
                  startup_timeout: float = 120.0, sandbox: str | jail.Sandbox = "auto",
-                 allow_host_network: bool = False, gpus: bool | None = None) -> None:
+                 allow_host_network: bool = False, gpus: bool | None = None, check_timeout: float = 10.0,
+                 jail_only: bool = False) -> None:
         self.stages = stage_specs(fitness_spec, fitness_options)
+        self.check_timeout = check_timeout
+        self.jail_only = jail_only
         if not all(isinstance(spec, str) for spec, _ in self.stages):
             raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
         self.fitness_spec = " > ".join(spec for spec, _ in self.stages)
@@ -399,6 +408,11 @@ class ProcessExecutor(Executor):
         return fresh
 
     # -- scheduling -------------------------------------------------------------------------
+    @property
+    def backstop_seconds(self) -> float:
+        """The executor's own deadline per evaluation (see ``check_timeout``)."""
+        return self.check_timeout + 2 * self.timeout + 30.0
+
     def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
             on_result: OnResult) -> None:
         """Score every task; ``on_result`` is called in the driver as each one finishes."""
@@ -411,9 +425,10 @@ class ProcessExecutor(Executor):
                         task = next_task(retries, source)
                         if task is None:
                             break
-                        worker.task, worker.deadline = task, time.monotonic() + self.timeout
+                        worker.task, worker.deadline = task, time.monotonic() + self.backstop_seconds
                         worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed,
-                                          "stage": task.stage})
+                                          "stage": task.stage, "check_timeout": self.check_timeout,
+                                          "timeout": self.timeout, "jail_only": self.jail_only})
                 busy = [w for w in self.workers if w.task]
                 starting = [w for w in self.workers if not w.ready]
                 more = bool(retries) or not source.exhausted()
@@ -440,8 +455,9 @@ class ProcessExecutor(Executor):
                         task = worker.task
                         self._replace(worker)
                         on_result(EvalResult(
-                            task.candidate_id, "timeout", seconds=self.timeout,
-                            error=f"evaluation exceeded the {self.timeout:g} s wall-clock limit; its worker was killed",
+                            task.candidate_id, "timeout", seconds=self.backstop_seconds,
+                            error=f"evaluation exceeded the {self.backstop_seconds:g} s wall-clock limit; its worker "
+                                  "was killed",
                         ))
         except BaseException:
             # Ctrl-C or a driver error: stop every worker now; finished results are already saved.

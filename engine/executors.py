@@ -37,5 +37,5 @@ def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike 
     return ProcessExecutor(
         fitness_spec, options, workers=config.workers, timeout=config.timeout,
         memory_limit_gb=config.memory_limit_gb, log_path=log_path, sandbox=sandbox,
-        allow_host_network=config.allow_host_network,
+        allow_host_network=config.allow_host_network, check_timeout=getattr(config, "check_timeout", 10.0),
     )

@@ -415,8 +415,8 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
 
     start = time.perf_counter()
     candidate_id, code, seed = task["candidate_id"], task["code"], task["seed"]
-    check_timeout = float(task.get("check_timeout") or CHECK_TIMEOUT)
     timeout = float(task.get("timeout") or 0) or float("inf")
+    check_timeout = min(float(task.get("check_timeout") or CHECK_TIMEOUT), timeout)
     jail_only = bool(task.get("jail_only", False))
     fingerprint, descriptors = None, {}
 
@@ -442,8 +442,8 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     try:
         message = child.receive(time.monotonic() + check_timeout, MAX_MESSAGE_BYTES)
         if message is None:
-            return failed("timeout", f"the contract checks did not finish within {check_timeout:g} s "
-                                     "(--check-timeout): the loss hangs or is far too slow on tiny inputs")
+            return failed("timeout", f"the contract checks did not finish within their {check_timeout:g} s wall-clock "
+                                     "limit (--check-timeout): the loss hangs or is far too slow on tiny inputs")
         if message.get("type") == "checked":
             try:
                 fingerprint, descriptors = _checked_message(message, fitness)
