@@ -7,8 +7,11 @@ routes exist: nothing here runs a loss or changes a store.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
+import threading
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -22,6 +25,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,6 +36,8 @@ from archives.store import StoreError
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("evoloss.dashboard")
 
+#: Seconds between two looks at a store while an events request waits for news.
+EVENT_CHECK = 0.2
 #: Scripts only from this server (no inline script, no CDN); Plotly sets inline styles.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
@@ -93,22 +99,27 @@ class Dashboard:
         return self.render("runs.html", root=str(self.library.root), page="runs", title="Runs")
 
     def run_page(self, request: Request) -> Response:
+        # A shell: the numbers come with the page's first JSON request, so a run that just grew
+        # is not summarised twice.
         run, snapshot = self.snapshot(request)
-        return self.render("run.html", page="run", key=run.key, path=str(run.path), title=run.key,
-                           summary=snapshot.summary, status=snapshot.status, data=snapshot.data,
-                           operators=views.operators_of(snapshot.data.config))
+        with run.lock:
+            return self.render("run.html", page="run", key=run.key, path=str(run.path), title=run.key,
+                               fitness=snapshot.data.fitness_name, status=snapshot.status,
+                               operators=views.operators_of(snapshot.data.config))
 
     def candidate_page(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        cid = self.candidate_id(request, snapshot)
-        report = views.candidate_view(snapshot, cid)
+        with run.lock:
+            cid = self.candidate_id(request, snapshot)
+            report = views.candidate_view(snapshot, cid)
         return self.render("candidate.html", page="candidate", key=run.key, title=f"{cid} {report['name']}",
                            c=report, status=snapshot.status)
 
     def lineage_page(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        best = views.best_with_ancestors(snapshot)
-        name = snapshot.data.candidates[best].name if best is not None else None
+        with run.lock:
+            best = views.best_with_ancestors(snapshot)
+            name = snapshot.data.candidates[best].name if best is not None else None
         return self.render("lineage.html", page="lineage", key=run.key, title=f"lineage of the best - {run.key}",
                            best=best, best_name=name, status=snapshot.status)
 
@@ -119,60 +130,78 @@ class Dashboard:
 
     def api_run(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        return JSONResponse(run.view("run", snapshot.version, lambda: views.run_view(snapshot, run.key)))
+        # Serialised once per version: a large run's view is most of a megabyte of JSON.
+        body = run.view("run", snapshot.version, lambda: JSONResponse(views.run_view(snapshot, run.key)).body)
+        return Response(body, media_type="application/json")
 
     def api_history(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
         return JSONResponse({"key": run.key, **run.view("history", snapshot.version, lambda: views.history(snapshot))})
 
-    def api_events(self, request: Request) -> Response:
-        """Evaluations stored after row ``after`` (the page's cursor), and the run's version."""
+    async def api_events(self, request: Request) -> Response:
+        """Evaluations stored after row ``after`` (the page's cursor) and the run's version. With
+        ``wait=S`` the answer waits up to S seconds (at most 30) for news: a new evaluation, or a
+        version other than ``version``; the store is looked at every :data:`EVENT_CHECK` seconds,
+        reading only rows beyond what is held."""
         try:
             after = int(request.query_params.get("after", "-1"))
+            wait = min(max(float(request.query_params.get("wait", "0")), 0.0), 30.0)
+            known = int(request.query_params.get("version", "-1"))
         except ValueError as exc:
-            raise HTTPException(400, "after must be an evaluation id (an integer)") from exc
-        run, snapshot = self.snapshot(request)
-        rows = run.feed(after)
+            raise HTTPException(400, "after and version must be integers, wait a number of seconds") from exc
+        run = self.library.get(request.path_params["key"])
+        deadline = time.monotonic() + wait
+        while True:
+            snapshot = await run_in_threadpool(run.refresh)
+            rows = run.feed(after)
+            if rows or snapshot.version != known or time.monotonic() >= deadline or await request.is_disconnected():
+                break
+            await asyncio.sleep(EVENT_CHECK)
         return JSONResponse({"cursor": max([after, *(row["eval_id"] for row in rows)]), "version": snapshot.version,
                              "status": snapshot.status, "evaluations": rows})
 
     def api_candidate(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        cid = self.candidate_id(request, snapshot)
-        return JSONResponse(views.candidate_view(snapshot, cid))
+        with run.lock:
+            cid = self.candidate_id(request, snapshot)
+            return JSONResponse(views.candidate_view(snapshot, cid))
 
     def api_tree(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        cid = self.candidate_id(request, snapshot)
-        children = run.view("children", snapshot.version, lambda: views.children_of(snapshot.data))
-        return JSONResponse(views.tree(snapshot.data, children, cid))
+        with run.lock:
+            cid = self.candidate_id(request, snapshot)
+            children = run.view("children", snapshot.version, lambda: views.children_of(snapshot.data))
+            return JSONResponse(views.tree(snapshot.data, children, cid))
 
     def api_lineage(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
-        best = views.best_with_ancestors(snapshot)
-        if best is None:
-            return JSONResponse({"root": None, "nodes": [], "edges": [], "truncated": False})
-        return JSONResponse(views.tree(snapshot.data, {}, best, descendants=False))
+        with run.lock:
+            best = views.best_with_ancestors(snapshot)
+            if best is None:
+                return JSONResponse({"root": None, "nodes": [], "edges": [], "truncated": False})
+            return JSONResponse(run.view("lineage", snapshot.version,
+                                         lambda: views.tree(snapshot.data, {}, best, descendants=False)))
 
     def api_shape(self, request: Request) -> Response:
         """f(beta*rho) and its gradient for the candidate, its parents and DPO (computed once)."""
         run, snapshot = self.snapshot(request)
-        cid = self.candidate_id(request, snapshot)
+        with run.lock:
+            cid = self.candidate_id(request, snapshot)
+            data = snapshot.data
+            seeds = [c for c in data.candidates.values() if c.operator == "seed"]
+            candidate = data.candidates[cid]
+            parents = [data.candidates[p] for p in candidate.parents if p in data.candidates]
+            config, fitness_name = data.config, data.fitness_name
         key = (run.key, cid)
         if key not in self._shapes:
             from archives.plots import dpo_reference
 
-            data = snapshot.data
-            seeds = [c for c in data.candidates.values() if c.operator == "seed"]
-            candidate = data.candidates[cid]
             dpo = dpo_reference(next((c.code for c in seeds if c.name == "dpo"), None))
             curves = [{"label": f"{cid} {candidate.name}", "code": candidate.code, "role": "candidate"}]
-            curves += [{"label": f"{p} {data.candidates[p].name}", "code": data.candidates[p].code, "role": "parent"}
-                       for p in candidate.parents if p in data.candidates]
+            curves += [{"label": f"{p.id} {p.name}", "code": p.code, "role": "parent"} for p in parents]
             if dpo and dpo != candidate.code:
                 curves.append({"label": "dpo", "code": dpo, "role": "dpo"})
-            self._shapes[key] = shapes.loss_shapes(data.config, data.fitness_name,
-                                                   seeds[0].code if seeds else None, curves)
+            self._shapes[key] = shapes.loss_shapes(config, fitness_name, seeds[0].code if seeds else None, curves)
         return JSONResponse(self._shapes[key])
 
     # -- static ---------------------------------------------------------------------------
@@ -221,7 +250,7 @@ async def _security_headers(request: Request, call_next) -> Response:
 
 
 def create_app(root: str | Path, allowed_hosts: list[str] | None = None, min_interval: float = 0.25,
-               idle_seconds: float | None = None) -> Starlette:
+               idle_seconds: float | None = None, warm: bool = True) -> Starlette:
     """The dashboard app over the run folder or folder of runs ``root``.
 
     Args:
@@ -229,6 +258,7 @@ def create_app(root: str | Path, allowed_hosts: list[str] | None = None, min_int
         allowed_hosts: Host headers accepted (DNS-rebinding guard); None accepts any.
         min_interval: Seconds between two looks at a store for news.
         idle_seconds: A run not written for this long, and not done, shows as interrupted.
+        warm: Read every run in the background when the server starts.
     """
     from starlette.middleware.base import BaseHTTPMiddleware
 
@@ -256,7 +286,13 @@ def create_app(root: str | Path, allowed_hosts: list[str] | None = None, min_int
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=_security_headers)]
     if allowed_hosts:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Read the runs in the background so the first page of a large run comes from memory.
+        threading.Thread(target=dashboard.library.warm, name="dashboard-warm", daemon=True).start()
+        yield
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan if warm else None, exception_handlers={
         HTTPException: dashboard.on_http, RunNotFound: dashboard.on_not_found, StoreError: dashboard.on_store_error,
         Exception: dashboard.on_error,
     })

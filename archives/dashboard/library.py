@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +36,34 @@ class RunNotFound(LookupError):
     """No run of that name is served."""
 
 
-@dataclass
 class Snapshot:
-    """What a page shows of one run at one moment: ``version`` grows with every change."""
+    """What a page shows of one run at one moment: ``version`` grows with every change. Read
+    ``data`` and ``summary`` only while holding the run's ``lock`` (a refresh changes them)."""
 
-    version: int
-    data: RunData
-    summary: dict[str, Any]
-    status: str
-    last_write: float | None
-    evaluations_stored: int
+    def __init__(self, run: "LiveRun", version: int, data: RunData, status: str, last_write: float | None,
+                 evaluations_stored: int) -> None:
+        self._run = run
+        self.version = version
+        self.data = data
+        self.status = status
+        self.last_write = last_write
+        self.evaluations_stored = evaluations_stored
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The replay summary (:func:`archives.replay.summarize`), computed once per version."""
+        return self._run.view("summary", self.version, self._run.summarize)
 
 
 class LiveRun:
-    """One run, read once and then followed (thread-safe)."""
+    """One run, read once and then followed. Hold ``lock`` while reading its snapshot's data."""
 
     def __init__(self, key: str, path: Path, min_interval: float = 0.25, idle_seconds: float = IDLE_SECONDS) -> None:
         self.key = key
         self.path = path
         self.min_interval = min_interval
         self.idle_seconds = idle_seconds
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         self._data: RunData | None = None
         self._checked = -math.inf
         self._version = 0
@@ -73,7 +79,7 @@ class LiveRun:
         Raises:
             StoreError: The store is missing, damaged or of another format.
         """
-        with self._lock:
+        with self.lock:
             now = time.monotonic()
             if force or self._snapshot is None or now - self._checked >= self.min_interval:
                 self._checked = now
@@ -83,7 +89,6 @@ class LiveRun:
     def _read(self) -> None:
         store = RunStore.open(self.path, readonly=True)
         try:
-            changed = False
             if self._data is None:
                 self._data = read_run(store)
                 last = self._data.cursor["evaluations"]
@@ -95,37 +100,38 @@ class LiveRun:
                 self._feed.extend(_feed_row(self._data, row) for row in new)
                 changed = before != self._data.cursor
             stopped = store.meta("stopped")
-            changed |= stopped != self._stopped
-            self._stopped = stopped
-            if changed or self._snapshot is None:
-                self._version += 1
-                self._views.clear()
-                summary = summarize(store, data=self._data)
-            else:
-                summary = self._snapshot.summary
         finally:
             store.close()
+        changed |= stopped != self._stopped
+        self._stopped = stopped
+        if changed or self._snapshot is None:
+            self._version += 1
+            self._views.clear()
+        data = self._data
+        evaluations = sum(r.status != "duplicate" for r in data.results.values())
         last_write = _last_write(self.path)
-        self._snapshot = Snapshot(self._version, self._data, summary,
-                                  run_status(summary, self._data.config, last_write, self.idle_seconds),
-                                  last_write, self._data.cursor.get("evaluations", -1))
+        status = run_status({"stopped": stopped, "last_generation": data.last_generation, "evaluations": evaluations},
+                            data.config, last_write, self.idle_seconds)
+        self._snapshot = Snapshot(self, self._version, data, status, last_write, data.cursor.get("evaluations", -1))
+
+    def summarize(self) -> dict[str, Any]:
+        with self.lock:
+            return {**summarize(None, data=self._data), "stopped": self._stopped}
 
     def feed(self, after: int = -1, limit: int = 200) -> list[dict[str, Any]]:
         """The newest stored evaluations with a row id above ``after`` (at most ``limit``)."""
-        with self._lock:
+        with self.lock:
             rows = [row for row in self._feed if row["eval_id"] > after]
         return rows[-limit:]
 
     def view(self, name: str, version: int, make) -> Any:
-        """A derived view of the run, computed once per version."""
-        key = (name, version)
-        with self._lock:
-            if key in self._views:
-                return self._views[key]
-        value = make()
-        with self._lock:
-            self._views[key] = value
-        return value
+        """A derived view of the run, computed once per version (under the run's lock, so that
+        no refresh changes the records while it is made)."""
+        with self.lock:
+            key = (name, version)
+            if key not in self._views:
+                self._views[key] = make()
+            return self._views[key]
 
 
 def _feed_row(data: RunData, row: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +227,15 @@ class RunLibrary:
                     if key not in self._runs:
                         self._runs[key] = LiveRun(key, path, self.min_interval, self.idle_seconds)
             return sorted(self._runs.values(), key=lambda run: run.key)
+
+    def warm(self) -> None:
+        """Read every run and its summary now (the server does this in the background at start,
+        so that the first page of a large run is served from memory)."""
+        for run in self.runs():
+            try:
+                run.refresh().summary  # noqa: B018 - computed and cached
+            except StoreError:
+                pass  # shown as unreadable when asked for
 
     def get(self, key: str) -> LiveRun:
         with self._lock:

@@ -37,7 +37,8 @@ def run_overview(run: LiveRun) -> dict[str, Any]:
         snapshot = run.refresh()
     except StoreError as exc:
         return {"key": run.key, "path": str(run.path), "status": UNREADABLE, "error": str(exc)}
-    summary, config = snapshot.summary, snapshot.data.config
+    with run.lock:
+        summary, config = snapshot.summary, snapshot.data.config
     best, base = summary["best_fitness"], summary["baseline_fitness"]
     return {
         "key": run.key, "path": str(run.path), "status": snapshot.status, "fitness": summary["fitness"],

@@ -64,8 +64,9 @@ def test_run_page_renders_the_summary(client):
     page = client.get("/runs/regression")
     assert page.status_code == 200
     for expected in ('id="fitness-plot"', 'id="archive-plot"', 'id="operators-table"', "robust-regression",
-                     'id="stat-evaluations">12<'):
+                     'id="stat-evaluations"', 'data-key="regression"'):
         assert expected in page.text
+    assert get_json(client, "/api/runs/regression")["summary"]["evaluations"] == 12
 
 
 def test_run_api_has_points_elites_operators_and_llm_timeline(client):
@@ -334,3 +335,28 @@ def test_serve_command_answers_over_http(dashboard_runs, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_events_wait_for_news_and_answer_as_it_arrives(tmp_path):
+    import threading
+
+    run_dir = build_run(tmp_path / "runs" / "waiting")
+    with TestClient(create_app(tmp_path / "runs", min_interval=0.0)) as test_client:
+        first = get_json(test_client, "/api/runs/waiting/events?after=-1")
+        query = f"after={first['cursor']}&version={first['version']}"
+        start = time.perf_counter()
+        quiet = get_json(test_client, f"/api/runs/waiting/events?{query}&wait=0.6")
+        assert quiet["evaluations"] == [] and 0.5 <= time.perf_counter() - start < 5
+
+        def write_later() -> None:
+            time.sleep(0.5)
+            writer = RunStore.open(run_dir)
+            writer.add_candidates([Candidate(10, "later", "def later(a):\n    return a\n", "", (), "llm:propose", 3, "l")])
+            writer.add_evaluation(EvalResult(10, "invalid", error="no"), "synthetic-pref")
+            writer.close()
+
+        threading.Thread(target=write_later).start()
+        start = time.perf_counter()
+        news = get_json(test_client, f"/api/runs/waiting/events?{query}&wait=20")
+        assert [row["name"] for row in news["evaluations"]] == ["later"] and time.perf_counter() - start < 5
+        assert test_client.get("/api/runs/waiting/events?wait=soon").status_code == 400

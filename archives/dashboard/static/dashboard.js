@@ -6,7 +6,8 @@
 (function () {
   const page = document.body.dataset.page;
   const key = document.body.dataset.key;
-  const POLL_MS = 1000;
+  const WAIT_S = 10;
+  const RETRY_MS = 2000;
 
   // -- helpers ---------------------------------------------------------------------------
   function el(tag, attrs, ...children) {
@@ -105,7 +106,8 @@
 
   // -- run page --------------------------------------------------------------------------
   function runPage() {
-    const state = { cursor: -1, version: -1, view: null, feed: [], archiveBound: false, fitnessBound: false };
+    const state = { cursor: -1, version: -1, seen: -1, view: null, feed: [], archiveBound: false, fitnessBound: false,
+      loading: false, again: false };
 
     function jitter(id) { return (((id * 0.6180339887) % 1) - 0.5) * 0.5; }
 
@@ -266,6 +268,7 @@
       setText("stat-best", num(s.best_fitness));
       setText("stat-best-name", s.best_name || "");
       setText("stat-baseline", num(s.baseline_fitness));
+      setText("stat-baseline-label", "baseline " + (s.baseline || ""));
       setText("stat-archive", s.elites + " elites");
       setText("stat-coverage", "coverage " + num(s.coverage, 3) + " · QD " + num(s.qd_score, 2));
       const failed = Object.values(s.failed).reduce((a, b) => a + b, 0) - s.invalid;
@@ -291,6 +294,7 @@
       const view = await getJSON("/api/runs/" + encodeURIComponent(key));
       state.view = view;
       state.version = view.version;
+      if (state.seen < view.version) state.seen = view.version;
       setStatus(view.status);
       fillCards(view);
       fillTables(view);
@@ -298,7 +302,9 @@
     }
 
     async function poll() {
-      const events = await getJSON("/api/runs/" + encodeURIComponent(key) + "/events?after=" + state.cursor);
+      // Long poll: the server answers as soon as there is news, or after WAIT_S seconds.
+      const events = await getJSON("/api/runs/" + encodeURIComponent(key) + "/events?after=" + state.cursor +
+        "&version=" + state.seen + "&wait=" + WAIT_S);
       state.cursor = events.cursor;
       setStatus(events.status);
       if (events.evaluations.length) {
@@ -308,12 +314,24 @@
       } else if (!state.feed.length) {
         drawFeed(new Set());
       }
-      if (events.version !== state.version) await loadView();
+      state.seen = events.version;
+      if (events.version !== state.version) refreshView();  // drawn meanwhile: polling goes on
+    }
+
+    // One view request at a time; news that comes during one asks for one more.
+    function refreshView() {
+      if (state.loading) { state.again = true; return; }
+      state.loading = true;
+      loadView().catch(() => {}).finally(() => {
+        state.loading = false;
+        if (state.again) { state.again = false; refreshView(); }
+      });
     }
 
     async function loop() {
-      try { await poll(); } catch (error) { /* the server may be restarting: try again */ }
-      setTimeout(loop, POLL_MS);
+      let delay = 50;
+      try { await poll(); } catch (error) { delay = RETRY_MS; /* the server may be restarting: try again */ }
+      setTimeout(loop, delay);
     }
     loadView().then(loop, loop);
   }
