@@ -126,8 +126,10 @@ def validate_artefacts(artefacts: Any, spec: dict[str, TensorSpec], max_bytes: i
     checked: Artefacts = {}
     for name, want in spec.items():
         tensor = artefacts[name]
-        if type(tensor) is not torch.Tensor:  # noqa: E721 - subclasses could override behaviour
+        if not isinstance(tensor, torch.Tensor):
             raise ArtefactError(f"artefact {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        # A subclass (a Parameter, or one whose __torch_function__ runs code) becomes a plain tensor.
+        tensor = tensor.detach().as_subclass(torch.Tensor)
         if tensor.layout != torch.strided or tensor.device.type != "cpu":
             raise ArtefactError(f"artefact {name!r} must be a dense CPU tensor, got {tensor.layout} on {tensor.device}")
         if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
@@ -136,7 +138,6 @@ def validate_artefacts(artefacts: Any, spec: dict[str, TensorSpec], max_bytes: i
         total += tensor.numel() * tensor.element_size()
         if total > max_bytes:
             raise ArtefactError(f"artefacts exceed the plug-in's size cap of {max_bytes} bytes")
-        tensor = tensor.detach()
         if want.finite and (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             raise ArtefactError(f"artefact {name!r} has non-finite values (nan or inf)")
         checked[name] = tensor.contiguous()
