@@ -765,13 +765,12 @@ def _fill(template: Any, leaves: list) -> Any:
 
 def _hyperparameters(source: Any) -> types.SimpleNamespace:
     """A fresh record of ``source``'s public plain attributes (the paper's ``self.beta``)."""
-    if dataclasses.is_dataclass(source) and not isinstance(source, type):
-        items = {f.name: getattr(source, f.name, None) for f in dataclasses.fields(source)}
-    else:
-        try:
-            items = dict(vars(source))
-        except TypeError:  # no __dict__ (slots, builtins): nothing is passed on
-            items = {}
+    try:
+        items = dict(vars(source))
+    except TypeError:  # no __dict__: a slotted dataclass gives its fields, anything else nothing
+        items = {}
+        if dataclasses.is_dataclass(source) and not isinstance(source, type):
+            items = {f.name: getattr(source, f.name, None) for f in dataclasses.fields(source)}
     record = {}
     for name, value in items.items():
         if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
