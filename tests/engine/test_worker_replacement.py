@@ -1,0 +1,61 @@
+"""Replacing a worker never stalls the run loop: a killed worker's replacement starts in the
+background and gets work once it is ready, while the other workers go on."""
+import os
+import signal
+import threading
+import time
+
+from engine.executor import ProcessExecutor
+
+SLOW = '''
+import time
+import torch
+from fitness import Fitness, Score
+from fitness.preference import PreferenceInterface
+
+class Slow(Fitness):
+    """Sleeps 0.3 s per evaluation, 2 s for a loss worth more than 1.5 at zero margin."""
+    name = "slow"
+    interface = PreferenceInterface()
+
+    def seeds(self):
+        return []
+
+    def evaluate(self, fn, seed):
+        zero = torch.zeros(1)
+        value = float(fn(zero, zero, zero, zero).sum())
+        time.sleep(2.0 if value > 1.5 else 0.3)
+        return Score(value)
+'''
+QUICK = "def dpo(a, b, c, d):\n    return -F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+SLOW_LOSS = "def slow(a, b, c, d):\n    return -3.0 * F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+
+
+def test_a_dead_worker_is_replaced_while_the_others_go_on(write_plugin):
+    spec = write_plugin(SLOW, class_name="Slow")
+    arrivals: list[tuple[float, int]] = []
+    events: dict[str, float] = {}
+    started = time.monotonic()
+    with ProcessExecutor(spec, workers=2, timeout=60.0) as executor:
+        startup = time.monotonic() - started  # what a synchronous replacement would stall the loop for
+        victim = executor.workers[0]
+
+        def kill_soon() -> None:
+            time.sleep(1.0)  # the victim is in its 2 s evaluation, the other worker in quick ones
+            events["killed"] = time.monotonic()
+            os.killpg(victim.process.pid, signal.SIGKILL)
+
+        watcher = threading.Thread(target=kill_soon, daemon=True)
+        watcher.start()
+        tasks = [(0, SLOW_LOSS)] + [(i, QUICK) for i in range(1, 15)]
+        executor.run(tasks, seed=0, decide=None,
+                     on_result=lambda r: arrivals.append((time.monotonic(), r.candidate_id)))
+        watcher.join(60)
+        restarts = executor.restarts
+    assert sorted(i for _, i in arrivals) == list(range(15))  # the victim's task was retried
+    assert restarts == 1
+    after_kill = [t for t, _ in arrivals if t > events["killed"]]
+    # The other worker's results kept arriving (every 0.3 s) while the replacement imported torch
+    # and the plug-in, which takes as long as a start-up.
+    assert len(after_kill) >= 3
+    assert after_kill[0] - events["killed"] < max(1.0, 0.5 * startup), (after_kill[0] - events["killed"], startup)
