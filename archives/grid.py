@@ -1,13 +1,72 @@
-"""The MAP-Elites grid (Mouret & Clune, 2015) over behaviour descriptors, on pyribs'
-GridArchive with object solutions: each cell keeps the best candidate whose descriptors
-fall in it. Descriptors outside an axis' range land in its edge bins."""
+"""The MAP-Elites grid (Mouret & Clune, 2015) over behaviour descriptors: each cell keeps the
+best candidate whose descriptors fall in it. The one home of the grid's knowledge: the axes'
+binning, the generic code-size axis, and the grid itself, used while a run goes and when a run
+is read back (``replay --at-gen`` rebuilds the grid through the same class).
+
+The binning and the acceptance rule are pyribs' ``GridArchive`` (with its default settings:
+a value lands in bin ``floor((bins * (v - low) + 1e-6) / (high - low))``, clipped to the axis;
+a candidate enters a cell that is empty or whose elite it beats strictly); a test checks that
+both agree on random data. The grid is written here rather than taken from pyribs because
+importing pyribs costs the driver several seconds and a few hundred MB (numba, scipy,
+scikit-learn, pandas), more than the whole rest of a run's start-up, for a structure of a few
+dozen lines.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-import numpy as np
+#: The generic code-size axis every run adds to the plug-in's descriptors (syntax nodes of the
+#: normalised code). Not stored with the evaluations: a rebuilt grid recomputes it.
+CODE_SIZE = "code_size"
+CODE_SIZE_RANGE = (0.0, 240.0)
+#: Added before truncating to a bin index, as pyribs does (float rounding at bin edges).
+EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One axis of a grid; values outside ``[low, high]`` fall in the edge bins. Any object with
+    these attributes (``fitness.Descriptor``) serves as an axis."""
+
+    name: str
+    low: float
+    high: float
+    bins: int
+    help: str = ""
+
+
+def code_size_axis(bins: int) -> GridAxis:
+    low, high = CODE_SIZE_RANGE
+    return GridAxis(CODE_SIZE, low, high, bins, "syntax nodes of the normalised code")
+
+
+def _field(axis: Any, key: str) -> Any:
+    return axis[key] if isinstance(axis, dict) else getattr(axis, key)
+
+
+def axis_value(axis: Any, value: Any) -> float:
+    """A descriptor value as the grid stores it: missing or non-finite at the low end, clipped.
+    ``axis`` is an axis object or its dict (``name``, ``low``, ``high``, ``bins``)."""
+    low, high = float(_field(axis, "low")), float(_field(axis, "high"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = low
+    return min(max(float(value), low), high)
+
+
+def axis_bin(axis: Any, value: float) -> int:
+    """The bin of a stored value along one axis."""
+    low, high, bins = float(_field(axis, "low")), float(_field(axis, "high")), int(_field(axis, "bins"))
+    index = int((bins * (value - low) + EPSILON) / (high - low))
+    return min(max(index, 0), bins - 1)
+
+
+def bin_range(axis: Any, index: int) -> tuple[float, float]:
+    """The values a bin covers, ``[start, end)``."""
+    low, high, bins = float(_field(axis, "low")), float(_field(axis, "high")), int(_field(axis, "bins"))
+    width = (high - low) / bins
+    return low + index * width, low + (index + 1) * width
 
 
 @dataclass(frozen=True)
@@ -24,76 +83,62 @@ class MapElitesArchive:
     """A grid archive; ``add`` is called once per successful evaluation.
 
     Args:
-        space: The axes (``fitness.Descriptor``), in order.
+        space: The axes (``fitness.Descriptor``, :class:`GridAxis`, or their dicts), in order.
         fitness_floor: The QD score counts fitness above this value.
     """
 
     def __init__(self, space: Sequence, fitness_floor: float = 0.0) -> None:
-        from ribs.archives import GridArchive
-
         if not space:
             raise ValueError("a MAP-Elites archive needs at least one descriptor axis")
         self.space = tuple(space)
-        self.names = tuple(d.name for d in self.space)
+        for axis in self.space:
+            if not float(_field(axis, "high")) > float(_field(axis, "low")) or int(_field(axis, "bins")) < 1:
+                raise ValueError(f"grid axis {_field(axis, 'name')!r} needs high > low and bins >= 1")
+        self.names = tuple(_field(axis, "name") for axis in self.space)
         self.fitness_floor = fitness_floor
-        self._grid = GridArchive(
-            solution_dim=(), dims=[d.bins for d in self.space], ranges=[(d.low, d.high) for d in self.space],
-            solution_dtype=object, qd_score_offset=fitness_floor,
-        )
+        self._cells: dict[tuple[int, ...], ArchiveElite] = {}
         self._elites: list[ArchiveElite] | None = None
 
-    def vector(self, descriptors: dict[str, float]) -> np.ndarray:
+    def vector(self, descriptors: dict[str, float]) -> tuple[float, ...]:
         """Descriptor values in axis order; missing or non-finite values sit at an axis' low end."""
-        values = []
-        for axis in self.space:
-            value = descriptors.get(axis.name, axis.low)
-            values.append(value if isinstance(value, (int, float)) and math.isfinite(value) else axis.low)
-        return np.clip(np.array(values, dtype=float), [d.low for d in self.space], [d.high for d in self.space])
+        return tuple(axis_value(axis, descriptors.get(name)) for axis, name in zip(self.space, self.names))
+
+    def cell_of(self, vector: Sequence[float]) -> tuple[int, ...]:
+        return tuple(axis_bin(axis, value) for axis, value in zip(self.space, vector))
 
     def add(self, candidate_id: int, fitness: float, descriptors: dict[str, float]) -> str:
         """Offer a candidate; returns ``new`` (empty cell), ``improved`` or ``not_added``."""
-        status = self._grid.add(
-            np.array([candidate_id], dtype=object), np.array([fitness], dtype=float),
-            self.vector(descriptors)[None, :],
-        )["status"][0]
-        if status:
-            self._elites = None
-        return {0: "not_added", 1: "improved", 2: "new"}[int(status)]
+        vector = self.vector(descriptors)
+        cell = self.cell_of(vector)
+        current = self._cells.get(cell)
+        if current is not None and not fitness > current.fitness:
+            return "not_added"
+        self._cells[cell] = ArchiveElite(int(candidate_id), float(fitness), cell, vector)
+        self._elites = None
+        return "new" if current is None else "improved"
 
     def add_many(self, entries: list[tuple[int, float, dict[str, float]]]) -> None:
-        """Offer several candidates at once (one pyribs call per generation instead of one each)."""
-        if not entries:
-            return
-        status = self._grid.add(
-            np.array([e[0] for e in entries] + [None], dtype=object)[:-1],
-            np.array([e[1] for e in entries], dtype=float),
-            np.stack([self.vector(e[2]) for e in entries]),
-        )["status"]
-        if np.any(status):
-            self._elites = None
+        """Offer several candidates in order (of equal fitness in one cell, the first stays)."""
+        for candidate_id, fitness, descriptors in entries:
+            self.add(candidate_id, fitness, descriptors)
 
     def elites(self) -> list[ArchiveElite]:
         """All elites, best first (cached until the archive changes: operators ask often)."""
         if self._elites is None:
-            data = self._grid.data(["solution", "objective", "measures", "index"])
-            cells = self._grid.int_to_grid_index(data["index"]) if len(data["index"]) else []
-            elites = [
-                ArchiveElite(int(solution), float(objective), tuple(int(i) for i in cell),
-                             tuple(float(m) for m in measures))
-                for solution, objective, measures, cell in zip(data["solution"], data["objective"], data["measures"], cells)
-            ]
-            self._elites = sorted(elites, key=lambda e: (-e.fitness, e.candidate_id))
+            self._elites = sorted(self._cells.values(), key=lambda e: (-e.fitness, e.candidate_id))
         return list(self._elites)
+
+    def __len__(self) -> int:
+        return len(self._cells)
 
     @property
     def cells(self) -> int:
-        return int(np.prod([d.bins for d in self.space]))
+        return math.prod(int(_field(axis, "bins")) for axis in self.space)
 
     def stats(self) -> dict[str, float]:
-        stats = self._grid.stats
         return {
-            "elites": int(stats.num_elites),
+            "elites": len(self._cells),
             "cells": self.cells,
-            "coverage": float(stats.coverage),
-            "qd_score": float(stats.qd_score),
+            "coverage": len(self._cells) / self.cells,
+            "qd_score": float(sum(e.fitness - self.fitness_floor for e in self._cells.values())),
         }

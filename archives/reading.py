@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archives.grid import CODE_SIZE, MapElitesArchive, axis_bin, axis_value, bin_range
 from archives.store import RunStore, StoreError
 from engine.candidate import Candidate, EvalResult
 from engine.genome import code_size
 
-#: The engine's generic code-size axis (``engine.engine.CODE_SIZE``); not stored with the
-#: evaluations, so a rebuilt grid recomputes it from the code.
-CODE_SIZE = "code_size"
-#: pyribs' GridArchive adds this before truncating to a cell index (float rounding).
-_GRID_EPSILON = 1e-6
 #: Columns of the run store's ``llm_calls`` table (``prompt`` is the JSON list of chat
 #: messages sent); the analysis frames always have them, even for runs without LLM calls.
 LLM_CALL_COLUMNS = ("id", "candidate_id", "operator", "model", "kind", "attempt", "generation", "request_seed",
@@ -270,73 +266,51 @@ def _before_cut(row: dict[str, Any], candidates: dict[int, Candidate], at_gen: i
 
 
 # -- the MAP-Elites grid, rebuilt ---------------------------------------------------------------
-def axis_value(axis: dict[str, Any], value: Any) -> float:
-    """A descriptor value as the grid stores it: missing or non-finite at the low end, clipped."""
-    low, high = float(axis["low"]), float(axis["high"])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        value = low
-    return min(max(float(value), low), high)
-
-
-def axis_bin(axis: dict[str, Any], value: float) -> int:
-    """pyribs' ``GridArchive.index_of`` along one axis."""
-    low, high, bins = float(axis["low"]), float(axis["high"]), int(axis["bins"])
-    index = int((bins * (value - low) + _GRID_EPSILON) / (high - low))
-    return min(max(index, 0), bins - 1)
-
-
-def bin_range(axis: dict[str, Any], index: int) -> tuple[float, float]:
-    low, high, bins = float(axis["low"]), float(axis["high"]), int(axis["bins"])
-    width = (high - low) / bins
-    return low + index * width, low + (index + 1) * width
-
-
 def rebuild_elites(space: list[dict[str, Any]], candidates: dict[int, Candidate],
                    results: dict[int, EvalResult]) -> list[dict[str, Any]]:
-    """The grid's elites from scored candidates, best first (see the module docstring).
+    """The grid's elites from scored candidates, best first, rebuilt through the run's own grid
+    (:class:`archives.grid.MapElitesArchive`).
 
-    The code size is only computed for candidates that can still win a cell: going down the
-    fitness order, a candidate whose other axes' cells are all taken for every code-size bin
-    cannot be an elite.
+    Candidates are offered best first (ties: earlier generation, then lower id, the order a
+    generational run added them in), so the first to reach a cell keeps it. The code size is only
+    computed for candidates that can still win a cell: going down the fitness order, a
+    candidate whose other axes' cells are all taken for every code-size bin cannot be an elite.
     """
     if not space:
         return []
+    grid = MapElitesArchive(space)
     scored = sorted(
         ((candidates[cid], r) for cid, r in results.items() if r.ok and cid in candidates),
         key=lambda pair: (-pair[1].fitness, pair[0].generation, pair[0].id),
     )
     size_axis = next((i for i, a in enumerate(space) if a["name"] == CODE_SIZE), None)
     size_bins = int(space[size_axis]["bins"]) if size_axis is not None else 1
-    taken: dict[tuple[int, ...], dict[str, Any]] = {}
     full: dict[tuple[int, ...], int] = {}
-    elites = []
+    added: list[tuple[Candidate, EvalResult]] = []
     for candidate, result in scored:
-        values: dict[int, float] = {
-            i: axis_value(axis, result.descriptors.get(axis["name"])) for i, axis in enumerate(space) if i != size_axis
-        }
-        rest = tuple(axis_bin(space[i], v) for i, v in sorted(values.items()))
+        rest = tuple(axis_bin(a, axis_value(a, result.descriptors.get(a["name"])))
+                     for i, a in enumerate(space) if i != size_axis)
+        descriptors = dict(result.descriptors)
         if size_axis is not None:
             if full.get(rest, 0) >= size_bins:
                 continue
-            size = result.descriptors.get(CODE_SIZE)
-            if size is None:
+            if descriptors.get(CODE_SIZE) is None:
                 try:
-                    size = code_size(candidate.code)
+                    descriptors[CODE_SIZE] = code_size(candidate.code)
                 except Exception:  # noqa: BLE001 - a scored genome parses; be safe all the same
-                    size = None
-            values[size_axis] = axis_value(space[size_axis], size)
-        ordered = [values[i] for i in range(len(space))]
-        cell = tuple(axis_bin(a, v) for a, v in zip(space, ordered))
-        if cell in taken:
-            continue
-        full[rest] = full.get(rest, 0) + 1
-        elite = {
-            "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "cell": list(cell),
-            "descriptors": {a["name"]: v for a, v in zip(space, ordered)}, "operator": candidate.label,
+                    descriptors[CODE_SIZE] = None
+        if grid.add(candidate.id, result.fitness, descriptors) == "new":
+            full[rest] = full.get(rest, 0) + 1
+            added.append((candidate, result))
+    by_id = {e.candidate_id: e for e in grid.elites()}
+    elites = []
+    for candidate, result in added:
+        elite = by_id[candidate.id]
+        elites.append({
+            "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "cell": list(elite.cell),
+            "descriptors": dict(zip(grid.names, elite.descriptors)), "operator": candidate.label,
             "generation": candidate.generation, "parents": list(candidate.parents),
-        }
-        taken[cell] = elite
-        elites.append(elite)
+        })
     return elites
 
 

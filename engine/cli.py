@@ -156,12 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         store = RunStore.create(config.out, config.to_dict())
     store.set_meta("sandbox", {"requested": sandbox.requested, "kind": sandbox.kind, "reason": sandbox.reason})
     run_dir = Path(config.out)
-    if config.strategy == "sequential":
-        total = max(len(seeds), 1) + config.gens
-    else:
-        total = max(len(seeds), config.pop) + config.pop * config.gens
-    if config.max_evals:
-        total = min(total, config.max_evals)
+    total = config.planned_candidates(len(seeds))
     progress = LiveProgress(total, quiet=args.quiet)
     engine = Engine(config, stages, operators, store, on_event=progress)
     if args.resume:

@@ -197,6 +197,21 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def cut(self, settings_class):
+        """The small frozen settings a component reads (a dataclass whose fields are a subset of
+        this one's, with the same names), cut from these settings."""
+        return settings_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(settings_class)})
+
+    def planned_candidates(self, seeds: int) -> int | float:
+        """How many candidates the run makes in all: the initial population (at least the
+        ``seeds`` seed losses) and ``pop`` per generation (one per generation with the sequential
+        strategy), or ``max_evals`` when that is fewer. Both drivers and the progress bar use it."""
+        if self.strategy == "sequential":
+            total = max(seeds, 1) + self.gens
+        else:
+            total = max(seeds, self.pop) + self.pop * self.gens
+        return min(total, self.max_evals) if self.max_evals else total
+
     def stages(self) -> list[StageSpec]:
         """The fidelity stages (one unless ``fitness`` is a ladder), each a
         :class:`engine.ladder.StageSpec` with its own options."""

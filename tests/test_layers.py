@@ -73,7 +73,8 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            # ``from package import module`` imports the module; ``from module import name`` the module.
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         for name in names:
             parts = name.split(".")
             for end in range(len(parts), 0, -1):

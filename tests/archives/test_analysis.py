@@ -106,7 +106,7 @@ def test_code_size_matches_the_normalised_count():
         assert code_size(code) == sum(1 for _ in ast.walk(ast.parse(normalise(code))))
 
 
-def test_rebuilt_grid_matches_pyribs():
+def test_rebuilt_grid_matches_the_grid_built_during_the_run():
     from archives.grid import MapElitesArchive
     from fitness.base import Descriptor
 

@@ -171,7 +171,7 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize("how,fragment", [
-    ("old version", "has run-store format version 0; this evoloss reads version 1"),
+    ("old version", "has run-store format version 0; this evoloss reads version 2"),
     ("missing table", "is damaged or incomplete (no such table: generations)"),
     ("corrupt pages", "malformed"),
 ])

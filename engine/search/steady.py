@@ -22,40 +22,38 @@ fewer, once every promotion they earned has been scored.
 from __future__ import annotations
 
 import warnings
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from engine.candidate import Candidate, EvalResult
 from engine.executor import Task, TaskSource
 from engine.ladder import promote_asha
+from engine.search.breeder import Attempts
 
 
 class SteadyState(TaskSource):
-    """Drives an :class:`engine.engine.Engine` in steady state (see the module docstring)."""
+    """Drives an :class:`engine.engine.Engine` in steady state (see the module docstring), through
+    its public methods and those of its population, elites and breeder."""
 
     poll_interval = 0.02
 
     def __init__(self, engine) -> None:
         self.engine = engine
         config = engine.config
-        seeds = len(engine.fitness.seeds())
-        initial = max(seeds, config.pop)
         #: Candidates the run makes in all (the generational mode's count, or --max-evals).
-        self.limit = min(initial + config.pop * config.gens, engine.eval_budget)
+        self.limit = config.planned_candidates(len(engine.seeds()))
         #: Stage-0 results that close generation g: initial + pop * g.
-        self.initial = initial
+        self.initial = max(len(engine.seeds()), config.pop)
         self.queue: deque[Candidate] = deque()
         self.proposals: deque[tuple[Any, Future]] = deque()  # (plan, future) started ahead
         # Calls started ahead: enough that replies keep up when an LLM call takes longer than an
         # evaluation (two per worker), within the --llm-concurrency limit.
-        concurrent = any(getattr(op, "concurrent", False) for op in engine.operators)
-        self.lookahead = min(2 * config.workers, config.llm_concurrency) if concurrent else 0
+        self.lookahead = min(2 * config.workers, config.llm_concurrency) if engine.breeder.concurrent else 0
         self.threads = ThreadPoolExecutor(max_workers=max(1, config.llm_concurrency),
                                           thread_name_prefix="evoloss-operator") if self.lookahead else None
         self.failures = 0  # operator failures and known genomes since the last new candidate
-        self.streak: Counter[str] = Counter()
-        self.benched: set[str] = set()
+        self.attempts = Attempts()  # operator failure streaks and benched operators, per generation
         self.stopped_proposing = False
         self.window: list[int] = []  # stage-0 results since the last closed generation
         self._ready: list[tuple[int, int]] | None = None  # promotions due, until the next result
@@ -64,8 +62,7 @@ class SteadyState(TaskSource):
     def run(self, executor) -> None:
         engine = self.engine
         if engine.generation == 0 and not engine.candidates:
-            batch = engine.ask()  # the seeds and the initial population, as in generational mode
-            engine.pending = None
+            batch = engine.make_batch()  # the seeds and the initial population, as in generational mode
             self.queue.extend(c for c in batch if c.id not in engine.results)
         else:
             self._resume()
@@ -86,7 +83,7 @@ class SteadyState(TaskSource):
         for entry in engine.store.generations():
             closed.update(entry["state"].get("members", ()))
         self.window = sorted(cid for cid in engine.results if cid not in closed)
-        self.queue.extend(c for cid, c in sorted(engine.candidates.items()) if cid not in engine.results)
+        self.queue.extend(engine.population.unscored())
 
     # -- TaskSource -----------------------------------------------------------------------------
     def take(self) -> Task | None:
@@ -103,7 +100,7 @@ class SteadyState(TaskSource):
         if not self.queue:
             return None
         candidate = self.queue.popleft()
-        engine.running[candidate.id] = 0
+        engine.population.start(candidate.id, 0)
         if self.lookahead:
             self._propose()  # start the next operator calls while this one is evaluated
         return Task(candidate.id, candidate.code, 0)
@@ -119,7 +116,7 @@ class SteadyState(TaskSource):
         engine = self.engine
         return (not self.stopped_proposing and engine.stop_reason is None
                 and len(engine.candidates) < self.limit
-                and len(self.benched) < len(engine.operators))
+                and len(self.attempts.benched) < len(engine.operators))
 
     # -- promotions -----------------------------------------------------------------------------
     def _promotable(self) -> list[tuple[int, int]]:
@@ -137,7 +134,7 @@ class SteadyState(TaskSource):
             below = engine.stage_results[stage - 1]
             scores = {cid: r.fitness for cid, r in below.items() if r.ok}
             started = {cid for cid in scores if cid in engine.stage_results[stage]
-                       or engine.running.get(cid) == stage}
+                       or engine.population.stage_running(cid) == stage}
             chosen = promote_asha(scores, started, engine.config.promote, engine.config.promote_above)
             baseline = engine.baseline_id()
             if baseline in scores and baseline not in started and baseline not in chosen:
@@ -151,7 +148,7 @@ class SteadyState(TaskSource):
             return None
         cid, stage = ready.pop(0)
         engine = self.engine
-        engine.running[cid] = stage
+        engine.population.start(cid, stage)
         engine.on_event("promote", {"generation": engine.generation, "stage": engine.labels[stage],
                                     "candidates": [cid]})
         return Task(cid, engine.candidates[cid].code, stage)
@@ -165,9 +162,9 @@ class SteadyState(TaskSource):
                 return
             if not self.queue and self.proposals and len(self.proposals) >= max(1, self.lookahead):
                 return
-            usable = [op for op in engine.operators if op.name not in self.benched]
-            context = engine._context()
-            plan = engine._plan(usable, context, seeds_only=False)
+            usable = engine.breeder.usable(self.attempts)
+            context = engine.context()
+            plan = engine.breeder.plan(usable, seeds_only=False)
             if getattr(plan.operator, "concurrent", False) and self.threads:
                 self.proposals.append((plan, self.threads.submit(self._make, plan, context)))
             else:
@@ -177,7 +174,7 @@ class SteadyState(TaskSource):
                 self._collect()
 
     def _make(self, plan, context):
-        return self.engine._make([plan], context)[0]
+        return self.engine.breeder.make([plan], context)[0]
 
     def _collect(self) -> None:
         """Admit the offspring whose operators finished (in the order they were planned)."""
@@ -188,9 +185,9 @@ class SteadyState(TaskSource):
             collected = True
             batch: list[Candidate] = []
             invalid: list[EvalResult] = []
-            if engine._take_outcome(plan, future.result(), self.streak, self.benched, batch, invalid):
+            if engine.breeder.take(plan, future.result(), self.attempts, engine.generation, batch, invalid):
                 self.failures = 0
-                engine._save_candidates(batch)
+                engine.population.save(batch)
                 for result in invalid:
                     self.on_result(result)
                 self.queue.extend(c for c in batch if c.id not in engine.results)
@@ -203,22 +200,19 @@ class SteadyState(TaskSource):
                               "run stops making offspring and finishes what is running", RuntimeWarning,
                               stacklevel=2)
         if collected and self.lookahead:  # LLM operators: report the calls and their cost
-            totals = engine.store.llm_totals()
-            if totals["calls"]:
-                engine.on_event("llm", totals)
+            engine.report_llm_usage()
 
     # -- results --------------------------------------------------------------------------------
     def on_result(self, result: EvalResult) -> None:
         """One finished evaluation: saved, into the archive, and a generation closed every
         ``--pop`` first-stage results."""
         engine = self.engine
-        stage = engine.running.get(result.candidate_id, 0)
-        engine._record(result)
+        stage = engine.record(result)
         candidate = engine.candidates[result.candidate_id]
         if stage == 0:
-            engine._credit_operators([candidate])
+            engine.credit([candidate])
             self.window.append(candidate.id)
-        engine._absorb([candidate])
+        engine.absorb([candidate])
         self._ready = None  # a new score may make promotions due
         if stage == 0 and len(engine.results) >= self.initial + engine.config.pop * engine.generation:
             self._close_generation()
@@ -227,5 +221,5 @@ class SteadyState(TaskSource):
         engine = self.engine
         members = [engine.candidates[cid] for cid in self.window]
         self.window = []
-        self.benched.clear()
+        self.attempts.benched.clear()
         engine.finish_generation(members, state={"members": [c.id for c in members]})
