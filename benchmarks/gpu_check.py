@@ -119,8 +119,9 @@ GPU = Sizes(
     pairs=512,
     dpo={"train_size": 256, "heldout_size": 128, "precision": "bf16", "learning_rate": 1e-5},
     memory_limit_gb=0.0, oom_bytes=None, gpus_per_eval=1.0,
-    estimates={"prepare": 30, "cifar10-fast-cold": 120, "cifar10-fast-warm": 60, "cifar10-paper": 60,
-               "dpo-bf16": 60, "dpo-accelerate": 75, "oom": 25, "after-oom": 25, "ray-run": 150},
+    # Guesses for one H200 (they sum to 465 s, inside the default budget); nothing measured yet.
+    estimates={"prepare": 20, "cifar10-fast-cold": 90, "cifar10-fast-warm": 45, "cifar10-paper": 45,
+               "dpo-bf16": 45, "dpo-accelerate": 60, "oom": 20, "after-oom": 20, "ray-run": 120},
 )
 #: A few hundred images, one short epoch, the tiny GPT-2: every step in seconds on one core.
 _DRY_CIFAR = {"train_size": 200, "val_size": 100, "batch_size": 50, "epochs": 1, "device": "cpu",
@@ -206,7 +207,7 @@ class DeviceMemorySampler:
         if smi:
             self.process = subprocess.Popen(
                 [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0",
-                 f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 f"--loop-ms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
         return self
@@ -320,7 +321,9 @@ class Check:
         self.evaluate_flags = _cli_flags("evaluate")
         # torch.compile's on-disk cache lives in the temporary folder (TMPDIR reaches the worker,
         # whose environment is otherwise an allow-list): a new one for the fast steps, so that
-        # cold starts empty and warm reads what cold wrote.
+        # cold starts empty and warm reads what cold wrote. A jailed worker gets a scratch
+        # folder of its own as TMPDIR instead, so under bwrap or unshare both steps compile from
+        # nothing; the warm in-worker number is then the ray-run's later evaluations.
         self.compile_cache = {"TMPDIR": str(work / "tmp-fast")}
         (work / "tmp-fast").mkdir(exist_ok=True)
         self.run_flags = _cli_flags("run")
@@ -451,7 +454,7 @@ class Check:
             "first_eval_seconds": _round(ok_seconds[0]) if ok_seconds else None,
             "later_eval_seconds_median": _round(statistics.median(ok_seconds[1:])) if len(ok_seconds) > 1 else None,
             "best_fitness": _round(rows["fitness"].max()), "peak_gpu_memory_bytes": int(max(peaks)) if peaks else None,
-            "sandbox": sandbox_of({}, outcome.stderr, self.run_flags),
+            "sandbox": sandbox_of(_run_meta(run_dir, "sandbox"), outcome.stderr, self.run_flags),
         })
         problems = []
         if generations != self.sizes.gens + 1:
@@ -522,6 +525,18 @@ def sandbox_of(payload: dict[str, Any], stderr: str, flags: set[str]) -> str:
     if match:
         return match.group(1)
     return "process" if "--sandbox" not in flags else "unreported"
+
+
+def _run_meta(run_dir: Path, key: str) -> dict[str, Any]:
+    """``{key: kind}`` from a run folder's stored metadata (``run`` records the sandbox it chose)."""
+    from archives.store import RunStore
+
+    store = RunStore.open(run_dir, readonly=True)
+    try:
+        value = store.meta(key)
+    finally:
+        store.close()
+    return {key: value.get("kind")} if isinstance(value, dict) else {}
 
 
 def _cli_flags(command: str) -> set[str]:
