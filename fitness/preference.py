@@ -275,8 +275,8 @@ SHAPE_PROFILE = {
     "shape_slope_at_zero": "f'(0) / mean |f'| on z in [-1, 1] (DPO -1; positive: the loss rises "
                            "with the margin at zero, the trap DiscoPOP's LRML shows at small beta)",
     "shape_slope_sign_at_zero": "sign of f'(0): -1 pushes the margin up (like DPO), 0 flat, +1 pushes it down",
-    "shape_increasing_share": "share of z in [-10, 10] where the loss rises with the margin (0 for DPO, "
-                              "1 for a sign-flipped loss)",
+    "shape_increasing_share": "share of z in [-10, 10] where the loss rises with the margin by more than "
+                              "0.1% of its typical slope (0 for DPO, 0.88 for sign-flipped DPO)",
     "shape_left_slope": "f'(-10) / mean |f'| on [-1, 1]: how hard badly ordered pairs are pushed (DPO -2, hinge -1, "
                         "near 0 gives up on them, positive pushes them further wrong)",
     "shape_left_tail_exponent": "log2 |f'(-20)| / |f'(-10)|: 0 linear tail (DPO, hinge), 1 quadratic (IPO), "

@@ -197,3 +197,32 @@ def test_prepare_builds_every_problem_before_a_genome_process_is_forked():
     artefacts = suite.train(SEEDS["dpo"], 10)
     assert all(suite.training_data(suite.task(name), seed) is data[(name, seed)] for name, seed in keys)
     assert set(artefacts) == set(suite.artefact_spec(10))
+
+
+def test_loss_shape_profile_tells_known_failure_shapes_apart_and_ignores_scale():
+    from fitness.preference import loss_shape_profile
+
+    interface = PreferenceInterface()
+    profile = {name: loss_shape_profile(interface, fn) for name, fn in SEEDS.items()}
+    assert set(profile["dpo"]) == set(SHAPE_PROFILE)
+    assert profile["dpo"]["shape_slope_at_zero"] == pytest.approx(-1.0, abs=0.02)
+    assert profile["dpo"]["shape_right_behaviour"] == 0.0 and profile["dpo"]["shape_left_bounded"] == 0.0
+    assert profile["lrml"]["shape_slope_sign_at_zero"] == 1.0  # DiscoPOP's bump at zero margin
+    assert profile["ipo"]["shape_right_behaviour"] == 1.0  # penalises large margins
+    assert profile["ipo"]["shape_left_tail_exponent"] == pytest.approx(1.0, abs=0.05)
+    assert profile["kto_pair"]["shape_left_bounded"] == 1.0  # gives up on badly ordered pairs
+    assert profile["cell"]["shape_left_tail_exponent"] > 10  # exponential tail
+    flipped = loss_shape_profile(interface, sign_flipped)
+    assert flipped["shape_increasing_share"] > 0.8 and flipped["shape_left_slope"] > 0
+
+    def scaled_dpo(self, pc, pr, rc, rr):
+        return 7.0 * SEEDS["dpo"](self, pc, pr, rc, rr) + 3.0
+
+    for key, value in loss_shape_profile(interface, scaled_dpo).items():
+        assert value == pytest.approx(profile["dpo"][key], abs=1e-6), key
+
+    def unbounded_below(self, pc, pr, rc, rr):
+        return -self.beta * _logits(pc, pr, rc, rr)
+
+    assert loss_shape_profile(interface, unbounded_below)["shape_right_behaviour"] == -1.0
+    assert loss_shape_profile(interface, constant) == {}  # flat: nothing is claimed
