@@ -75,7 +75,7 @@ def server_times(runs: Path, candidate: int, repeats: int) -> None:
         for path in [url, *loads]:
             app = create_app(runs, min_interval=0.0, warm=False)
             start = time.perf_counter()
-            app.state.dashboard.library.warm()  # what the server does in the background as it starts
+            app.state.dashboard.warm()  # what the server does in the background as it starts
             startup.append(time.perf_counter() - start)
             with TestClient(app) as client:
                 start = time.perf_counter()

@@ -130,9 +130,21 @@ class Dashboard:
 
     def api_run(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
+        return Response(self.run_json(run, snapshot), media_type="application/json")
+
+    @staticmethod
+    def run_json(run, snapshot: Snapshot) -> bytes:
         # Serialised once per version: a large run's view is most of a megabyte of JSON.
-        body = run.view("run", snapshot.version, lambda: JSONResponse(views.run_view(snapshot, run.key)).body)
-        return Response(body, media_type="application/json")
+        return run.view("run", snapshot.version, lambda: JSONResponse(views.run_view(snapshot, run.key)).body)
+
+    def warm(self) -> None:
+        """Read every run and make its run-page JSON (in the background as the server starts),
+        so that the first visit to a large run is served from memory."""
+        for run in self.library.runs():
+            try:
+                self.run_json(run, run.refresh())
+            except StoreError:
+                pass  # shown as unreadable when asked for
 
     def api_history(self, request: Request) -> Response:
         run, snapshot = self.snapshot(request)
@@ -289,7 +301,7 @@ def create_app(root: str | Path, allowed_hosts: list[str] | None = None, min_int
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # Read the runs in the background so the first page of a large run comes from memory.
-        threading.Thread(target=dashboard.library.warm, name="dashboard-warm", daemon=True).start()
+        threading.Thread(target=dashboard.warm, name="dashboard-warm", daemon=True).start()
         yield
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan if warm else None, exception_handlers={

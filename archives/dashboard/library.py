@@ -228,15 +228,6 @@ class RunLibrary:
                         self._runs[key] = LiveRun(key, path, self.min_interval, self.idle_seconds)
             return sorted(self._runs.values(), key=lambda run: run.key)
 
-    def warm(self) -> None:
-        """Read every run and its summary now (the server does this in the background at start,
-        so that the first page of a large run is served from memory)."""
-        for run in self.runs():
-            try:
-                run.refresh().summary  # noqa: B018 - computed and cached
-            except StoreError:
-                pass  # shown as unreadable when asked for
-
     def get(self, key: str) -> LiveRun:
         with self._lock:
             run = self._runs.get(key)

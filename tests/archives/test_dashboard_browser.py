@@ -261,6 +261,14 @@ def test_save_screenshots(tmp_path, dashboard_runs):
     shutil.copytree(dashboard_runs / "regression", root / "robust-regression-example")
     build(root / "synthetic-pref-llm", 2000, per_generation=50, seed=3)
     build(root / "synthetic-pref-llm-2", 1500, per_generation=50, seed=4)
+    # The builder's seed named dpo holds a random genome: give it DPO's code for the loss-shape plot.
+    import sqlite3
+
+    from fitness.preference import PREFERENCE_SEEDS
+
+    dpo = next(seed.code for seed in PREFERENCE_SEEDS if seed.name == "dpo")
+    with sqlite3.connect(root / "synthetic-pref-llm" / "run.sqlite") as db:
+        db.execute("UPDATE candidates SET code = ? WHERE name = 'dpo'", (dpo,))
     driver = chromium(tmp_path / "profile")
     driver.set_window_size(1400, 1000)
     try:
