@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     error TEXT,
     seconds REAL NOT NULL,
     duplicate_of INTEGER,
-    finished REAL NOT NULL
+    finished REAL NOT NULL,
+    eval_seed INTEGER
 );
 CREATE INDEX IF NOT EXISTS evaluations_candidate ON evaluations(candidate_id);
 CREATE TABLE IF NOT EXISTS generations (
@@ -101,6 +102,9 @@ class RunStore:
         # LLM calls are recorded from the operators' threads: on a connection of their own.
         self._calls_db: sqlite3.Connection | None = None
         self._calls_lock = threading.Lock()
+        # Stores older than format 2 have no eval_seed column (read-only opens are not migrated).
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(evaluations)")}
+        self._own = "eval_seed IS NULL" if "eval_seed" in columns or not columns else "1"
 
     # -- opening ----------------------------------------------------------------------------
     @staticmethod
@@ -162,16 +166,22 @@ class RunStore:
             raise StoreError(f"{path} is damaged: {exc}") from exc
         return store
 
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+
     def _migrate(self, version: int) -> None:
         """Bring an older store to :data:`VERSION` in one transaction (a kill leaves it as it was)."""
         with self._transaction():
             if version < 2:
+                if "eval_seed" not in self._columns("evaluations"):
+                    self._db.execute("ALTER TABLE evaluations ADD COLUMN eval_seed INTEGER")
                 self._db.execute("ALTER TABLE candidates ADD COLUMN variation TEXT NOT NULL DEFAULT ''")
                 rows = self._db.execute("SELECT id, operator FROM candidates").fetchall()
                 split = [Candidate(r["id"], "", "", operator=r["operator"]) for r in rows]
                 self._db.executemany("UPDATE candidates SET operator = ?, variation = ? WHERE id = ?",
                                      [(c.operator, c.variation, c.id) for c in split])
             self.set_meta("version", VERSION)
+        self._own = "eval_seed IS NULL"
 
     def close(self) -> None:
         with self._calls_lock:
@@ -206,13 +216,15 @@ class RunStore:
                   c.code_hash, now) for c in candidates],
             )
 
-    def add_evaluation(self, result: EvalResult, fitness_name: str) -> None:
+    def add_evaluation(self, result: EvalResult, fitness_name: str, eval_seed: int | None = None) -> None:
+        """Record one evaluation. ``eval_seed`` is set for a re-measurement on another evaluation
+        seed (or a validation); the run's own evaluation of a candidate leaves it empty."""
         self._db.execute(
             "INSERT INTO evaluations (candidate_id, fitness_name, status, fitness, metrics, descriptors, fingerprint, "
-            "error, seconds, duplicate_of, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "error, seconds, duplicate_of, finished, eval_seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (result.candidate_id, fitness_name, result.status, result.fitness, json.dumps(result.metrics),
              json.dumps(result.descriptors), result.fingerprint, result.error, result.seconds,
-             result.duplicate_of, time.time()),
+             result.duplicate_of, time.time(), eval_seed),
         )
 
     def finish_generation(self, generation: int, record: dict[str, Any], state: dict[str, Any]) -> None:
@@ -263,7 +275,10 @@ class RunStore:
         ]
 
     def evaluations(self, fitness_name: str | None = None) -> Iterator[tuple[str, EvalResult]]:
-        query = "SELECT * FROM evaluations" + (" WHERE fitness_name = ?" if fitness_name else "") + " ORDER BY id"
+        """The run's own evaluations (one per candidate and fitness), in order; re-measurements on
+        other seeds and validations are read with :meth:`seed_evaluations`."""
+        query = (f"SELECT * FROM evaluations WHERE {self._own}" + (" AND fitness_name = ?" if fitness_name else "")
+                 + " ORDER BY id")
         for r in self._db.execute(query, (fitness_name,) if fitness_name else ()):
             yield r["fitness_name"], EvalResult(
                 candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
@@ -271,6 +286,19 @@ class RunStore:
                 fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
                 duplicate_of=r["duplicate_of"],
             )
+
+    def seed_evaluations(self, fitness_name: str | None = None) -> list[tuple[str, int, EvalResult]]:
+        """Re-measurements on other evaluation seeds and validations: ``(fitness_name, eval_seed,
+        result)`` in order."""
+        if self._own == "1":
+            return []
+        query = ("SELECT * FROM evaluations WHERE eval_seed IS NOT NULL" + (" AND fitness_name = ?" if fitness_name else "")
+                 + " ORDER BY id")
+        return [(r["fitness_name"], r["eval_seed"], EvalResult(
+            candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
+            metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
+            fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"], duplicate_of=r["duplicate_of"]))
+            for r in self._db.execute(query, (fitness_name,) if fitness_name else ())]
 
     def evaluations_after(self, evaluation_id: int) -> list[dict[str, Any]]:
         """Evaluations stored after row ``evaluation_id``, in order: dicts with the row's ``id``,
@@ -282,7 +310,8 @@ class RunStore:
                 metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
                 fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
                 duplicate_of=r["duplicate_of"])}
-            for r in self._db.execute("SELECT * FROM evaluations WHERE id > ? ORDER BY id", (evaluation_id,))
+            for r in self._db.execute(f"SELECT * FROM evaluations WHERE id > ? AND {self._own} ORDER BY id",
+                                      (evaluation_id,))
         ]
 
     def latest_ids(self) -> dict[str, int]:

@@ -62,12 +62,17 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
 @dataclass
 class Task:
     """One evaluation: a candidate's code scored on fidelity stage ``stage`` (0 unless the run
-    climbs a fidelity ladder)."""
+    climbs a fidelity ladder), on evaluation seed ``seed`` (None: the run's own; re-measuring a
+    candidate on fresh seeds gives one)."""
 
     candidate_id: int
     code: str
     stage: int = 0
+    seed: int | None = None
     attempts: int = 0
+
+    def seed_or(self, default: int) -> int:
+        return default if self.seed is None else self.seed
 
 
 class TaskSource:
@@ -92,12 +97,13 @@ class TaskSource:
 
 
 class ListSource(TaskSource):
-    """A fixed list of tasks: ``(candidate_id, code)`` or ``(candidate_id, code, stage)``."""
+    """A fixed list of tasks: ``(candidate_id, code)``, ``(candidate_id, code, stage)`` or
+    ``(candidate_id, code, stage, seed)``."""
 
     poll_interval = float("inf")
 
     def __init__(self, tasks: Iterable[tuple]) -> None:
-        self.queue: deque[Task] = deque(Task(*task[:3]) for task in tasks)
+        self.queue: deque[Task] = deque(Task(*task[:4]) for task in tasks)
 
     def take(self) -> Task | None:
         return self.queue.popleft() if self.queue else None
@@ -166,7 +172,8 @@ class SerialExecutor(Executor):
             if task is None:
                 time.sleep(min(source.poll_interval, 0.05))
                 continue
-            on_result(run_candidate(self.stages[task.stage], task.candidate_id, task.code, seed, decide=decide))
+            on_result(run_candidate(self.stages[task.stage], task.candidate_id, task.code, task.seed_or(seed),
+                                    decide=decide))
 
 
 def stage_specs(fitness_spec: Any, fitness_options: dict[str, Any] | None = None) -> list[tuple[Any, dict[str, Any]]]:
@@ -426,7 +433,7 @@ class ProcessExecutor(Executor):
                         if task is None:
                             break
                         worker.task, worker.deadline = task, time.monotonic() + self.backstop_seconds
-                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": seed,
+                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": task.seed_or(seed),
                                           "stage": task.stage, "check_timeout": self.check_timeout,
                                           "timeout": self.timeout, "jail_only": self.jail_only})
                 busy = [w for w in self.workers if w.task]

@@ -309,7 +309,7 @@ class RayExecutor(Executor):
                             break
                         slot.task = task
                         slot.deadline = time.monotonic() + backstop
-                        inflight[slot.actor.submit.remote(task.candidate_id, task.code, seed, task.stage)] = slot
+                        inflight[slot.actor.submit.remote(task.candidate_id, task.code, task.seed_or(seed), task.stage)] = slot
                 more = bool(queue) or not source.exhausted()
                 if not inflight and not more:
                     return

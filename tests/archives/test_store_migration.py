@@ -4,12 +4,13 @@ import json
 import sqlite3
 
 from archives.store import VERSION, RunStore
-from engine.candidate import Candidate, Status, Variation
+from engine.candidate import Candidate, EvalResult, Status, Variation
 
 
 def version_one_store(run_dir):
     """A store as format version 1 wrote it: ``operator`` held ``name:variation``."""
     store = RunStore.create(run_dir, {"fitness": "x"})
+    store.add_evaluation(EvalResult(1, "ok", 0.5), "x")
     store.add_candidates([
         Candidate(0, "dpo", "def dpo(a):\n    return a\n", operator="seed"),
         Candidate(1, "m", "def m(a):\n    return a * 2\n", parents=(0,), operator="symbolic:mutate"),
@@ -23,6 +24,10 @@ def version_one_store(run_dir):
             WHERE operator != 'seed';
         DROP TABLE candidates;
         ALTER TABLE old RENAME TO candidates;
+        CREATE TABLE old_evaluations AS SELECT id, candidate_id, fitness_name, status, fitness, metrics, descriptors,
+            fingerprint, error, seconds, duplicate_of, finished FROM evaluations;
+        DROP TABLE evaluations;
+        ALTER TABLE old_evaluations RENAME TO evaluations;
     """)
     db.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
     db.commit()
@@ -34,12 +39,18 @@ def test_a_version_one_store_reads_with_split_fields_and_migrates_when_written(t
     version_one_store(run)
     readonly = RunStore.open(run, readonly=True)
     read = {c.id: c for c in readonly.candidates()}
+    readonly_results = list(readonly.evaluations())
+    assert readonly.seed_evaluations() == []
     readonly.close()
     assert (read[1].operator, read[1].variation, read[1].label) == ("symbolic", Variation.MUTATE, "symbolic:mutate")
     assert (read[2].operator, read[2].variation) == ("openai:gpt@http://127.0.0.1:8000/v1", Variation.PROPOSE)
     assert read[0].is_seed and read[0].label == "seed"
+    assert [r.fitness for _, r in readonly_results] == [0.5]
 
     store = RunStore.open(run)
+    store.add_evaluation(EvalResult(1, "ok", 0.7), "x", eval_seed=5)
+    assert [r.fitness for _, r in store.evaluations()] == [0.5]
+    assert [(name, seed, r.fitness) for name, seed, r in store.seed_evaluations()] == [("x", 5, 0.7)]
     store.close()
     db = sqlite3.connect(run / "run.sqlite")
     rows = db.execute("SELECT id, operator, variation FROM candidates ORDER BY id").fetchall()
