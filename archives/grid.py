@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 #: The generic code-size axis every run adds to the plug-in's descriptors (syntax nodes of the
 #: normalised code). Not stored with the evaluations: a rebuilt grid recomputes it.

@@ -11,7 +11,8 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from engine.candidate import Candidate, EvalResult
 
@@ -117,7 +118,7 @@ class RunStore:
         return connection
 
     @classmethod
-    def create(cls, run_dir: str | Path, config: dict[str, Any]) -> "RunStore":
+    def create(cls, run_dir: str | Path, config: dict[str, Any]) -> RunStore:
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME
         if path.exists():
@@ -132,7 +133,7 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, run_dir: str | Path, readonly: bool = False) -> "RunStore":
+    def open(cls, run_dir: str | Path, readonly: bool = False) -> RunStore:
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME if run_dir.is_dir() or not run_dir.suffix else run_dir
         if not path.exists():

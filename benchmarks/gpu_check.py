@@ -40,7 +40,6 @@ GPU is at hand). docs/gpu.md says how to read the numbers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -55,7 +54,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -202,7 +202,7 @@ class DeviceMemorySampler:
         self.process: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
 
-    def __enter__(self) -> "DeviceMemorySampler":
+    def __enter__(self) -> DeviceMemorySampler:
         smi = shutil.which("nvidia-smi")
         if smi:
             self.process = subprocess.Popen(

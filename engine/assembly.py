@@ -8,7 +8,7 @@ handed down.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from archives.store import RunStore, StoreError
 from engine.config import RunConfig

@@ -15,7 +15,8 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from engine.config import RunConfig, add_arguments, parse_option, resolve
 

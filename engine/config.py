@@ -218,7 +218,7 @@ class RunConfig:
         return split_options(parse_fitness(self.fitness), self.fitness_options)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

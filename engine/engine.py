@@ -19,7 +19,8 @@ import dataclasses
 import math
 import random
 import warnings
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from deap import tools

@@ -19,7 +19,8 @@ import json
 import math
 import re
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.candidate import EvalResult
 from engine.genome import GenomeError, compile_genome

@@ -36,7 +36,8 @@ import functools
 import hashlib
 import math
 import types
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.allowlist import (
     FORBIDDEN_KEYWORDS, FUNCTIONAL_FUNCTIONS, LINALG_FUNCTIONS, MATH_NAMES, MODULE_MEMBERS,

@@ -36,7 +36,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 #: The values of ``--sandbox``.
 MODES = ("auto", "bwrap", "unshare", "none")
@@ -178,7 +179,7 @@ def choose(mode: str = "auto") -> Sandbox:
     raise AssertionError(mode)  # pragma: no cover - every mode is handled above
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(kind: str) -> str | None:
     """None if sandbox ``kind`` starts a process here, else what went wrong (cached per process)."""
     executable = shutil.which("bwrap" if kind == "bwrap" else "unshare")
@@ -206,7 +207,7 @@ def probe(kind: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bwrap_supports(option: str) -> bool:
     try:
         text = subprocess.run(["bwrap", "--help"], capture_output=True, timeout=10).stdout.decode()

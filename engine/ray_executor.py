@@ -30,7 +30,8 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from engine.candidate import EvalResult
 from engine.evaluation import Decide

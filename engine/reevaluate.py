@@ -8,7 +8,8 @@ fitness and a repeated call only scores what is still missing.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from archives.reading import RunData
 from archives.store import RunStore

@@ -43,7 +43,8 @@ import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.processes import end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
 
@@ -134,7 +135,7 @@ class EvaluationChild:
 
     @classmethod
     def start(cls, body: Callable[[Any], None], limits: dict[str, int], scratch: str | None = None,
-              inherited: list[Any] = (), output: CappedOutput | None = None) -> "EvaluationChild":
+              inherited: list[Any] = (), output: CappedOutput | None = None) -> EvaluationChild:
         """Fork the child; ``inherited`` are objects with ``close()`` (the driver connection)
         that the child closes first, ``limits`` holds ``file_bytes`` and ``open_files``."""
         from multiprocessing import Pipe

@@ -67,13 +67,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
-from fitness.preference import PreferenceInterface, loss_shape_profile, preference_seeds
+from fitness.preference import PreferenceInterface, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
 #: float32, as real preference training does, at half the cost.
@@ -104,7 +104,7 @@ class _Features:
         scaled = self.prompt * theta[:, None, :]
         return torch.bmm(scaled, self.token) + torch.bmm(theta[:, None, :], self.offset)
 
-    def to(self, dtype: torch.dtype) -> "_Features":
+    def to(self, dtype: torch.dtype) -> _Features:
         return _Features(*(t.to(dtype).contiguous() for t in (self.prompt, self.token, self.offset)))
 
 

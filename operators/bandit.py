@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 
 class Chooser:

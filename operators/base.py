@@ -8,7 +8,8 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 from engine.candidate import Candidate, EvalResult
 
@@ -125,7 +126,7 @@ class Operator(ABC):
     spec_forms: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def factory(cls, services: Services) -> Callable[[str], list["Operator"]]:
+    def factory(cls, services: Services) -> Callable[[str], list[Operator]]:
         """A builder of this family's operators from prefixed specs (one spec may give several,
         as ``replay:RUN`` does). The registry makes one builder per run, so the operators it
         builds can share what they must (an LLM budget). Only for classes with ``spec_prefixes``."""

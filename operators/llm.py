@@ -66,7 +66,7 @@ class LLMSettings:
     max_cost_usd: float = 0.0
 
     @classmethod
-    def cut_from(cls, settings: Any) -> "LLMSettings":
+    def cut_from(cls, settings: Any) -> LLMSettings:
         """The fields of this class taken from a larger settings object (None: defaults)."""
         if settings is None:
             return cls()

@@ -40,7 +40,7 @@ class Snapshot:
     """What a page shows of one run at one moment: ``version`` grows with every change. Read
     ``data`` and ``summary`` only while holding the run's ``lock`` (a refresh changes them)."""
 
-    def __init__(self, run: "LiveRun", version: int, data: RunData, status: str, last_write: float | None,
+    def __init__(self, run: LiveRun, version: int, data: RunData, status: str, last_write: float | None,
                  evaluations_stored: int) -> None:
         self._run = run
         self.version = version

@@ -11,7 +11,8 @@ import threading
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.candidate import Candidate, EvalResult, Variation
 from operators.bandit import make_chooser

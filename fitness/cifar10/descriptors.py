@@ -3,7 +3,7 @@ training, and the archive's ranges for them."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

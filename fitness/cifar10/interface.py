@@ -1,7 +1,7 @@
 """The function contract of the ``cifar10`` plug-in and its seed losses."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

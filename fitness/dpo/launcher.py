@@ -34,7 +34,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.genome import GenomeError, is_out_of_memory
 

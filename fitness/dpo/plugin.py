@@ -19,7 +19,8 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from engine.genome import GenomeError
 from fitness.base import Fitness, SandboxNeeds, Score, Seed

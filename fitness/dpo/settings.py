@@ -196,7 +196,7 @@ class DPOSettings:
             raise bad("scorer", f"one of {', '.join(SCORERS)}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise bad("gradient_checkpointing", "true or false")
-        if not self.judge.partition(":")[0] in ("openai", "anthropic") or ":" not in self.judge:
+        if self.judge.partition(":")[0] not in ("openai", "anthropic") or ":" not in self.judge:
             raise bad("judge", "openai:MODEL, anthropic:MODEL, openai:MODEL@URL or anthropic:MODEL@URL")
         if self.launcher not in LAUNCHERS:
             raise bad("launcher", f"one of {', '.join(LAUNCHERS)}")

@@ -26,7 +26,8 @@ seeds give TRL's own ``sigmoid`` and ``discopop`` loss and gradients on the same
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from trl import DPOTrainer

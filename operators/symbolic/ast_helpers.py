@@ -7,7 +7,8 @@ import ast
 import math
 import random
 import re
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.genome import GenomeError, code_hash, parse_genome
 from operators.base import OperatorError

@@ -12,7 +12,8 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine.candidate import Candidate
 from engine.genome import FORBIDDEN_NAMES, SAFE_BUILTINS, GenomeError, check_genome, code_hash

@@ -6,7 +6,8 @@ import ast
 import copy
 import math
 import re
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from operators.symbolic.ast_helpers import (
     Canonical, assigned_values, data_params, is_number, loaded_names, node_count, param_names, parent_map,

@@ -93,7 +93,7 @@ def test_no_allowed_name_is_a_module_anywhere():
 
 
 def test_self_attributes_are_the_preference_hyperparameters():
-    assert allowlist.SELF_ATTRIBUTES == {f.name for f in dataclasses.fields(PreferenceHparams)}
+    assert {f.name for f in dataclasses.fields(PreferenceHparams)} == allowlist.SELF_ATTRIBUTES
 
 
 def test_safe_builtins_exclude_everything_that_reaches_out():

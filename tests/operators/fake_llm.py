@@ -9,7 +9,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 
 @dataclass
@@ -120,12 +121,12 @@ class FakeLLM:
     def anthropic_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def push(self, *entries: str | Answer | Callable[[dict], Any]) -> "FakeLLM":
+    def push(self, *entries: str | Answer | Callable[[dict], Any]) -> FakeLLM:
         with self.lock:
             self.script.extend(entries)
         return self
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> FakeLLM:
         self.thread.start()
         return self
 
