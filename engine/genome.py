@@ -633,6 +633,14 @@ def restricted_namespace() -> dict[str, Any]:
     }
 
 
+def warm_up() -> None:
+    """Build, once per process, what every compiled genome shares: the allow-listed member
+    tables and the relay's autograd Function. A warm worker calls this before it forks a
+    process per genome, so that no genome's evaluation pays for it."""
+    _view_bodies()
+    _relay()
+
+
 @functools.lru_cache(maxsize=1)
 def _resolved_members() -> tuple[dict[str, Any], ...]:
     """The allow-listed objects themselves, looked up once per process. A name the

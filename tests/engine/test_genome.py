@@ -97,6 +97,14 @@ def test_non_string_genome_is_rejected():
     "def loss(pred, target):\n    out = torch.zeros_like(pred)\n    for i in range(3):\n        out = out + (pred - target).abs() / (i + 1)\n    return out\n",
     "def loss(pred, target, scale=2.0):\n    return scale * (pred - target) ** 2\n",
     "def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:\n    return (pred - target) ** 2\n",
+    "def loss(pred: Tensor, target: Tensor) -> Tensor:\n    x: Tensor = pred - target\n    return x ** 2\n",
+    "def loss(pred, target):\n    return torch.nn.functional.softplus(pred - target) + torch.special.expit(pred)\n",
+    "def loss(pred, target):\n    eps = torch.finfo(pred.dtype).eps\n"
+    "    return torch.log((pred - target).abs() + eps) * 0 + torch.linalg.vector_norm(pred) + pred\n",
+    "def loss(pred, target):\n    sq = lambda v, p=2: v ** p\n    parts = []\n    for i in range(2):\n"
+    "        parts.append(sq(pred - target) / (i + 1))\n    return torch.stack(parts).sum(dim=0)\n",
+    "def loss(pred, target):\n    best = torch.stack([pred, target]).max(dim=0).values\n"
+    "    return torch.where(pred > target, best, -best) * math.pi\n",
 ])
 def test_ordinary_losses_pass(code):
     check_genome(code, arg_counts=(2, 3))
@@ -411,3 +419,12 @@ def test_without_gradients_the_genome_still_sees_copies():
         losses, _ = fn(SimpleNamespace(beta=0.1), *tensors)
     assert not losses.requires_grad
     assert all(torch.equal(a, b) for a, b in zip(tensors, originals))
+
+
+def test_warm_up_builds_the_shared_tables_once():
+    from engine import genome
+
+    genome.warm_up()
+    tables, relay = genome._view_bodies(), genome._relay()
+    genome.warm_up()
+    assert genome._view_bodies() is tables and genome._relay() is relay
