@@ -43,8 +43,8 @@ from typing import Any
 from archives.reading import LLM_CALL_COLUMNS, RunData, cell_label, error_kind, read_run
 from archives.store import RunStore
 
-CANDIDATE_COLUMNS = ("id", "name", "generation", "operator", "variation", "parents", "thought", "code", "code_hash", "status",
-                     "fitness", "error", "error_kind", "seconds", "improved")
+CANDIDATE_COLUMNS = ("id", "name", "generation", "operator", "variation", "parents", "thought", "code", "code_hash",
+                     "status", "fitness", "error", "error_kind", "seconds", "improved")
 EVALUATION_COLUMNS = ("candidate_id", "fitness_name", "status", "fitness", "error", "error_kind", "seconds",
                       "duplicate_of", "fingerprint", "metrics", "descriptors")
 GENERATION_COLUMNS = ("generation", "evals", "ok", "invalid", "failed", "duplicates", "max", "mean", "min", "std",
@@ -102,7 +102,8 @@ class Run:
             r = data.results.get(c.id)
             parent_scores = [data.fitness_of(p) for p in c.parents if data.fitness_of(p) is not None]
             row = {"id": c.id, "name": c.name, "generation": c.generation, "operator": c.operator,
-                   "variation": str(c.variation), "parents": list(c.parents), "thought": c.thought, "code": c.code, "code_hash": c.code_hash,
+                   "variation": str(c.variation), "parents": list(c.parents), "thought": c.thought, "code": c.code,
+                   "code_hash": c.code_hash,
                    "status": r.status if r else None, "fitness": r.fitness if r else None,
                    "error": r.error if r else None,
                    "error_kind": error_kind(r.status, r.error) if r is not None and not r.ok else None,

@@ -293,7 +293,7 @@ def plot_loss_shape(run, path: str | Path, top: int = 5, notes: list[str] | None
     baseline = run.candidates[(run.candidates["operator"] == "seed") & (run.candidates["name"] == "dpo")]
     dpo_code = dpo_reference(None if baseline.empty else baseline.iloc[0]["code"])
     lines: list[tuple[str, str, bool]] = [("dpo", dpo_code, True)] if dpo_code else []
-    for cid, row in run.best(top).iterrows():
+    for _, row in run.best(top).iterrows():
         if row["code"] != dpo_code:
             lines.append((f"{row['name']} ({row['fitness']:.3g})", row["code"], False))
     for label, code, is_dpo in lines:

@@ -122,7 +122,8 @@ class RunStore:
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME
         if path.exists():
-            raise StoreError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+            raise StoreError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         store = cls(path, cls._connect(path))
         store._db.executescript(_SCHEMA + _LLM_SCHEMA)
@@ -271,7 +272,7 @@ class RunStore:
             Candidate(id=r["id"], name=r["name"], code=r["code"], thought=r["thought"],
                       parents=tuple(json.loads(r["parents"])), operator=r["operator"],
                       generation=r["generation"], code_hash=r["code_hash"],
-                      variation=r["variation"] if "variation" in r.keys() else "")
+                      variation=r["variation"] if "variation" in r.keys() else "")  # noqa: SIM118 - sqlite3.Row has no __contains__ for keys
             for r in self._db.execute(f"SELECT * FROM candidates{where} ORDER BY id", values)
         ]
 
@@ -293,8 +294,8 @@ class RunStore:
         result)`` in order."""
         if self._own == "1":
             return []
-        query = ("SELECT * FROM evaluations WHERE eval_seed IS NOT NULL" + (" AND fitness_name = ?" if fitness_name else "")
-                 + " ORDER BY id")
+        query = ("SELECT * FROM evaluations WHERE eval_seed IS NOT NULL"
+                 + (" AND fitness_name = ?" if fitness_name else "") + " ORDER BY id")
         return [(r["fitness_name"], r["eval_seed"], EvalResult(
             candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
             metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),

@@ -152,7 +152,7 @@ def browser_times(runs: Path, candidate: int, scratch: Path, repeats: int) -> No
                     WebDriverWait(driver, 30, poll_frequency=0.02).until(lambda d: d.execute_script(
                         "return arguments[0].every(id => { const p = document.getElementById(id); "
                         "return p && p._fullLayout && p.querySelector('.main-svg'); })"
-                        " && document.querySelectorAll('#runs-body tr[data-key], main').length > 0", charts[page]))
+                        " && document.querySelectorAll('#runs-body tr[data-key], main').length > 0", charts[page]))  # noqa: B023 - waited for in this iteration
                     timing = driver.execute_script(
                         "const paint = performance.getEntriesByName('first-contentful-paint')[0];"
                         "return [paint ? paint.startTime : null, performance.now()];")
@@ -170,7 +170,7 @@ def browser_times(runs: Path, candidate: int, scratch: Path, repeats: int) -> No
                 add_evaluation(runs / KEY, cid, 0.2)
                 committed = time.perf_counter()
                 WebDriverWait(driver, 10, poll_frequency=0.02).until(
-                    lambda d: d.find_elements(By.XPATH, f"//tbody[@id='feed-body']//a[text()='arrived_{cid}']"))
+                    lambda d: d.find_elements(By.XPATH, f"//tbody[@id='feed-body']//a[text()='arrived_{cid}']"))  # noqa: B023
                 latencies.append(time.perf_counter() - committed)
                 time.sleep(0.37)  # land at different points of the page's polling cycle
             print(f"\nlive update, commit to row on the open run page: median {statistics.median(latencies):.2f} s, "

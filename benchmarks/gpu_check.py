@@ -355,7 +355,7 @@ class Check:
         else:
             try:
                 record = body(self.left())
-            except Exception as exc:  # a broken step is reported, and the others still run
+            except Exception as exc:  # noqa: BLE001 - a broken step is reported, and the others still run
                 record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         record.update(self.device_fields())
         self.steps[name] = record

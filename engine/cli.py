@@ -32,7 +32,9 @@ class LiveProgress:
 
     def __init__(self, total: int, quiet: bool = False) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
 
         self.console = Console(stderr=True)
         self.out = Console(highlight=False)
@@ -87,7 +89,8 @@ class LiveProgress:
             if not self.quiet:
                 self.out.print(
                     f"gen {payload['gen']:>3}  evals {payload['evals']:>3}  ok {payload['ok']:>3}  "
-                    f"invalid {payload['invalid']:>2}  max {_num(payload.get('max'))}  mean {_num(payload.get('mean'))}  "
+                    f"invalid {payload['invalid']:>2}  max {_num(payload.get('max'))}  "
+                    f"mean {_num(payload.get('mean'))}  "
                     f"best {_num(payload.get('best'))}  coverage {payload.get('coverage', 0):.3f}  "
                     f"qd {payload.get('qd_score', 0):.2f}" + (" " + self.llm.strip() if self.llm else ""),
                     soft_wrap=True,
@@ -515,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="a live web dashboard over a run or a folder of runs (read-only)")
     serve.add_argument("runs", nargs="?", default="runs", metavar="RUN | RUNS_DIR",
                        help="a run folder or a folder of runs (default: runs)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--open", action="store_true", help="open the dashboard in a web browser")
     serve.set_defaults(handler=cmd_serve)

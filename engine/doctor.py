@@ -271,8 +271,8 @@ def _judge(name: str, title: str, said: list[str], output: str, bait: Bait, scra
         return ProbeResult(name, title, held, detail)
     if name == "write_outside":
         written = [path for path in bait.write_targets() if os.path.exists(path)]
-        return ProbeResult(name, title, not written,
-                           f"files appeared: {', '.join(written)}" if written else "nothing written outside the scratch")
+        return ProbeResult(name, title, not written, f"files appeared: {', '.join(written)}" if written
+                           else "nothing written outside the scratch")
     if name == "connect":
         reached = bait.connections > 0 or any("connected" in line for line in said)
         return ProbeResult(name, title, not reached,

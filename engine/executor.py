@@ -434,9 +434,10 @@ class ProcessExecutor(Executor):
                         if task is None:
                             break
                         worker.task, worker.deadline = task, time.monotonic() + self.backstop_seconds
-                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code, "seed": task.seed_or(seed),
-                                          "stage": task.stage, "check_timeout": self.check_timeout,
-                                          "timeout": self.timeout, "jail_only": self.jail_only})
+                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code,
+                                          "seed": task.seed_or(seed), "stage": task.stage,
+                                          "check_timeout": self.check_timeout, "timeout": self.timeout,
+                                          "jail_only": self.jail_only})
                 busy = [w for w in self.workers if w.task]
                 starting = [w for w in self.workers if not w.ready]
                 more = bool(retries) or not source.exhausted()

@@ -101,7 +101,8 @@ def resolve_class(spec: str | type, base: type, registry: dict[str, str], group:
                 ) from exc
         target = getattr(module, class_name, None)
         if target is None:
-            classes = [n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, base) and v is not base]
+            classes = [n for n, v in vars(module).items()
+                       if inspect.isclass(v) and issubclass(v, base) and v is not base]
             raise PluginError(
                 f"{location} has no class {class_name!r}" + (f" (found: {', '.join(classes)})" if classes else "")
             )
@@ -130,7 +131,8 @@ def load_fitness(spec: str | type, options: dict[str, Any] | None = None):
     except (TypeError, ValueError) as exc:
         raise PluginError(f"fitness {spec!r}: bad options {options or {}}: {exc}") from exc
     except Exception as exc:
-        raise PluginError(f"fitness {spec!r}: constructing {cls.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"fitness {spec!r}: constructing {cls.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
     if not getattr(plugin, "name", ""):
         raise PluginError(f"fitness {spec!r}: class {cls.__qualname__} must set a non-empty 'name'")
     if not isinstance(getattr(plugin, "interface", None), Interface):
@@ -220,7 +222,8 @@ def load_operator(spec: str | type, options: dict[str, Any] | None = None):
     try:
         return cls(**(options or {}))
     except Exception as exc:
-        raise PluginError(f"operator {spec!r}: constructing {cls.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"operator {spec!r}: constructing {cls.__qualname__} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _is_prefixed_only(name: str) -> bool:

@@ -310,7 +310,8 @@ class RayExecutor(Executor):
                             break
                         slot.task = task
                         slot.deadline = time.monotonic() + backstop
-                        inflight[slot.actor.submit.remote(task.candidate_id, task.code, task.seed_or(seed), task.stage)] = slot
+                        ref = slot.actor.submit.remote(task.candidate_id, task.code, task.seed_or(seed), task.stage)
+                        inflight[ref] = slot
                 more = bool(queue) or not source.exhausted()
                 if not inflight and not more:
                     return

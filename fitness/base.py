@@ -122,7 +122,8 @@ def validate_artefacts(artefacts: Any, spec: dict[str, TensorSpec], max_bytes: i
     names, expected = set(artefacts), set(spec)
     if names != expected:
         missing, extra = sorted(expected - names), sorted(map(str, names - expected))
-        raise ArtefactError(f"artefact names differ from the plug-in's spec (missing {missing}, unexpected {extra[:5]})")
+        raise ArtefactError(
+            f"artefact names differ from the plug-in's spec (missing {missing}, unexpected {extra[:5]})")
     total = 0
     checked: Artefacts = {}
     for name, want in spec.items():
@@ -139,7 +140,8 @@ def validate_artefacts(artefacts: Any, spec: dict[str, TensorSpec], max_bytes: i
         total += tensor.numel() * tensor.element_size()
         if total > max_bytes:
             raise ArtefactError(f"artefacts exceed the plug-in's size cap of {max_bytes} bytes")
-        if want.finite and (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if want.finite and floating and not bool(torch.isfinite(tensor).all()):
             raise ArtefactError(f"artefact {name!r} has non-finite values (nan or inf)")
         checked[name] = tensor.contiguous()
     return checked
@@ -220,7 +222,8 @@ def _zero_everything(value: Any, seen: set[int]) -> None:
         with torch.no_grad():
             value.detach().zero_()
         return
-    if hasattr(value, "__array__") and hasattr(value, "fill") and getattr(getattr(value, "flags", None), "writeable", False):
+    writeable = getattr(getattr(value, "flags", None), "writeable", False)
+    if hasattr(value, "__array__") and hasattr(value, "fill") and writeable:
         value.fill(0)
         return
     if isinstance(value, dict):

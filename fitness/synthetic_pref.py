@@ -256,7 +256,7 @@ class SyntheticPreference(Fitness):
         def normal(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator, dtype=DTYPE)
 
-        I, T, V, d = self.instances, self.positions, self.vocab, self.features
+        I, T, V, d = self.instances, self.positions, self.vocab, self.features  # noqa: E741 - the paper's sizes
         C, E, N = self.train_prompts, self.eval_prompts, self.pairs
         prompts = normal(I, C + E, _EMBEDDING)
         tokens = normal(I, T, V, _EMBEDDING)  # one embedding per (position, token)

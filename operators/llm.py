@@ -16,8 +16,8 @@ in :mod:`operators.providers`). For each offspring it
 2. parses the reply leniently (:func:`parse_reply`: JSON anywhere, fenced blocks, prose
    around it, escaped newlines, a bare Python function);
 3. checks the code (static check, then the interface's unit tests, see
-   :class:`operators.base.Services`: the run hands the operator its reply checker) and, on failure, re-prompts in the same conversation with
-   "Code not valid. Error: ..." up to ``--llm-retries`` times;
+   :class:`operators.base.Services`: the run hands the operator its reply checker) and, on
+   failure, re-prompts in the same conversation with "Code not valid. Error: ..." up to ``--llm-retries`` times;
 4. records every attempt in the run store (prompt, reply, tokens, latency, cost, error),
    linked to the candidate it produced.
 
@@ -342,7 +342,8 @@ class Budget:
         """Count one call, or raise :class:`BudgetExhausted` if none is left."""
         with self.lock:
             if self.max_calls and self.calls >= self.max_calls:
-                raise BudgetExhausted(f"LLM call budget spent: {self.calls} calls made (--max-llm-calls {self.max_calls})")
+                raise BudgetExhausted(
+                    f"LLM call budget spent: {self.calls} calls made (--max-llm-calls {self.max_calls})")
             if self.max_cost_usd and self.cost_usd >= self.max_cost_usd:
                 raise BudgetExhausted(f"LLM cost budget spent: an estimated ${self.cost_usd:.4f} "
                                       f"(--max-cost-usd {self.max_cost_usd:g})")

@@ -84,7 +84,8 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     (Ollama's ``llama3:8b``); the URL follows the first ``@``."""
     provider, _, rest = spec.strip().partition(":")
     if provider not in PROVIDERS:
-        raise ProviderSetupError(f"unknown LLM provider {provider!r} in {spec!r}; expected one of {', '.join(PROVIDERS)}")
+        raise ProviderSetupError(
+            f"unknown LLM provider {provider!r} in {spec!r}; expected one of {', '.join(PROVIDERS)}")
     if not rest:
         what = {"hf": "PATH", "replay": "RUN"}.get(provider, "MODEL")
         raise ProviderSetupError(f"--operator {spec!r}: expected {provider}:{what}")
@@ -208,7 +209,8 @@ class OpenAIProvider(Provider):
             )
         self.where = base_url or "https://api.openai.com/v1"
         self.timeout = timeout
-        self.client = openai.OpenAI(api_key=key or "not-needed", base_url=base_url, timeout=timeout, max_retries=retries)
+        self.client = openai.OpenAI(api_key=key or "not-needed", base_url=base_url, timeout=timeout,
+                                    max_retries=retries)
 
     def preflight(self) -> None:
         openai = self.openai

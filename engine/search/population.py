@@ -62,7 +62,8 @@ class Population:
 
     # -- admitting ------------------------------------------------------------------------------
     def admit(self, name: str, code: str, thought: str, parents: tuple[int, ...], operator: str, variation: str,
-              generation: int, arg_counts, llm_calls: tuple[int, ...] = ()) -> tuple[Candidate | None, EvalResult | None]:
+              generation: int, arg_counts, llm_calls: tuple[int, ...] = (),
+              ) -> tuple[Candidate | None, EvalResult | None]:
         """A new candidate from proposed code, unless its normalised AST is known (then None).
 
         A genome that fails the static check is still admitted, with an ``invalid`` result to

@@ -279,7 +279,8 @@ class Judge:
         try:
             if self.provider == "openai":
                 response = client.chat.completions.create(
-                    model=self.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                    model=self.model,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
                     temperature=self.temperature, max_tokens=self.max_tokens, n=1)
                 if not response.choices:
                     raise MTBenchError(f"judge {self.spec} returned no choices")

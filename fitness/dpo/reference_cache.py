@@ -73,7 +73,7 @@ class ReferenceCache:
             chosen, rejected = entry["chosen"], entry["rejected"]
         except (FileNotFoundError, KeyError, TypeError, RuntimeError, EOFError, OSError):
             return None
-        except Exception:  # a truncated pickle raises UnpicklingError and friends
+        except Exception:  # noqa: BLE001 - a truncated pickle raises UnpicklingError and friends
             return None
         if chosen.shape != (count,) or rejected.shape != (count,):
             return None

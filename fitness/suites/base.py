@@ -391,7 +391,8 @@ class TaskSuite(Fitness):
         value = self.score_task(self.train_task(fn, task, seed), task, seed)
         return TaskResult(task.name, int(seed), value, baseline, time.perf_counter() - start)
 
-    def evaluate_many(self, fn: Callable, seeds: Iterable[int], tasks: Sequence[Task] | None = None) -> list[TaskResult]:
+    def evaluate_many(self, fn: Callable, seeds: Iterable[int],
+                      tasks: Sequence[Task] | None = None) -> list[TaskResult]:
         """Every (task, seed) pair of ``tasks`` (default: this suite's) and ``seeds``, in this process."""
         tasks = self.tasks if tasks is None else tasks
         return [self.evaluate_task(fn, task, seed) for seed in seeds for task in tasks]

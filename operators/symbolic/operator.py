@@ -275,7 +275,7 @@ class SymbolicOperator(Operator):
 
                 inputs = interface.sample_inputs(2, torch.Generator().manual_seed(0))
                 flags = [bool(getattr(t, "requires_grad", False)) for t in inputs.values()]
-            except Exception:  # an interface without samples: fall back to all inputs
+            except Exception:  # noqa: BLE001 - an interface without samples: fall back to all inputs
                 flags = None
             self._gradient_flags[key] = flags
         flags = self._gradient_flags[key]

@@ -192,7 +192,9 @@ def loss_site(function: ast.FunctionDef) -> LossSite | None:
                 continue
             if isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
                     and isinstance(statement.targets[0], ast.Name):
-                return LossSite(index, lambda: statement.value, lambda v: setattr(statement, "value", v), None)
+                # Returned within this iteration, so the lambdas see this statement.
+                return LossSite(index, lambda: statement.value,  # noqa: B023
+                                lambda v: setattr(statement, "value", v), None)  # noqa: B023
             break
         return LossSite(len(body) - 1, get_return, set_return, expr.id)
     return LossSite(len(body) - 1, get_return, set_return, None)

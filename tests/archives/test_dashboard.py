@@ -277,7 +277,8 @@ def test_plotly_js_is_served_from_the_installed_package(client):
 
     response = client.get("/static/plotly.min.js")
     shipped = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
-    assert response.status_code == 200 and response.content == open(shipped, "rb").read()
+    with open(shipped, "rb") as file:
+        assert response.status_code == 200 and response.content == file.read()
     assert client.get("/static/dashboard.js").status_code == 200
     assert ".highlight" in client.get("/static/pygments.css").text
 
