@@ -732,7 +732,7 @@ def isolate_inputs(genome: Callable) -> Callable:
                           **{key: _fill(v, leaves) for key, v in kwarg_template.items()})
 
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return run([t.detach().clone() for t in tensors])
+            return run([_plain_tensor(t) for t in tensors])
         shape: list[Any] = []
 
         def flat_run(leaves: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -798,11 +798,22 @@ def _plain_copy(value: Any) -> Any:
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return _plain_tensor(value)
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         items = tuple(_plain_copy(v) for v in value)
         return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
     return _NOT_PLAIN
+
+
+def _plain_tensor(tensor: Any) -> Any:
+    """A detached copy of ``tensor`` as a plain :class:`torch.Tensor` (a subclass, such as a
+    Parameter or one whose ``__torch_function__`` runs the caller's code, is not passed on)."""
+    import torch
+
+    copy = tensor.detach()
+    if type(copy) is not torch.Tensor:
+        copy = copy.as_subclass(torch.Tensor)
+    return copy.clone()
 
 
 def _flatten_output(result: Any) -> tuple[tuple, tuple]:
@@ -841,10 +852,7 @@ def _relay() -> type:
     class GenomeRelay(torch.autograd.Function):
         @staticmethod
         def forward(ctx, run, *tensors):  # noqa: ANN001 - autograd's signature
-            leaves = [
-                t.detach().clone().requires_grad_(True) if t.requires_grad else t.detach().clone()
-                for t in tensors
-            ]
+            leaves = [_plain_tensor(t).requires_grad_(True) if t.requires_grad else _plain_tensor(t) for t in tensors]
             with torch.enable_grad():
                 outputs = run(leaves)
             ctx.set_materialize_grads(False)

@@ -428,3 +428,25 @@ def test_warm_up_builds_the_shared_tables_once():
     tables, relay = genome._view_bodies(), genome._relay()
     genome.warm_up()
     assert genome._view_bodies() is tables and genome._relay() is relay
+
+
+def test_tensor_subclasses_reach_the_genome_as_plain_tensors():
+    import torch
+
+    seen = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    fn = compile_genome("FOUND = []\ndef loss(pred, target):\n    FOUND.append(type(pred))\n    return pred * target\n",
+                        check=False, restrict=False)
+    pred = torch.nn.Parameter(torch.ones(3))
+    target = torch.ones(3).as_subclass(Spy)
+    seen.clear()
+    fn(pred, target).sum().backward()
+    assert fn.__wrapped__.__globals__["FOUND"] == [torch.Tensor]
+    assert not any("mul" in getattr(f, "__name__", "") for f in seen)  # the genome's ops ran on plain copies
+    assert torch.equal(pred.grad, torch.ones(3))
