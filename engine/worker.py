@@ -77,6 +77,11 @@ def _warm_up(torch) -> None:
     optimiser = torch.optim.Adam([parameter], lr=0.1)
     (parameter**2).sum().backward()
     optimiser.step()
+    # What every compiled genome shares (allow-listed member tables, the input relay): built
+    # here once, inherited by every genome's process instead of built in each.
+    from engine import genome
+
+    getattr(genome, "warm_up", lambda: None)()
 
 
 # -- output of the genomes' processes ----------------------------------------------------------------
@@ -566,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
 
     watch_parent()
     conn = Connection(args.fd)
+    # torch.cuda.is_available() through NVML: it does not initialise CUDA, so forking stays safe.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
 
@@ -593,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         return conn.recv()["duplicate_of"]
 
     output = CappedOutput(args.log_cap)
+    cuda_warned = False
     while True:
         try:
             task = conn.recv()
@@ -603,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         stage = stages[task.get("stage", 0)]
         result = evaluate_in_child(stage, stages, task, decide, inherited=[conn], output=output)
         conn.send({"type": "result", "result": result.to_dict()})
+        if not cuda_warned and torch.cuda.is_initialized():
+            cuda_warned = True
+            print(f"[evoloss worker] fitness {getattr(stage, 'name', stage)!r} initialised CUDA in the warm worker "
+                  "(in prepare() or score()); the processes it forks for genomes cannot use CUDA now. Declare "
+                  "GPUs in resources() so that score() runs in a process of its own.", file=sys.stderr)
         sys.stdout.flush()
 
 

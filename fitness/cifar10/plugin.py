@@ -22,6 +22,15 @@ a percent of accuracy: cuDNN picks convolution algorithms by timing (``cudnn.ben
 some of them accumulate with atomics, bf16 autocast rounds differently from float32, and
 ``torch.compile`` fuses and reorders reductions. ``deterministic=true`` turns off cuDNN
 benchmarking and asks for deterministic algorithms (slower); bf16 and compile stay as set.
+
+The two phases of the fitness contract (:mod:`fitness.base`): :meth:`Cifar10.train` trains the
+network with the genome as the loss, in the genome's own process, and returns its weights
+(the ``state_dict``) with the training curve; :meth:`Cifar10.score` loads the weights into a
+fresh network and measures accuracy on the evaluation images, which only the trusted phase
+holds (``held_out``; on a GPU preset it runs in a process of its own that may use CUDA). The
+genome's process still shows the CIFAR-10 folder read-only (training reads it), and the ``val``
+images are cut from the training batch files: a genome that escaped every other layer could
+read them there. ``split=test`` scores on ``test_batch`` instead.
 """
 from __future__ import annotations
 
@@ -29,13 +38,14 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.genome import GenomeError
-from fitness.base import Fitness, SandboxNeeds, Score, Seed, losses_of
+from fitness.base import Artefacts, Fitness, SandboxNeeds, Score, Seed, TensorSpec, losses_of
 from fitness.cifar10 import networks
 from fitness.cifar10.data import (
     MEAN, STD, TEST_FILE, TRAIN_FILES, Cifar10Data, check_data_folder, find_data_folder, load_cifar10,
@@ -86,8 +96,9 @@ class Cifar10(Fitness):
         self.folder = find_data_folder(data_dir)
         files = TRAIN_FILES + ((TEST_FILE,) if split == "test" else ())
         self.class_names = check_data_folder(self.folder, files)
-        self._data: Cifar10Data | None = None
-        self._device_data: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._training: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._device_data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._spec: dict[str, TensorSpec] | None = None
         self._compiled: dict[tuple, tuple[torch.nn.Module, Callable]] = {}
 
     def seeds(self) -> list[Seed]:
@@ -102,14 +113,39 @@ class Cifar10(Fitness):
 
     # -- data and device ------------------------------------------------------------------
     def data(self) -> Cifar10Data:
-        """The images, read on first use and kept (a worker scores many candidates)."""
-        if self._data is None:
-            r = self.recipe
-            self._data = load_cifar10(self.folder, self.split, r.train_size, r.val_size)
-            if len(self._data.train_labels) < r.batch_size:
-                raise ValueError(f"cifar10: {len(self._data.train_labels)} training images, fewer than "
-                                 f"batch_size {r.batch_size}")
-        return self._data
+        """Read the images (once per worker): the training images are kept for :meth:`train`,
+        the evaluation images in :attr:`held_out` for :meth:`score`."""
+        r = self.recipe
+        data = load_cifar10(self.folder, self.split, r.train_size, r.val_size)
+        if len(data.train_labels) < r.batch_size:
+            raise ValueError(f"cifar10: {len(data.train_labels)} training images, fewer than "
+                             f"batch_size {r.batch_size}")
+        self._training = (data.train_images, data.train_labels)
+        if not self.held_out.wiped:  # in a genome's process it is wiped: never refill it there
+            self.held_out.put("eval", (data.eval_images, data.eval_labels))
+        return data
+
+    def _training_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._training is None:
+            self.data()
+        return self._training
+
+    def _eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "eval" not in self.held_out:
+            self.data()
+        return self.held_out.get("eval", lambda: None)
+
+    def prepare(self, seed: int) -> None:
+        """Read the images in the warm worker (on the CPU: it must not initialise CUDA)."""
+        if self._training is None or "eval" not in self.held_out:
+            self.data()
+
+    def resources(self) -> dict[str, float]:
+        """One GPU per evaluation when the recipe trains on CUDA (``device=auto`` on a machine
+        with one): scoring then also runs in a process of its own, which may use it."""
+        wanted = self.recipe.device
+        cuda = wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available())
+        return {"cpus": 1.0, "gpus": 1.0 if cuda else 0.0}
 
     def device(self) -> torch.device:
         wanted = self.recipe.device
@@ -120,19 +156,15 @@ class Cifar10(Fitness):
                                "(use device=auto or device=cpu)")
         return torch.device(wanted)
 
-    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Normalised float images and labels, resident on ``device`` (moved once per worker)."""
-        key = str(device)
+    def _on_device(self, device: torch.device, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images and labels of ``part`` (``train`` or ``eval``), resident on
+        ``device`` (moved once per process)."""
+        key = (part, str(device))
         if key not in self._device_data:
-            data = self.data()
+            images, labels = self._training_images() if part == "train" else self._eval_images()
             mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
             std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-
-            def prepare(images: torch.Tensor) -> torch.Tensor:
-                return (images.to(device).float() / 255 - mean) / std
-
-            self._device_data[key] = (prepare(data.train_images), data.train_labels.to(device),
-                                      prepare(data.eval_images), data.eval_labels.to(device))
+            self._device_data[key] = ((images.to(device).float() / 255 - mean) / std, labels.to(device))
         return self._device_data[key]
 
     def _network(self, device: torch.device, compile_: bool, channels_last: bool, seed: int):
@@ -152,19 +184,42 @@ class Cifar10(Fitness):
         networks.initialise(model, seed)
         return model, forward
 
-    # -- scoring ----------------------------------------------------------------------------
-    def evaluate(self, fn: Callable, seed: int) -> Score:
+    # -- the two phases ---------------------------------------------------------------------
+    def _settings(self) -> tuple[torch.device, bool, bool, bool, Callable, Any]:
+        """Device, CUDA, compile, channels-last, bf16 autocast and memory format as the recipe
+        resolves them in this process."""
         r = self.recipe
         device = self.device()
         cuda = device.type == "cuda"
         amp = cuda if r.amp == "auto" else bool(r.amp)
         compile_ = cuda if r.compile == "auto" else bool(r.compile)
         channels_last = cuda if r.channels_last == "auto" else bool(r.channels_last)
-        check_every = r.check_every or (25 if cuda else 1)
         if cuda:
             torch.backends.cudnn.benchmark = not r.deterministic
             torch.backends.cudnn.deterministic = r.deterministic
-        train_x, train_y, eval_x, eval_y = self._on_device(device)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return device, cuda, compile_, channels_last, autocast, memory_format
+
+    def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
+        """The network's ``state_dict`` (as ``model.NAME``) and the training curve."""
+        if self._spec is None:
+            r = self.recipe
+            model = networks.build(r.arch, r.width, classes=len(self.class_names))
+            spec = {f"model.{name}": TensorSpec(tuple(value.shape), value.dtype)
+                    for name, value in model.state_dict().items()}
+            spec["train.loss_curve"] = TensorSpec((r.epochs,), torch.float32)
+            spec["train.correct_last_epoch"] = TensorSpec((), torch.int64)
+            spec["train.seconds"] = TensorSpec((), torch.float64)
+            self._spec = spec
+        return self._spec
+
+    def train(self, fn: Callable, seed: int) -> Artefacts:
+        """Train the network from scratch with ``fn`` as the loss; return its weights."""
+        r = self.recipe
+        device, cuda, compile_, channels_last, autocast, memory_format = self._settings()
+        check_every = r.check_every or (25 if cuda else 1)
+        train_x, train_y = self._on_device(device, "train")
         start = time.perf_counter()
 
         generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -178,8 +233,6 @@ class Cifar10(Fitness):
             groups.append({"params": norm_params, "lr": scaled, "weight_decay": r.weight_decay / r.norm_lr_scale,
                            "base_lr": scaled})
         optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
         count, batch = len(train_y), r.batch_size
         steps_per_epoch = count // batch
@@ -216,16 +269,38 @@ class Cifar10(Fitness):
                 if epoch == r.epochs - 1:
                     correct_last_epoch += (logits.detach().argmax(1) == targets).sum()
 
-        accuracy, eval_ce = self._score(model, forward, eval_x, eval_y, autocast, memory_format)
         if cuda:
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        curve = step_losses.view(r.epochs, steps_per_epoch).mean(dim=1).tolist()
+        curve = step_losses.view(r.epochs, steps_per_epoch).mean(dim=1)
+        artefacts = {f"model.{name}": value.detach().cpu() for name, value in model.state_dict().items()}
+        artefacts["train.loss_curve"] = curve.float().cpu()
+        artefacts["train.correct_last_epoch"] = correct_last_epoch.cpu()
+        artefacts["train.seconds"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        return artefacts
+
+    def score(self, artefacts: Artefacts, seed: int) -> Score:
+        """Accuracy on the evaluation images of a fresh network holding the trained weights.
+        The training curve and speed are reported as the genome's process measured them."""
+        r = self.recipe
+        device, _, _, channels_last, autocast, memory_format = self._settings()
+        eval_x, eval_y = self._on_device(device, "eval")
+        model = networks.build(r.arch, r.width, classes=len(self.class_names))
+        model.load_state_dict({name[len("model."):]: value for name, value in artefacts.items()
+                               if name.startswith("model.")})
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        accuracy, eval_ce = self._score(model, model, eval_x, eval_y, autocast, memory_format)
+        count, batch = len(self._training_images()[1]), r.batch_size
+        steps_per_epoch = count // batch
+        total = steps_per_epoch * r.epochs
+        curve = artefacts["train.loss_curve"].tolist()
+        seconds = float(artefacts["train.seconds"])
         images_seen = total * batch
         metrics = {
             "accuracy": accuracy,
             "eval_cross_entropy": eval_ce,
-            "train_accuracy": float(correct_last_epoch) / (steps_per_epoch * batch),
+            "train_accuracy": float(artefacts["train.correct_last_epoch"]) / (steps_per_epoch * batch),
             "loss_curve": curve,
             "loss_first": curve[0],
             "loss_last": curve[-1],

@@ -250,3 +250,50 @@ def test_cli_evaluate_in_a_worker_process(data_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["fitness_name"] == "cifar10"
     assert result["fitness"] == result["metrics"]["accuracy"] > 0.3
+
+
+# -- the two phases ----------------------------------------------------------------------------
+def test_train_returns_the_weights_and_score_measures_them_on_images_train_never_holds(data_dir):
+    from fitness.base import validate_artefacts
+
+    fitness = tiny(data_dir)
+    fn = compile_genome(SEEDS["cross_entropy"].code, (2,))
+    artefacts = fitness.train(fn, 0)
+    assert set(artefacts) == set(fitness.artefact_spec(0))
+    assert any(name.startswith("model.") for name in artefacts) and "train.loss_curve" in artefacts
+    checked = validate_artefacts(artefacts, fitness.artefact_spec(0), fitness.max_artefact_bytes)
+    score = fitness.score(checked, 0)
+    assert score.fitness == fitness.evaluate(fn, 0).fitness
+    # What a genome's process does first: the evaluation images are zeroed and dropped there.
+    eval_images, _ = fitness._eval_images()
+    fitness.held_out.wipe()
+    assert int(eval_images.abs().sum()) == 0
+    again = Cifar10(data_dir=data_dir, **TINY)
+    again.held_out.wipe()
+    retrained = again.train(fn, 0)  # training needs none of it
+    assert all(torch.equal(retrained[name], artefacts[name]) for name in artefacts if name != "train.seconds")
+    with pytest.raises(RuntimeError, match="not available in a genome's process"):
+        again.score(checked, 0)
+
+
+def test_cpu_scores_are_exactly_those_of_the_single_phase_evaluation(data_dir):
+    """Recorded with the single-phase evaluate() of the previous contract (torch 2.13, CPU, one
+    thread): splitting training from scoring changes no number."""
+    fitness = tiny(data_dir)
+    score = fitness.evaluate(compile_genome(SEEDS["cross_entropy"].code, (2,)), seed=0)
+    assert score.fitness == 0.9
+    assert score.metrics["eval_cross_entropy"] == 0.19236265182495116
+    assert score.metrics["loss_curve"] == [1.328595519065857, 0.3569555878639221]
+    assert score.metrics["train_accuracy"] == 0.9266666666666666
+
+
+def test_an_evaluation_through_a_worker_scores_what_it_scores_in_process(data_dir):
+    from engine.executor import ProcessExecutor
+
+    results = []
+    options = {"preset": "cpu", "data_dir": data_dir, **TINY}
+    with ProcessExecutor("cifar10", options, workers=1, timeout=120, sandbox="none") as executor:
+        executor.run([(0, SEEDS["cross_entropy"].code)], 0, None, results.append)
+    assert results[0].ok, results[0].error
+    assert results[0].fitness == 0.9 and "unprotected" not in results[0].metrics
+    assert results[0].metrics["eval_cross_entropy"] == 0.19236265182495116
