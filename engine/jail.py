@@ -51,6 +51,8 @@ GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri", "kfd")
 #: Size of the in-memory folders inside the jail (``/tmp``, ``/dev/shm``, hidden folders): the
 #: scratch folder, on disk, is where files belong.
 TMPFS_BYTES = 1 << 30
+#: ``/dev/shm`` when GPUs are shown: NCCL between the ranks of one evaluation needs room there.
+GPU_SHM_BYTES = 16 << 30
 #: The uid a genome runs as inside the jail when the driver runs as root (never root inside).
 JAIL_UID = 1000
 #: Resource limits of every worker (besides the address space, set per run).
@@ -467,7 +469,8 @@ def _bwrap_args(mount_plan: MountPlan, view: View, env: dict[str, str]) -> list[
             args += ["--size", str(TMPFS_BYTES), "--tmpfs", str(path)]
         else:
             args += ["--ro-bind" if kind == "ro" else "--bind", str(path), str(path)]
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm"]
+    shm = GPU_SHM_BYTES if view.gpus else TMPFS_BYTES
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(shm), "--tmpfs", "/dev/shm"]
     if view.gpus:
         for device in _gpu_devices():
             args += ["--dev-bind", device, device]
@@ -485,6 +488,7 @@ def _unshare_args(mount_plan: MountPlan, view: View, env: dict[str, str], argv: 
         "links": mount_plan.links,
         "mounts": [[kind, str(path)] for kind, path in mount_plan.mounts],
         "tmpfs_bytes": TMPFS_BYTES,
+        "shm_bytes": GPU_SHM_BYTES if view.gpus else TMPFS_BYTES,
         "devices": _gpu_devices() if view.gpus else [],
         "sys": bool(view.gpus),
         "workdir": str(mount_plan.workdir),

@@ -113,7 +113,7 @@ def build_root(spec: dict) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, inside(f"/dev/{name}"))
-    tmpfs(inside("/dev/shm"), size, "1777")
+    tmpfs(inside("/dev/shm"), int(spec.get("shm_bytes", size)), "1777")
     os.makedirs(inside("/proc"), exist_ok=True)
     mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if spec["sys"] and os.path.isdir("/sys"):
