@@ -66,6 +66,11 @@ class RunData:
     #: What has been read so far (:meth:`RunStore.latest_ids` before the read); :func:`refresh_run`
     #: reads only what lies beyond it. Empty for a run read ``at_gen``.
     cursor: dict[str, int] = field(default_factory=dict)
+    #: First-stage scores per evaluation seed: candidate id -> seed -> fitness (None: failed on
+    #: that seed); the run's own seed for every scored candidate, fresh seeds for re-measured ones.
+    seed_scores: dict[int, dict[int, float | None]] = field(default_factory=dict)
+    #: The end-of-run validation (``engine.validation``), if the run has one.
+    validation: dict[str, Any] | None = None
     _elites: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     # -- derived views --------------------------------------------------------------------
@@ -164,6 +169,12 @@ def _read(store: RunStore, at_gen: int | None) -> RunData:
             results[result.candidate_id] = result
         else:
             extra.setdefault(name, {})[result.candidate_id] = result
+    eval_seed = int(config.get("eval_seed", 0) or 0)
+    seed_scores: dict[int, dict[int, float | None]] = {
+        cid: {eval_seed: r.fitness} for cid, r in results.items() if r.ok}
+    for _, seed, result in store.seed_evaluations(fitness_name):
+        if result.candidate_id in candidates:
+            seed_scores.setdefault(result.candidate_id, {})[seed] = result.fitness if result.ok else None
     llm_calls = store.llm_calls() if hasattr(store, "llm_calls") else []
     if at_gen is not None and llm_calls:
         llm_calls = [row for row in llm_calls if _before_cut(row, candidates, at_gen)]
@@ -172,7 +183,7 @@ def _read(store: RunStore, at_gen: int | None) -> RunData:
         space=list(store.meta("descriptor_space") or []), candidates=candidates, results=results, extra=extra,
         generations=generations, llm_calls=llm_calls, at_gen=at_gen, last_generation=last,
         reevaluations=store.meta("reevaluations") or {}, ladder=list(store.meta("fidelity_ladder") or []),
-        cursor=cursor,
+        cursor=cursor, seed_scores=seed_scores, validation=store.meta("validation") if at_gen is None else None,
     )
 
 

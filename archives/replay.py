@@ -27,7 +27,12 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
     counters = (last["state"].get("counters", {}) if last else {}) or {}
 
     statuses = Counter(r.status for r in results.values())
+    estimates = seed_estimates(data)
     scored = data.scored()
+    if estimates:
+        # Noise-aware ranking: by the lower confidence bound of the paired gain (engine.search.racing).
+        scored.sort(key=lambda pair: (-estimates[pair[0].id].lower if pair[0].id in estimates else math.inf,
+                                      pair[0].id))
     best = scored[0] if scored else None
     baseline_result = next(
         (r for c, r in scored if baseline and c.name == baseline and c.operator == "seed"), None
@@ -117,7 +122,11 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
         "extra_fitness": labels,
         # With a fidelity ladder: per stage, how many were scored there and the best of them.
         "fidelity_ladder": ladder,
-        "top": [_row(c, r, data, key_metrics, labels) for c, r in scored[:top]],
+        "top": [_row(c, r, data, key_metrics, labels, estimates.get(c.id)) for c, r in scored[:top]],
+        "ranking": (f"lower confidence bound of the gain paired with {baseline or 'nothing'} over evaluation seeds "
+                    f"(mean - {config.get('confidence', 1.0)} standard errors)") if estimates else "first score",
+        "best_estimate": _estimate_dict(estimates.get(best[0].id)) if best and estimates else None,
+        **_validation_fields(data.validation),
         "seeds": [
             {"id": c.id, "name": c.name, "fitness": data.fitness_of(c.id)}
             for c in candidates.values() if c.operator == "seed"
@@ -153,13 +162,74 @@ def _key_metrics(rows: list[EvalResult], limit: int = 3) -> list[str]:
     return names[:limit]
 
 
-def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], labels: list[str]) -> dict[str, Any]:
-    return {
+def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], labels: list[str],
+         estimate=None) -> dict[str, Any]:
+    row = {
         "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "generation": candidate.generation,
         "operator": candidate.label, "parents": list(candidate.parents),
         "metrics": {k: result.metrics.get(k) for k in key_metrics},
         "extra": {label: _extra_value(data.extra[label].get(candidate.id)) for label in labels},
     }
+    if estimate is not None:
+        row["estimate"] = _estimate_dict(estimate)
+    return row
+
+
+def _render_validation(validation: dict[str, Any] | None, console) -> None:
+    """The end-of-run validation: held-out gain over the baseline of each validated loss."""
+    if not validation:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Validation on {validation.get('fitness')} ({validation.get('seeds')} fresh seeds, "
+                        f"paired with {validation.get('baseline')})")
+    for column in ("id", "name", "held-out gain", "± se", "worst task", "flag"):
+        table.add_column(column)
+    for row in validation.get("losses", []):
+        table.add_row(str(row["id"]), row["name"], _fmt(row.get("gain")), _fmt(row.get("gain_se")),
+                      _fmt(row.get("worst_task_gain")), row.get("flag") or "")
+    console.print(table)
+    if validation.get("verdict"):
+        console.print(validation["verdict"])
+
+
+def seed_estimates(data: RunData) -> dict[int, Any]:
+    """Per-candidate estimates over evaluation seeds, paired with the baseline seed
+    (:class:`engine.search.racing.Estimate`), when the run re-measured anything; else empty."""
+    if not any(len(scores) > 1 for scores in data.seed_scores.values()):
+        return {}
+    from engine.search.racing import Racing, RacingSettings
+
+    baseline = next((c.id for c in data.candidates.values() if data.baseline and c.is_seed
+                     and c.name == data.baseline), None)
+    racing = Racing(RacingSettings(confidence=float(data.config.get("confidence", 1.0))),
+                    int(data.config.get("eval_seed", 0) or 0), lambda: baseline, _floor(data))
+    for cid, scores in data.seed_scores.items():
+        for seed, value in scores.items():
+            racing.add(cid, seed, value)
+    return {cid: e for cid, e in racing.estimates().items() if e is not None}
+
+
+def _floor(data: RunData) -> float:
+    scores = [r.fitness for r in data.results.values() if r.ok]
+    return min(scores) if scores else 0.0
+
+
+def _estimate_dict(estimate) -> dict[str, Any] | None:
+    if estimate is None:
+        return None
+    return {"mean": estimate.mean, "gain": None if math.isnan(estimate.gain) else estimate.gain, "se": estimate.se,
+            "seeds": estimate.seeds, "lower": estimate.lower}
+
+
+def _validation_fields(validation: dict[str, Any] | None) -> dict[str, Any]:
+    """The end-of-run validation as summary fields (None when the run has none)."""
+    if not validation:
+        return {"validation": None, "validated_best_name": None, "validated_best_id": None,
+                "validated_gain": None, "validated_gain_se": None}
+    best = validation.get("best") or {}
+    return {"validation": validation, "validated_best_name": best.get("name"), "validated_best_id": best.get("id"),
+            "validated_gain": best.get("gain"), "validated_gain_se": best.get("gain_se")}
 
 
 def _extra_value(result: EvalResult | None) -> float | str | None:
@@ -244,17 +314,30 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
                    "gen", "operator"):
         table.add_column(_fmt(column))
     for row in summary["top"]:
+        estimate = row.get("estimate")
         delta = row["fitness"] - baseline if baseline is not None else None
-        table.add_row(str(row["id"]), _fmt(row["name"]), _fmt(row["fitness"]),
+        shown = _fmt(row["fitness"])
+        if estimate:  # mean over seeds ± standard error of the paired gain (seeds)
+            shown = f"{estimate['mean']:.4f}±{estimate['se']:.4f} ({estimate['seeds']})"
+            delta = estimate["gain"] if estimate["gain"] is not None else delta
+        table.add_row(str(row["id"]), _fmt(row["name"]), shown,
                       "-" if delta is None else f"{delta:+.4f}",
                       *(_fmt(row.get("metrics", {}).get(k)) for k in key_metrics),
                       *(_fmt(row.get("extra", {}).get(label)) for label in labels),
                       str(row["generation"]), row["operator"])
     console.print(table)
-    if baseline is not None and summary["best_fitness"] is not None:
+    best_estimate = summary.get("best_estimate")
+    if best_estimate and best_estimate.get("gain") is not None:
+        gain, se = best_estimate["gain"], best_estimate["se"]
+        verdict = "beats" if gain > 2 * se else "is not clearly better than"
+        console.print(f"best {summary['best_name']} (ranked by {summary['ranking']}): gain {gain:+.4f} ± {se:.4f} "
+                      f"over {best_estimate['seeds']} seeds; it {verdict} the {summary['baseline']} seed on the "
+                      "tasks selection saw")
+    elif baseline is not None and summary["best_fitness"] is not None:
         verdict = "beats" if summary["best_fitness"] > baseline else "does not beat"
         console.print(f"best {summary['best_name']} ({summary['best_fitness']:.4f}) {verdict} the "
                       f"{summary['baseline']} seed ({baseline:.4f})")
+    _render_validation(summary.get("validation"), console)
     for entry in summary.get("fidelity_ladder") or []:
         line = f"fidelity {entry['stage']}: {entry['ok']} of {entry['evaluated']} scored"
         if entry["best_fitness"] is not None:

@@ -129,12 +129,31 @@ class RunConfig:
         "tries per offspring slot when operators produce invalid or duplicate genomes"))
     code_size_bins: int = field(default=4, metadata=_help(
         "bins of the archive's code-size axis (0 drops the axis)"))
+    race_seeds: int = field(default=3, metadata=_help(
+        "noise-aware selection: extra evaluation seeds a candidate that could reach the top gets before it is "
+        "trusted (re-measured 1, then 2 more...; each paired with the baseline seed on the same seeds); elites, "
+        "parents and the best are then ranked by a lower confidence bound, not one draw (0: off; generational "
+        "mode)"))
+    race_budget: int = field(default=4, metadata=_help(
+        "re-measurements on fresh seeds per generation, the baseline's included"))
+    race_top: int = field(default=5, metadata=_help(
+        "how many of the best the re-measurements try to make sure of"))
+    confidence: float = field(default=1.0, metadata=_help(
+        "standard errors below the mean paired gain at which candidates are ranked (the lower confidence bound)"))
 
     def __post_init__(self) -> None:
         def positive(name: str, value: float) -> None:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
+        for name in ("race_budget", "race_top"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.race_seeds, int) or isinstance(self.race_seeds, bool) or self.race_seeds < 0:
+            raise ValueError(f"race_seeds must be a non-negative integer, got {self.race_seeds!r}")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or self.confidence < 0:
+            raise ValueError(f"confidence must be a number >= 0, got {self.confidence!r}")
         for name in ("pop", "workers", "tournament_size", "hof_size", "max_attempts", "bandit_window",
                      "llm_concurrency", "llm_max_tokens", "operator_failure_limit"):
             value = getattr(self, name)

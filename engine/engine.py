@@ -33,6 +33,7 @@ from engine.search.breeder import BreedingSettings, Breeder
 from engine.search.elites import ElitePool, EliteSettings, Individual
 from engine.search.generational import Generational
 from engine.search.population import Population, Tally
+from engine.search.racing import Racing, RacingSettings
 from operators.base import Context, Operator
 
 
@@ -66,7 +67,12 @@ class Engine:
         self.rng = random.Random(config.seed)
         self.tally = Tally()
         self.population = Population(store, self.labels, self.tally)
-        self.elites = ElitePool(config.cut(EliteSettings), self.stages, self.population, self.labels)
+        racing = config.cut(RacingSettings)
+        if config.asynchronous:
+            racing = dataclasses.replace(racing, race_seeds=0)  # steady state ranks by first scores
+        self.racing = Racing(racing, config.eval_seed, self._baseline_seed, self.fitness.fitness_floor)
+        self.elites = ElitePool(config.cut(EliteSettings), self.stages, self.population, self.labels,
+                                objective=self._objective)
         self.breeder = Breeder(config.cut(BreedingSettings), operators, self.population, self.elites, self.rng,
                                self.fitness.interface.arg_counts, self.tally, store)
         self.operators = self.breeder.operators
@@ -161,6 +167,19 @@ class Engine:
         return self.elites.context(self.fitness.interface, self.rng, list(self.tally.errors), self.generation,
                                    sequential=self.config.strategy == "sequential")
 
+    def _baseline_seed(self) -> int | None:
+        """The baseline seed's candidate id (scores are paired with it), or None."""
+        return self.population.seed_named(self.fitness.baseline) if self.fitness.baseline else None
+
+    def _objective(self, candidate_id: int, stage: int) -> float:
+        """What ranks a candidate on a stage: with racing, on the first stage, the lower
+        confidence bound of its paired gain (on the fitness scale); otherwise its score."""
+        if stage == 0 and self.racing.enabled:
+            estimate = self.racing.estimate(candidate_id)
+            if estimate is not None:
+                return estimate.lower
+        return self.stage_results[stage][candidate_id].fitness
+
     def baseline_id(self) -> int | None:
         """The baseline seed's candidate id when ``--promote-baseline`` takes it up a ladder."""
         if not (self.ladder and self.config.promote_baseline and self.fitness.baseline):
@@ -208,16 +227,46 @@ class Engine:
     def record(self, result: EvalResult) -> int:
         """Save one finished evaluation (committed before anything else happens); returns its stage."""
         stage = self.population.record(result)
+        if stage == 0 and result.ok:
+            self.racing.add(result.candidate_id, self.config.eval_seed, result.fitness)
         self.on_event("result" if stage == 0 else "stage_result", result)
         return stage
+
+    def record_seed(self, result: EvalResult, seed: int) -> None:
+        """Save a re-measurement of a candidate on evaluation seed ``seed`` (first stage)."""
+        self.store.add_evaluation(result, self.labels[0], eval_seed=seed)
+        self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
+        self.on_event("reseed", {"result": result, "seed": seed})
+
+    def race(self, executor) -> int:
+        """Re-measure the candidates that could reach the top on fresh seeds (one round, within
+        ``--race-budget``), then re-rank the elites. Returns the evaluations run."""
+        if not self.racing.enabled or self.draining:
+            return 0
+        eligible = {cid for cid, r in self.results.items() if r.ok}
+        plan = self.racing.due(eligible)
+        by_seed: dict[int, list[int]] = {}
+        for cid, seed in plan:
+            by_seed.setdefault(seed, []).append(cid)
+        for seed, ids in sorted(by_seed.items()):
+            if self.draining:
+                break
+            # One candidate at most once per executor call: a result names its candidate, not its seed.
+            tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
+            executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
+        return len(plan)
 
     def credit(self, members: list[Candidate]) -> None:
         """Credit the operators with how their offspring among ``members`` did."""
         self.breeder.credit(members, [e.fitness for e in self.elites.archives[0].elites()])
 
     def absorb(self, members: list[Candidate]) -> None:
-        """Put finished candidates into the grids and the hall of fame."""
-        self.elites.absorb(members)
+        """Put finished candidates into the grids and the hall of fame (with racing, every scored
+        candidate again: re-measurements move earlier candidates' bounds too)."""
+        if self.racing.enabled:
+            self.elites.rebuild()
+        else:
+            self.elites.absorb(members)
 
     def finish_generation(self, members: list[Candidate], state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Close a generation over ``members`` (already scored and absorbed): its logbook record,
@@ -267,6 +316,11 @@ class Engine:
         dedup tables, archive, hall of fame, logbook, counters and the random state."""
         candidates = self.population.restore()
         results = self.results
+        for cid, result in results.items():
+            if result.ok:
+                self.racing.add(cid, self.config.eval_seed, result.fitness)
+        for name, seed, result in self.store.seed_evaluations(self.labels[0]):
+            self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
         generations = self.store.generations()
         if self.config.asynchronous:
             # Steady state: results arrive in any order, so everything scored goes back into the

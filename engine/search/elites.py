@@ -7,7 +7,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from deap import base, tools
 
@@ -77,14 +77,23 @@ class ElitePool:
         labels: Each stage's name in the store.
     """
 
-    def __init__(self, settings: EliteSettings, stages: list, population, labels: list[str]) -> None:
+    def __init__(self, settings: EliteSettings, stages: list, population, labels: list[str],
+                 objective: Callable[[int, int], float] | None = None) -> None:
         self.settings = settings
         self.population = population
         self.labels = list(labels)
         self.spaces = [self.space_of(stage) for stage in stages]
-        self.archives = [MapElitesArchive(space, fitness_floor=stage.fitness_floor)
-                         for space, stage in zip(self.spaces, stages)]
-        self.hall_of_fame = tools.HallOfFame(settings.hof_size, similar=lambda a, b: a.candidate.id == b.candidate.id)
+        self.floors = [stage.fitness_floor for stage in stages]
+        #: What a candidate is ranked by on a stage: ``objective(candidate id, stage)``; by default
+        #: its score there (noise-aware runs rank by a lower confidence bound instead).
+        self.objective = objective or (lambda cid, stage: self.population.stage_results[stage][cid].fitness)
+        self._sizes: dict[int, float] = {}
+        self._empty()
+
+    def _empty(self) -> None:
+        self.archives = [MapElitesArchive(space, fitness_floor=floor) for space, floor in zip(self.spaces, self.floors)]
+        self.hall_of_fame = tools.HallOfFame(self.settings.hof_size,
+                                             similar=lambda a, b: a.candidate.id == b.candidate.id)
 
     def space_of(self, stage) -> list:
         """A stage's grid axes: the plug-in's descriptors plus the generic code-size axis."""
@@ -114,8 +123,8 @@ class ElitePool:
             for candidate in members:
                 result = self.population.stage_results[stage].get(candidate.id)
                 if result is not None and result.ok:
-                    descriptors = {**result.descriptors, CODE_SIZE: float(code_size(candidate.code))}
-                    entries.append((candidate.id, result.fitness, descriptors))
+                    descriptors = {**result.descriptors, CODE_SIZE: self._size(candidate)}
+                    entries.append((candidate.id, self.objective(candidate.id, stage), descriptors))
             # In id order within one batch: pyribs keeps the first of equal objectives in a cell,
             # as adding them one by one would.
             archive.add_many(entries)
@@ -123,7 +132,7 @@ class ElitePool:
         for candidate in members:
             top = self.population.top(candidate.id)
             if top is not None:
-                scored.append(Individual(candidate, top[1].fitness, top[0]))
+                scored.append(Individual(candidate, self.objective(candidate.id, top[0]), top[0]))
         if scored:
             known = {ind.candidate.id for ind in scored}
             # A candidate promoted since it entered keeps one entry, at its new level.
@@ -131,6 +140,17 @@ class ElitePool:
                 if self.hall_of_fame[index].candidate.id in known:
                     self.hall_of_fame.remove(index)
             self.hall_of_fame.update(scored)
+
+    def rebuild(self) -> None:
+        """Rebuild the grids and the hall of fame from every scored candidate (when what they are
+        ranked by changed: a re-measured candidate's bound moved)."""
+        self._empty()
+        self.absorb(list(self.population.candidates.values()))
+
+    def _size(self, candidate: Candidate) -> float:
+        if candidate.id not in self._sizes:
+            self._sizes[candidate.id] = float(code_size(candidate.code))
+        return self._sizes[candidate.id]
 
     # -- choosing parents -----------------------------------------------------------------------
     def parents(self) -> list[Individual]:

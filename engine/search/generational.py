@@ -77,6 +77,8 @@ class Generational:
                     engine.population.start(candidate.id, stage)
                 executor.run(UnlessDraining(engine, [(c.id, c.code, stage) for c in todo]), config.eval_seed,
                              engine.claim, engine.record)
+                if stage == 0:
+                    engine.race(executor)  # re-measure what could reach the top before it is trusted
             if engine.draining:
                 return
             self.tell([engine.results[c.id] for c in batch])

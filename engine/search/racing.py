@@ -1,0 +1,179 @@
+"""Noise-aware ranking: candidates that could reach the top are re-measured on fresh evaluation
+seeds before they are trusted (racing, in the manner of successive halving over seeds), every
+score is paired with the baseline's on the same seed, and what ranks elites, parents and the
+reported best is a lower confidence bound of that paired difference, not one draw.
+
+A fitness measured once is a draw from a distribution over evaluation seeds (problem
+instances, initialisations). When its spread is the size of the gains the search reports,
+selecting on single draws climbs the noise: the winners are the lucky draws. Pairing with the
+baseline on the same seed removes the part of the noise both share (an easy instance is easy
+for every loss); the lower bound makes a candidate with one lucky seed rank below one that
+gained on four.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+#: Fresh evaluation seeds for re-measurements are ``eval_seed + SEED_STRIDE * k`` (k = 1, 2, ...),
+#: far from the consecutive seeds a plug-in may use inside one evaluation.
+SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True)
+class RacingSettings:
+    """What racing reads of the run's settings (fields of :class:`engine.config.RunConfig`)."""
+
+    race_seeds: int = 3
+    race_budget: int = 6
+    race_top: int = 5
+    confidence: float = 1.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the run knows of a candidate's fitness.
+
+    Attributes:
+        mean: Mean fitness over its evaluation seeds.
+        gain: Mean paired difference to the baseline on the seeds both were scored on.
+        se: Standard error of ``gain`` (with one seed: the run's pooled spread of paired
+            differences, or 0 before any candidate has two).
+        seeds: Evaluation seeds it was scored on.
+        lower: ``baseline mean + gain - confidence * se``: a conservative fitness on the
+            plug-in's own scale, what elites, parents and the best are ranked by.
+        upper: The same with ``+ confidence * se``.
+    """
+
+    mean: float
+    gain: float
+    se: float
+    seeds: int
+    lower: float
+    upper: float
+
+
+class Racing:
+    """Per-seed scores of the run's candidates and the estimates made from them.
+
+    Args:
+        settings: Seeds per candidate, re-measurements per generation, confidence.
+        eval_seed: The run's own evaluation seed (every candidate's first score).
+        baseline: Returns the baseline seed's candidate id (None: no pairing).
+        floor: The score a failed re-measurement counts as (the plug-in's fitness floor).
+    """
+
+    def __init__(self, settings: RacingSettings, eval_seed: int, baseline: Callable[[], int | None],
+                 floor: float) -> None:
+        self.settings = settings
+        self.eval_seed = eval_seed
+        self.baseline = baseline
+        self.floor = floor
+        self.samples: dict[int, dict[int, float]] = {}
+        self._pooled: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.race_seeds > 0
+
+    def fresh_seed(self, k: int) -> int:
+        return self.eval_seed + SEED_STRIDE * k
+
+    def add(self, candidate_id: int, seed: int, fitness: float | None) -> None:
+        """One score (None: the evaluation failed on that seed and counts as the floor)."""
+        value = self.floor if fitness is None or not math.isfinite(fitness) else float(fitness)
+        self.samples.setdefault(candidate_id, {})[int(seed)] = value
+        self._pooled = None
+
+    def seeds_of(self, candidate_id: int) -> int:
+        return len(self.samples.get(candidate_id, {}))
+
+    # -- estimates ------------------------------------------------------------------------------
+    def _differences(self, candidate_id: int) -> list[float]:
+        own = self.samples.get(candidate_id, {})
+        base_id = self.baseline()
+        base = self.samples.get(base_id, {}) if base_id is not None else {}
+        if base_id is None or not base:
+            return list(own.values())
+        return [own[s] - base[s] for s in sorted(own) if s in base]
+
+    def pooled_sd(self) -> float:
+        """The spread of paired differences, pooled over candidates scored on two seeds or more."""
+        if self._pooled is not None:
+            return self._pooled
+        squares, dof = 0.0, 0
+        for cid in self.samples:
+            diffs = self._differences(cid)
+            if len(diffs) >= 2:
+                mean = statistics.fmean(diffs)
+                squares += sum((d - mean) ** 2 for d in diffs)
+                dof += len(diffs) - 1
+        self._pooled = math.sqrt(squares / dof) if dof else 0.0
+        return self._pooled
+
+    def estimate(self, candidate_id: int, pooled: float | None = None) -> Estimate | None:
+        own = self.samples.get(candidate_id)
+        if not own:
+            return None
+        base_id = self.baseline()
+        base = self.samples.get(base_id, {}) if base_id is not None else {}
+        diffs = self._differences(candidate_id)
+        paired = base_id is not None and bool(base) and bool(diffs)
+        if not diffs:  # no seed in common with the baseline yet: its first seed stands alone
+            diffs = [own[s] - base.get(s, own[s]) for s in own] if paired else list(own.values())
+        gain = statistics.fmean(diffs)
+        if len(diffs) >= 2:
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        else:
+            se = self.pooled_sd() if pooled is None else pooled
+        centre = (statistics.fmean(base.values()) + gain) if paired else gain
+        z = self.settings.confidence
+        return Estimate(mean=statistics.fmean(own.values()), gain=gain if paired else math.nan, se=se,
+                        seeds=len(own), lower=centre - z * se, upper=centre + z * se)
+
+    def estimates(self) -> dict[int, Estimate]:
+        pooled = self.pooled_sd()
+        return {cid: self.estimate(cid, pooled) for cid in self.samples}
+
+    # -- what to measure next -------------------------------------------------------------------
+    def due(self, eligible: set[int]) -> list[tuple[int, int]]:
+        """The re-measurements of the next round, ``(candidate id, seed)``: candidates of
+        ``eligible`` (scored successfully on the first stage) whose upper bound reaches the lower
+        bound of the ``race_top``-th best, fewest seeds first among equals, each taken to twice
+        its seeds (successive halving over seeds), within ``race_budget`` evaluations; the
+        baseline is measured on every seed a contender gets, so each score stays paired."""
+        if not self.enabled:
+            return []
+        most = 1 + self.settings.race_seeds
+        estimates = {cid: e for cid, e in self.estimates().items() if cid in eligible and e is not None}
+        if not estimates:
+            return []
+        ranked = sorted(estimates.values(), key=lambda e: e.lower, reverse=True)
+        bar = ranked[min(self.settings.race_top, len(ranked)) - 1].lower
+        base_id = self.baseline()
+        contenders = sorted(
+            (cid for cid, e in estimates.items() if e.seeds < most and e.upper >= bar and cid != base_id),
+            key=lambda cid: (-estimates[cid].upper, cid),
+        )
+        budget = self.settings.race_budget
+        plan: list[tuple[int, int]] = []
+        base_seeds = set(self.samples.get(base_id, {})) if base_id is not None else set()
+        for cid in contenders:
+            have = self.samples[cid]
+            want = min(2 * len(have), most) - len(have)
+            new = []
+            k = 1
+            while len(new) < want:
+                seed = self.fresh_seed(k)
+                if seed not in have:
+                    new.append(seed)
+                k += 1
+            extra_base = [s for s in new if base_id is not None and s not in base_seeds]
+            if len(plan) + len(new) + len(extra_base) > budget:
+                break
+            plan.extend((cid, s) for s in new)
+            plan.extend((base_id, s) for s in extra_base)
+            base_seeds.update(extra_base)
+        return plan
