@@ -8,11 +8,12 @@ this module holds the first and the inner part of the third:
 1. **The static check** (:func:`check_genome`) runs on the syntax tree only; the driver never
    executes a genome. Only ``torch.X``, ``torch.linalg.X``, ``torch.special.X``, ``F.X``
    (``torch.nn.functional``, also spelled ``torch.nn.functional.X``) and ``math.X`` from the
-   curated lists of :mod:`engine.allowlist` may be named; ``torch``, ``F`` and ``math`` may appear nowhere else (no aliasing, no chains
-   through modules such as ``torch.builtins``). Other attributes must be on the tensor
-   allow-list (no autograd internals, storage, hooks or in-place methods), no name or
-   attribute starts with ``_``, and a short list of constructs is refused outright (classes,
-   decorators, ``try``, ``with``, ``global``, walrus, f-strings, ``match``, generators).
+   curated lists of :mod:`engine.allowlist` may be named; ``torch``, ``F`` and ``math`` may
+   appear nowhere else (no aliasing, no chains through modules such as ``torch.builtins``).
+   Other attributes must be on the tensor allow-list (no autograd internals, storage, hooks
+   or in-place methods), no name or attribute starts with ``_``, and a short list of
+   constructs is refused outright (classes, decorators, ``try``, ``with``, ``global``, walrus,
+   f-strings, ``match``, generators).
 2. **Restricted namespaces** (:func:`compile_genome`): the compiled function sees ``torch``,
    ``F`` and ``math`` as read-only proxies that expose only the allow-listed names, and
    ``__builtins__`` holds only the safe builtins, so a gap in the checker still cannot reach

@@ -165,8 +165,11 @@ def test_every_shipped_seed_passes_the_check_and_its_contract():
     labels = {label.split(":")[0] for label, _, _ in seeds}
     assert {"synthetic-pref", "dpo", "cifar10", "example", "fixture"} <= labels
     for label, interface, code in seeds:
-        check_genome(code, interface.arg_counts)
-        interface.check(compile_genome(code, interface.arg_counts))  # runs in the restricted namespace
+        try:
+            check_genome(code, interface.arg_counts)
+            interface.check(compile_genome(code, interface.arg_counts))  # runs in the restricted namespace
+        except GenomeError as exc:
+            raise AssertionError(f"seed {label}: {exc}") from exc
 
 
 # -- the driver never crashes on a genome -----------------------------------------------------
