@@ -9,7 +9,13 @@
    (``--compare-with DIR``, e.g. a ``git archive`` of an older commit), alternating the two
    ``--repeats`` times so both see the same machine load; prints each ratio and the median.
 
+3. With ``--fork-versus-in-process``: in this checkout, the CPU time per evaluation through the
+   warm worker's path (fresh process, artefacts, trusted scoring, sweep) over that of both phases
+   in one process (what a worker did before): the cost of the fresh process and the split alone,
+   apart from other changes between checkouts (such as the genome's input relay).
+
 Usage: python benchmarks/fork_cost.py [--forks 200] [--evals 8] [--repeats 3] [--compare-with DIR]
+       python benchmarks/fork_cost.py --skip-fork --fork-versus-in-process [--evals 8] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -92,6 +98,53 @@ def fork_cost(forks: int) -> tuple[float, float]:
     return statistics.median(times) * 1000, (cpu() - cpu_start) / forks * 1000
 
 
+def fork_versus_in_process(evals: int, repeats: int) -> list[float]:
+    """CPU time per evaluation of the DPO seed on synthetic-pref through the warm worker's path
+    (a fresh process per genome, artefacts through safetensors, trusted scoring, sweep) divided
+    by that of both phases in one process (what a worker did before): same code, same genome
+    layer, alternating, so the ratio is the cost of the fresh process and the split alone."""
+    sys.path.insert(0, str(ROOT))
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    from engine import genome
+    from engine.evaluation import run_candidate
+    from engine.worker import evaluate_in_child
+    from fitness.preference import preference_seeds
+    from fitness.synthetic_pref import SyntheticPreference
+
+    code = next(s.code for s in preference_seeds() if s.name == "dpo")
+    fitness = SyntheticPreference()
+    fitness.prepare(0)
+    genome.warm_up()
+
+    def cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def forked() -> float:
+        return evaluate_in_child(fitness, [fitness], {"candidate_id": 0, "code": code, "seed": 0}, None).fitness
+
+    def in_process() -> float:
+        return run_candidate(fitness, 0, code, 0).fitness
+
+    assert forked() == in_process()  # and warms both paths up
+    ratios = []
+    for _ in range(repeats):
+        spent = {}
+        for name, path in (("fork", forked), ("in-process", in_process)):
+            start = cpu()
+            for _ in range(evals):
+                path()
+            spent[name] = (cpu() - start) / evals
+        ratios.append(spent["fork"] / spent["in-process"])
+        print(f"  fork {spent['fork']:.3f} s CPU, in-process {spent['in-process']:.3f} s CPU per evaluation: "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forks", type=int, default=200)
@@ -99,10 +152,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR")
     parser.add_argument("--skip-fork", action="store_true")
+    parser.add_argument("--fork-versus-in-process", action="store_true",
+                        help="instead of 2: the fork path against both phases in one process, same checkout")
     args = parser.parse_args()
     if not args.skip_fork:
         wall, cpu = fork_cost(args.forks)
         print(f"fork per evaluation: {wall:.1f} ms wall (median of {args.forks}), {cpu:.1f} ms CPU (mean)")
+    if args.fork_versus_in_process:
+        ratios = fork_versus_in_process(args.evals, args.repeats)
+        print(f"fresh process per genome vs both phases in one process, CPU: median ratio "
+              f"{statistics.median(ratios):.3f} over {len(ratios)} repeats")
+        return
     ratios, cpu_ratios = [], []
     for repeat in range(args.repeats):
         now = per_evaluation(ROOT, args.evals)
