@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from engine.genome import GenomeError, is_out_of_memory
+from engine.helpers import round_significant
 
 
 @dataclass(frozen=True)
@@ -342,16 +343,8 @@ class Interface:
             if tensor.requires_grad:
                 grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
                 values.extend(float(v) for v in grad.flatten())
-        text = ",".join(_round_significant(v, digits) for v in values)
+        text = ",".join(format(round_significant(v, digits, zero_below=1e-9), f".{digits}g") for v in values)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _round_significant(value: float, digits: int) -> str:
-    if not math.isfinite(value):
-        return str(value)
-    if abs(value) < 1e-9:
-        return "0"
-    return f"{value:.{digits}g}"
 
 
 def losses_of(output: Any) -> Any:

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, int, str]] = [
     # leaves: records, genome safety, contracts, process helpers
     ("engine.candidate", 0, "leaf"), ("engine.statuses", 0, "leaf"), ("engine.genome", 0, "leaf"),
     ("engine.allowlist", 0, "leaf"), ("engine.processes", 0, "leaf"), ("engine.settings", 0, "leaf"),
+    ("engine.helpers", 0, "leaf"),
     ("fitness.base", 0, "leaf"), ("operators.base", 0, "leaf"),
     # plug-ins and the archive: import only the leaves
     ("operators", 1, "operators"), ("operators.*", 1, "operators"),

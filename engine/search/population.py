@@ -5,18 +5,12 @@ breeder and the elites."""
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.candidate import Candidate, EvalResult, Status
 from engine.genome import GenomeError, check_genome, code_hash
-
-
-def identifier(name: str, fallback: str = "loss") -> str:
-    """A candidate's name as a Python identifier (what operators proposed, made safe)."""
-    name = re.sub(r"\W+", "_", str(name)).strip("_")[:48] or fallback
-    return f"l_{name}" if name[0].isdigit() else name
+from engine.helpers import identifier
 
 
 @dataclass

@@ -34,11 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.helpers import field_help
 from fitness.cifar10.networks import ARCH_WIDTHS
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -46,33 +43,36 @@ class Recipe:
     """How a candidate loss is trained and scored. The defaults are the ``cpu`` preset; any
     field can be overridden by name with ``--fitness-opt FIELD=VALUE``."""
 
-    arch: str = field(default="cnn", metadata=_help("network: resnet18, airbench or cnn (transfer checks)"))
-    width: int | None = field(default=None, metadata=_help("base channel width (default: the network's own)"))
-    epochs: int = field(default=3, metadata=_help("passes over the training images"))
-    batch_size: int = field(default=64, metadata=_help("training batch size (the last partial batch is dropped)"))
-    lr: float = field(default=0.05, metadata=_help("peak SGD learning rate for the mean of the per-example losses"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
-    nesterov: bool = field(default=True, metadata=_help("Nesterov momentum"))
-    weight_decay: float = field(default=5e-4, metadata=_help("SGD weight decay"))
-    norm_lr_scale: float = field(default=1.0, metadata=_help(
+    arch: str = field(default="cnn", metadata=field_help("network: resnet18, airbench or cnn (transfer checks)"))
+    width: int | None = field(default=None, metadata=field_help("base channel width (default: the network's own)"))
+    epochs: int = field(default=3, metadata=field_help("passes over the training images"))
+    batch_size: int = field(default=64, metadata=field_help("training batch size (the last partial batch is dropped)"))
+    lr: float = field(default=0.05, metadata=field_help(
+        "peak SGD learning rate for the mean of the per-example losses"))
+    momentum: float = field(default=0.9, metadata=field_help("SGD momentum"))
+    nesterov: bool = field(default=True, metadata=field_help("Nesterov momentum"))
+    weight_decay: float = field(default=5e-4, metadata=field_help("SGD weight decay"))
+    norm_lr_scale: float = field(default=1.0, metadata=field_help(
         "learning-rate factor of batch-norm parameters (their weight decay is divided by it)"))
-    schedule: str = field(default="triangle", metadata=_help(
+    schedule: str = field(default="triangle", metadata=field_help(
         "learning-rate schedule over the run: cosine (to zero), triangle (0.2 -> 1 at 23% -> 0.07) or constant"))
-    flip: bool = field(default=True, metadata=_help("random horizontal flips"))
-    translate: int = field(default=2, metadata=_help("random translations by up to this many pixels (0: none)"))
-    pad_mode: str = field(default="reflect", metadata=_help("padding of translations: reflect or constant (zeros)"))
-    train_size: int | None = field(default=5000, metadata=_help(
+    flip: bool = field(default=True, metadata=field_help("random horizontal flips"))
+    translate: int = field(default=2, metadata=field_help("random translations by up to this many pixels (0: none)"))
+    pad_mode: str = field(default="reflect", metadata=field_help(
+        "padding of translations: reflect or constant (zeros)"))
+    train_size: int | None = field(default=5000, metadata=field_help(
         "training images used (None: all not held out)"))
-    val_size: int = field(default=2000, metadata=_help("training images held out for scoring (split=val)"))
-    device: str = field(default="cpu", metadata=_help("auto (cuda if available), cpu, cuda or cuda:N"))
-    amp: Any = field(default="auto", metadata=_help("bf16 autocast: auto (on CUDA only), true or false"))
-    compile: Any = field(default=False, metadata=_help("torch.compile the network: auto (on CUDA only), true or false"))
-    channels_last: Any = field(default="auto", metadata=_help(
+    val_size: int = field(default=2000, metadata=field_help("training images held out for scoring (split=val)"))
+    device: str = field(default="cpu", metadata=field_help("auto (cuda if available), cpu, cuda or cuda:N"))
+    amp: Any = field(default="auto", metadata=field_help("bf16 autocast: auto (on CUDA only), true or false"))
+    compile: Any = field(default=False, metadata=field_help(
+        "torch.compile the network: auto (on CUDA only), true or false"))
+    channels_last: Any = field(default="auto", metadata=field_help(
         "channels_last memory format: auto (on CUDA only), true or false"))
-    deterministic: bool = field(default=False, metadata=_help("deterministic cuDNN algorithms on a GPU (slower)"))
-    check_every: int | None = field(default=None, metadata=_help(
+    deterministic: bool = field(default=False, metadata=field_help("deterministic cuDNN algorithms on a GPU (slower)"))
+    check_every: int | None = field(default=None, metadata=field_help(
         "training steps between checks for a non-finite loss (default: every step on a CPU, 25 on a GPU)"))
-    eval_batch_size: int = field(default=1000, metadata=_help("batch size when scoring"))
+    eval_batch_size: int = field(default=1000, metadata=field_help("batch size when scoring"))
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.helpers import field_help
+
 #: Scorers, by the name of the ``scorer`` option.
 SCORERS = ("heldout", "mtbench", "reward-model")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -25,121 +27,117 @@ STRATEGIES = ("ddp", "zero3", "fsdp")
 LAUNCH_OPTIONS = ("num_processes", "distributed", "accelerate_config")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class DPOSettings:
     """Everything one DPO evaluation needs. Field metadata holds the help text."""
 
     # -- model and data -------------------------------------------------------------------
-    model: str = field(default="tiny", metadata=_help(
+    model: str = field(default="tiny", metadata=field_help(
         "policy (and reference) model: a Hugging Face model name or a local folder, loaded with "
         "AutoModelForCausalLM.from_pretrained; 'tiny' builds a small GPT-2 from a config with a "
         "locally trained tokenizer (CPU, seconds)"))
-    model_revision: str | None = field(default=None, metadata=_help("model revision (branch, tag or commit)"))
-    tokenizer: str | None = field(default=None, metadata=_help("tokenizer name or folder (default: the model's)"))
-    chat_template: str | None = field(default=None, metadata=_help(
+    model_revision: str | None = field(default=None, metadata=field_help("model revision (branch, tag or commit)"))
+    tokenizer: str | None = field(default=None, metadata=field_help("tokenizer name or folder (default: the model's)"))
+    chat_template: str | None = field(default=None, metadata=field_help(
         "Jinja chat template replacing the tokenizer's (for models without one)"))
-    dataset: str = field(default="tiny-parity", metadata=_help(
+    dataset: str = field(default="tiny-parity", metadata=field_help(
         "preference data: a Hugging Face dataset name, a local .json/.jsonl/.parquet file, or "
         "'tiny-parity' (generated pairs following a learnable rule)"))
-    dataset_config: str | None = field(default=None, metadata=_help("dataset configuration (subset) name"))
-    train_split: str = field(default="train", metadata=_help("split used for training"))
-    heldout_split: str | None = field(default="test", metadata=_help(
+    dataset_config: str | None = field(default=None, metadata=field_help("dataset configuration (subset) name"))
+    train_split: str = field(default="train", metadata=field_help("split used for training"))
+    heldout_split: str | None = field(default="test", metadata=field_help(
         "split holding held-out pairs; when missing (or for a local file) held-out pairs are taken "
         "from the training split"))
-    train_size: int = field(default=0, metadata=_help("training pairs used (0: all)"))
-    heldout_size: int = field(default=256, metadata=_help("held-out pairs scored by the heldout scorer"))
-    data_seed: int = field(default=0, metadata=_help(
+    train_size: int = field(default=0, metadata=field_help("training pairs used (0: all)"))
+    heldout_size: int = field(default=256, metadata=field_help("held-out pairs scored by the heldout scorer"))
+    data_seed: int = field(default=0, metadata=field_help(
         "seed of data sub-sampling and of the tiny model's initialisation; fixed across candidates so "
         "that every candidate sees the same data and reference"))
 
     # -- training (TRL DPOConfig / transformers TrainingArguments) ---------------------------
-    beta: float = field(default=0.05, metadata=_help("DPO beta, the value the loss sees as self.beta"))
-    learning_rate: float = field(default=5e-7, metadata=_help("peak learning rate"))
-    epochs: float = field(default=2.0, metadata=_help("training epochs"))
-    max_steps: int = field(default=-1, metadata=_help("stop after this many optimiser steps (-1: epochs decide)"))
-    per_device_batch: int = field(default=2, metadata=_help("pairs per device per forward pass"))
-    grad_accumulation: int = field(default=8, metadata=_help("gradient accumulation steps"))
-    lr_scheduler: str = field(default="cosine", metadata=_help("transformers learning-rate schedule name"))
-    warmup_ratio: float = field(default=0.1, metadata=_help("share of steps used for linear warm-up"))
-    optimizer: str = field(default="adamw_torch", metadata=_help("transformers optimiser name (optim)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
-    precision: str = field(default="bf16", metadata=_help("fp32, bf16 or fp16 (mixed precision)"))
-    model_dtype: str = field(default="float32", metadata=_help(
+    beta: float = field(default=0.05, metadata=field_help("DPO beta, the value the loss sees as self.beta"))
+    learning_rate: float = field(default=5e-7, metadata=field_help("peak learning rate"))
+    epochs: float = field(default=2.0, metadata=field_help("training epochs"))
+    max_steps: int = field(default=-1, metadata=field_help("stop after this many optimiser steps (-1: epochs decide)"))
+    per_device_batch: int = field(default=2, metadata=field_help("pairs per device per forward pass"))
+    grad_accumulation: int = field(default=8, metadata=field_help("gradient accumulation steps"))
+    lr_scheduler: str = field(default="cosine", metadata=field_help("transformers learning-rate schedule name"))
+    warmup_ratio: float = field(default=0.1, metadata=field_help("share of steps used for linear warm-up"))
+    optimizer: str = field(default="adamw_torch", metadata=field_help("transformers optimiser name (optim)"))
+    weight_decay: float = field(default=0.0, metadata=field_help("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=field_help("gradient clipping norm"))
+    precision: str = field(default="bf16", metadata=field_help("fp32, bf16 or fp16 (mixed precision)"))
+    model_dtype: str = field(default="float32", metadata=field_help(
         "dtype the model's weights are loaded in: float32 (master weights for bf16/fp16 mixed precision), "
         "bfloat16 or float16. Without DeepSpeed's fp32 master copy, AdamW on bf16 weights loses updates "
         "as small as lr 5e-7 gives"))
-    gradient_checkpointing: bool = field(default=True, metadata=_help("recompute activations to save memory"))
-    max_length: int | None = field(default=1024, metadata=_help("tokens per prompt+response (None: no limit)"))
-    max_prompt_length: int | None = field(default=512, metadata=_help(
+    gradient_checkpointing: bool = field(default=True, metadata=field_help("recompute activations to save memory"))
+    max_length: int | None = field(default=1024, metadata=field_help("tokens per prompt+response (None: no limit)"))
+    max_prompt_length: int | None = field(default=512, metadata=field_help(
         "prompt tokens kept when prompt+response exceeds max_length (the end of the prompt is kept and "
         "responses are cut to max_length - max_prompt_length, as TRL < 0.20 did; TRL 1.16 has no such "
         "option, so the plug-in applies it)"))
-    ref_batch_size: int | None = field(default=None, metadata=_help(
+    ref_batch_size: int | None = field(default=None, metadata=field_help(
         "pairs per forward pass when computing reference log-probabilities (default: per_device_batch)"))
-    logging_steps: int = field(default=10, metadata=_help("optimiser steps between TRL metric logs"))
+    logging_steps: int = field(default=10, metadata=field_help("optimiser steps between TRL metric logs"))
 
     # -- where training runs ------------------------------------------------------------------
-    launcher: str = field(default="inprocess", metadata=_help(
+    launcher: str = field(default="inprocess", metadata=field_help(
         "inprocess (train inside the evaluation worker, one device) or accelerate (write the loss to a "
         "temporary folder and train with `accelerate launch -m fitness.dpo.rank` over num_processes "
         "processes, which also compute the held-out score; the mtbench and reward-model scorers then run "
         "in the worker on the saved policy)"))
-    num_processes: int = field(default=1, metadata=_help(
+    num_processes: int = field(default=1, metadata=field_help(
         "training processes the accelerate launcher starts (one per GPU; on a machine without GPUs, CPU "
         "processes that synchronise over gloo)"))
-    distributed: str = field(default="ddp", metadata=_help(
+    distributed: str = field(default="ddp", metadata=field_help(
         "how the accelerate launcher shares the work: ddp (a model copy per process), zero3 (DeepSpeed "
         "ZeRO-3: parameters, gradients and optimiser state sharded; needs `pip install deepspeed` and "
         "GPUs) or fsdp (PyTorch FSDP, full shard; GPUs)"))
-    accelerate_config: str | None = field(default=None, metadata=_help(
+    accelerate_config: str | None = field(default=None, metadata=field_help(
         "an accelerate config file used instead of the generated one (multi-node runs, offloading); it "
         "must agree with num_processes, precision, per_device_batch and grad_accumulation"))
 
     # -- scoring --------------------------------------------------------------------------
-    scorer: str = field(default="heldout", metadata=_help(
+    scorer: str = field(default="heldout", metadata=field_help(
         "heldout (held-out preference accuracy and implicit reward margins; offline), mtbench "
         "(MT-Bench with an LLM judge) or reward-model (a classifier's reward and the KL to the reference)"))
-    cache_dir: str | None = field(default=None, metadata=_help(
+    cache_dir: str | None = field(default=None, metadata=field_help(
         "folder for cached reference log-probabilities and judge replies (default: $EVOLOSS_CACHE or "
         "~/.cache/evoloss/dpo)"))
 
     # MT-Bench
-    mtbench_questions: str = field(default="HuggingFaceH4/mt_bench_prompts", metadata=_help(
+    mtbench_questions: str = field(default="HuggingFaceH4/mt_bench_prompts", metadata=field_help(
         "MT-Bench questions: FastChat's question.jsonl (a local file) or the Hugging Face mirror name"))
-    mtbench_references: str | None = field(default=None, metadata=_help(
+    mtbench_references: str | None = field(default=None, metadata=field_help(
         "FastChat reference answers (reference_answer/gpt-4.jsonl) for math, reasoning and coding; "
         "default: the questions' own 'reference' field"))
-    mtbench_limit: int = field(default=0, metadata=_help("score only the first N questions (0: all)"))
-    judge: str = field(default="openai:gpt-4", metadata=_help(
+    mtbench_limit: int = field(default=0, metadata=field_help("score only the first N questions (0: all)"))
+    judge: str = field(default="openai:gpt-4", metadata=field_help(
         "judge model: openai:MODEL, anthropic:MODEL, or openai:MODEL@URL / anthropic:MODEL@URL for a "
         "compatible server"))
-    judge_repeats: int = field(default=1, metadata=_help("judgments averaged per answer (judge noise)"))
-    judge_temperature: float = field(default=0.0, metadata=_help("judge sampling temperature (FastChat: 0)"))
-    judge_max_tokens: int = field(default=2048, metadata=_help("judge reply tokens (FastChat: 2048)"))
-    judge_timeout: float = field(default=120.0, metadata=_help("seconds per judge request"))
-    judge_retries: int = field(default=6, metadata=_help(
+    judge_repeats: int = field(default=1, metadata=field_help("judgments averaged per answer (judge noise)"))
+    judge_temperature: float = field(default=0.0, metadata=field_help("judge sampling temperature (FastChat: 0)"))
+    judge_max_tokens: int = field(default=2048, metadata=field_help("judge reply tokens (FastChat: 2048)"))
+    judge_timeout: float = field(default=120.0, metadata=field_help("seconds per judge request"))
+    judge_retries: int = field(default=6, metadata=field_help(
         "retries of a judge request on 429, 5xx, timeouts and connection errors (the client's backoff)"))
-    judge_parse_retries: int = field(default=2, metadata=_help(
+    judge_parse_retries: int = field(default=2, metadata=field_help(
         "extra judge calls when a reply has no [[rating]]; still none: the turn is left out and counted"))
-    judge_api_key_file: str | None = field(default=None, metadata=_help(
+    judge_api_key_file: str | None = field(default=None, metadata=field_help(
         "file holding the judge's API key; evaluation workers never receive API keys from the "
         "environment, so use this (or --executor serial) for a keyed judge"))
-    answer_max_new_tokens: int = field(default=1024, metadata=_help("tokens per MT-Bench answer (FastChat: 1024)"))
-    generation_batch_size: int = field(default=16, metadata=_help("prompts generated at once"))
+    answer_max_new_tokens: int = field(default=1024, metadata=field_help("tokens per MT-Bench answer (FastChat: 1024)"))
+    generation_batch_size: int = field(default=16, metadata=field_help("prompts generated at once"))
 
     # Reward model
-    reward_model: str = field(default="lvwerra/distilbert-imdb", metadata=_help(
+    reward_model: str = field(default="lvwerra/distilbert-imdb", metadata=field_help(
         "sequence classifier scoring generations (name or folder)"))
-    reward_label: str = field(default="POSITIVE", metadata=_help(
+    reward_label: str = field(default="POSITIVE", metadata=field_help(
         "the classifier's label to reward (name in id2label, or an index); reward = its log-odds"))
-    reward_prompts: int = field(default=128, metadata=_help("held-out prompts generated from"))
-    reward_max_new_tokens: int = field(default=48, metadata=_help("tokens generated per prompt"))
-    kl_penalty: float = field(default=0.0, metadata=_help(
+    reward_prompts: int = field(default=128, metadata=field_help("held-out prompts generated from"))
+    reward_max_new_tokens: int = field(default=48, metadata=field_help("tokens generated per prompt"))
+    kl_penalty: float = field(default=0.0, metadata=field_help(
         "fitness = mean reward - kl_penalty * KL(policy || reference); the KL is always reported"))
 
     def __post_init__(self) -> None:

@@ -38,12 +38,6 @@ def log_uniform(rng: random.Random, low: float, high: float) -> float:
     return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
-def round_significant(value: float, digits: int) -> float:
-    if value == 0 or not math.isfinite(value):
-        return float(value)
-    return float(f"{value:.{digits}g}")
-
-
 def tag_number(value: float) -> str:
     return f"{abs(value):g}".replace(".", "p").replace("-", "m").replace("+", "")
 

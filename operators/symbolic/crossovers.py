@@ -13,9 +13,10 @@ import ast
 import copy
 import random
 
+from engine.helpers import round_significant
 from operators.symbolic.ast_helpers import (
     SECOND_PARENT_SUFFIX, Canonical, NotApplicable, Skip, all_names, assigned_values, data_params, fresh_name,
-    loaded_names, log_uniform, node_count, param_names, parent_map, replace_node, round_significant, single_target,
+    loaded_names, log_uniform, node_count, param_names, parent_map, replace_node, single_target,
     snippet, stored_names, varying_names, weighted_pick,
 )
 from operators.symbolic.sites import (

@@ -23,9 +23,10 @@ import copy
 import math
 import random
 
+from engine.helpers import round_significant
 from operators.symbolic.ast_helpers import (
     NotApplicable, Skip, assigned_values, beta_expression, data_params, loaded_names, log_uniform, mentions_beta,
-    parent_map, replace_node, round_significant, snippet, tag_number, varying_names, walk_body, weighted_pick,
+    parent_map, replace_node, snippet, tag_number, varying_names, walk_body, weighted_pick,
 )
 from operators.symbolic.sites import (
     INCREASING, PRIMITIVES, as_primitive, constant_sites, flatten_sum, loss_chains, loss_site, margin_candidates,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import keyword
 import math
 import random
 import re
@@ -16,7 +15,8 @@ from typing import Any
 from collections.abc import Callable
 
 from engine.candidate import Candidate
-from engine.genome import FORBIDDEN_NAMES, SAFE_BUILTINS, GenomeError, check_genome, code_hash
+from engine.genome import GenomeError, check_genome, code_hash
+from engine.helpers import identifier
 from operators.base import Context, Offspring, Operator, OperatorError
 from operators.symbolic.ast_helpers import (
     NotApplicable, Skip, data_params, node_count, param_names, parse_function, render, safe_hash, strip_docstring,
@@ -292,7 +292,7 @@ class SymbolicOperator(Operator):
         suffix = "_".join(tags)
         budget = self.max_name_length - len(suffix) - (1 if suffix else 0)
         root = root[:max(budget, 3)].rstrip("_") or "loss"
-        return _identifier(f"{root}_{suffix}" if suffix else root, self.max_name_length)
+        return identifier(f"{root}_{suffix}" if suffix else root, self.max_name_length)
 
     def _crossover_name(self, name_a: str, name_b: str, tag: str) -> str:
         root_a = _root(name_a).split("_x_")[0]
@@ -301,7 +301,7 @@ class SymbolicOperator(Operator):
         if len(root_a) + len(root_b) > budget:
             half = max(budget // 2, 2)
             root_a, root_b = root_a[:half].rstrip("_"), root_b[:half].rstrip("_")
-        return _identifier(f"{root_a}_x_{root_b}_{tag}", self.max_name_length)
+        return identifier(f"{root_a}_x_{root_b}_{tag}", self.max_name_length)
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -356,16 +356,6 @@ _TAG = re.compile(
     r"^(c\d[\dpem]*|w\d[\dpem]*|p?(logsigmoid|softplus|exp|sigmoid|tanh|relu|square|abs)"
     r"|drop|blend|gate|splice)$"
 )
-
-
-def _identifier(text: str, limit: int) -> str:
-    text = re.sub(r"\W+", "_", text).strip("_")
-    text = re.sub(r"_{2,}", "_", text)[:limit].rstrip("_") or "loss"
-    if text[0].isdigit():
-        text = ("f_" + text)[:limit].rstrip("_")
-    if keyword.iskeyword(text) or text in SAFE_BUILTINS or text in FORBIDDEN_NAMES or text in ("torch", "F", "math"):
-        text = text + "_loss"
-    return text
 
 
 def _root(name: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ast
 
+from engine.helpers import round_significant
 from operators.symbolic.ast_helpers import (
     SECOND_PARENT_SUFFIX, assigned_values, data_params, is_beta, is_number, loaded_names, param_names, reachable,
-    round_significant, single_target, stored_names, varying_names, walk_body,
+    single_target, stored_names, varying_names, walk_body,
 )
 
 #: Methods whose result carries no gradient.

@@ -1,0 +1,50 @@
+"""Small helpers that more than one package uses, each defined here once.
+
+A leaf of the import layers (tests/test_layers.py): it imports only :mod:`engine.genome`, itself a
+leaf, so the plug-ins, the operators, the archive and the engine may all use it.
+"""
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from typing import Any
+
+from engine.genome import FORBIDDEN_NAMES, SAFE_BUILTINS
+
+
+def field_help(text: str, **extra: Any) -> dict[str, Any]:
+    """A settings dataclass field's metadata: its help text (shown by ``--help`` and in docs)
+    and any other keys the reader of the fields uses (``group``, ``negative``...)."""
+    return {"help": text, **extra}
+
+
+def round_significant(value: float, digits: int, zero_below: float = 0.0) -> float:
+    """``value`` kept to ``digits`` significant digits.
+
+    Magnitudes below ``zero_below`` become ``0.0`` (float noise around zero); zero and
+    non-finite values come back unchanged.
+    """
+    if not math.isfinite(value):
+        return float(value)
+    if abs(value) < zero_below:
+        return 0.0
+    if value == 0:
+        return float(value)
+    return float(f"{value:.{digits}g}")
+
+
+def identifier(text: str, limit: int = 48, fallback: str = "loss") -> str:
+    """``text`` made into a short Python identifier that a genome's function may be called.
+
+    Runs of other characters become one underscore, the result is cut to ``limit`` characters,
+    one that starts with a digit gets ``l_`` in front, and a keyword, a builtin a genome sees or
+    a forbidden or module name gets ``_loss`` behind. Empty text gives ``fallback``.
+    """
+    text = re.sub(r"\W+", "_", str(text)).strip("_")
+    text = re.sub(r"_{2,}", "_", text)[:limit].rstrip("_") or fallback
+    if text[0].isdigit():
+        text = ("l_" + text)[:limit].rstrip("_")
+    if keyword.iskeyword(text) or text in SAFE_BUILTINS or text in FORBIDDEN_NAMES or text in ("torch", "F", "math"):
+        text = text + "_loss"
+    return text
