@@ -7,7 +7,8 @@ like an evaluation worker's (the same view, environment and limits), i.e. as a g
 past the static check and the restricted namespaces would run. The doctor plants what they look
 for: a secret file in the home folder, one in the working folder, a run store, an API-key
 variable in its own environment, a loopback TCP listener and an abstract Unix socket, and a
-stand-in process for the driver. Each probe is judged from outside (did the secret come back,
+stand-in process for the driver. A last probe runs a genome that rewrites what its process sends
+(so that its fitness reads 42) through a real worker with the static check off. Each probe is judged from outside (did the secret come back,
 did a file appear, did a connection arrive, does a process survive, is the stand-in alive), and
 printed as held or NOT HELD; the exit code is 1 if any is not held (2 if the sandbox asked for
 cannot run here).
@@ -125,6 +126,30 @@ for name, pid in (("parent", os.getppid()), ("driver", ARGS["driver_pid"])):
 done()
 """),
 }
+
+
+HONEST = "def dpo(a, b, c, d):\n    import torch.nn.functional as F2\n    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+#: DPO that, from inside its own process, rewrites every message and JSON document it sends so
+#: that any "fitness" reads 42 (plain Python: it runs with the static check off).
+FORGER = """def dpo(a, b, c, d):
+    import json, pickle
+    import multiprocessing.connection as connection
+    import torch.nn.functional as F2
+    if not getattr(connection.Connection, "forged", False):
+        def forge(value):
+            if isinstance(value, dict):
+                for key in value:
+                    value[key] = 42.0 if key == "fitness" else forge(value[key])
+            elif isinstance(value, list):
+                return [forge(item) for item in value]
+            return value
+        send, dumps, pickle_dumps = connection.Connection.send, json.dumps, pickle.dumps
+        connection.Connection.send = lambda self, obj: send(self, forge(obj))
+        json.dumps = lambda obj, *args, **kwargs: dumps(forge(obj), *args, **kwargs)
+        pickle.dumps = lambda obj, *args, **kwargs: pickle_dumps(forge(obj), *args, **kwargs)
+        connection.Connection.forged = True
+    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))
+"""
 
 
 @dataclass
@@ -266,6 +291,9 @@ def _judge(name: str, title: str, said: list[str], output: str, bait: Bait, scra
     if name in ("read_home", "read_workdir", "read_environ"):
         held = not leaked and bait.env_name not in output
         detail = "the secret came back" if not held else "; ".join(said)[:300]
+        if name == "read_environ" and held:
+            readable = sum(1 for line in said if "=" in line)
+            detail = f"no planted key in the {readable} environments it could read"
         if name != "read_environ" and not any(p for p in bait.planted if p.name.endswith(bait.tag)):
             detail += " (nothing could be planted here: not tested)"
         return ProbeResult(name, title, held, detail)
@@ -301,6 +329,30 @@ def _judge(name: str, title: str, said: list[str], output: str, bait: Bait, scra
     raise KeyError(name)
 
 
+def forge_probe(sandbox: jail.Sandbox) -> ProbeResult:
+    """A genome that rewrites what its process sends, so that its fitness reads 42, scored in a
+    real worker (static check off) beside the honest loss: held if it gets what the honest one
+    gets. Needs the executor's jail-only mode and a plug-in with a trusted scoring phase."""
+    import inspect
+    import warnings
+
+    from engine.executor import ProcessExecutor
+
+    title = "forge its own score"
+    if "jail_only" not in inspect.signature(ProcessExecutor).parameters:
+        return ProbeResult("forge_score", title, False, "not run: this build has no jail-only mode")
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ProcessExecutor("synthetic-pref", workers=1, timeout=120, sandbox=sandbox, jail_only=True) as executor:
+            executor.run([(0, HONEST), (1, FORGER)], seed=0, decide=None,
+                         on_result=lambda r: results.__setitem__(r.candidate_id, r))
+    honest, forged = results[0], results[1]
+    held = forged.fitness is not None and forged.fitness != 42.0 and forged.fitness == honest.fitness
+    return ProbeResult("forge_score", title, held,
+                       f"scored {forged.fitness} ({forged.status}); the same loss, honest, scored {honest.fitness}")
+
+
 def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | None = None) -> int:
     """Print the sandbox ``mode`` gives here and the probes' verdicts; 0 if all held, else 1.
 
@@ -318,10 +370,12 @@ def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | No
     try:
         bait.plant()
         view_parts = jail.worker_view_parts([plugin], run_dir=bait.run_dir) if sandbox.jailed else {}
-        for name in probes or list(PROBES):
+        for name in [p for p in probes or list(PROBES) if p in PROBES]:
             results.append(run_probe(name, sandbox, bait, view_parts))
     finally:
         bait.remove()
+    if probes is None or "forge_score" in probes:
+        results.append(forge_probe(sandbox))
     held = all(r.held for r in results)
     if as_json:
         print(json.dumps({"sandbox": sandbox.kind, "reason": sandbox.reason, "requested": mode,
@@ -336,7 +390,5 @@ def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | No
         print("probes (plain Python in a worker's jail, as a genome past the static check would run):")
         for result in results:
             print(f"  {'held    ' if result.held else 'NOT HELD'}  {result.title}: {result.detail}")
-        print("forging its score: checked by the trusted-scoring tests (python -m engine evaluate --jail-only), "
-              "not by the doctor")
         print(f"{sum(r.held for r in results)} of {len(results)} probes held")
     return 0 if held else 1

@@ -16,7 +16,9 @@ def test_doctor_says_auto_picks_bwrap_and_every_probe_holds(capsys):
     out = capsys.readouterr().out
     assert out.startswith("sandbox: bwrap (bubblewrap works here)")
     assert "NOT HELD" not in out
-    assert f"{len(doctor.PROBES)} of {len(doctor.PROBES)} probes held" in out
+    total = len(doctor.PROBES) + 1  # and the forging probe, through a real worker
+    assert f"{total} of {total} probes held" in out
+    assert "held      forge its own score" in out
 
 
 def test_doctor_without_a_jail_reports_each_probe_not_held_and_exits_1(capsys):
