@@ -109,6 +109,9 @@ def _num(value: Any) -> str:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "jail_only", False):
+        raise UsageError("--jail-only is for 'evaluate' only (testing the OS jail and the fresh process alone): a run "
+                         "never turns the static check and the restricted namespaces off")
     from archives.replay import render_summary, summarize
     from archives.store import RunStore
     from engine.assembly import build_operators, build_stages
@@ -248,6 +251,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.preset is not None:
         options["preset"] = args.preset
     fitness = load_fitness(args.fitness, options)  # fail fast, in this process, on a bad plug-in
+    if args.jail_only:
+        if args.executor == "serial":
+            raise UsageError("--jail-only tests the OS jail and the fresh process per genome: it needs --executor "
+                             "process")
+        print("WARNING: --jail-only (testing only): the static check and the restricted namespaces are OFF; the "
+              "genome runs as plain Python, held only by the OS jail and its own process", file=sys.stderr)
     from engine import jail
 
     jail.mark_not_dumpable()
@@ -256,7 +265,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(sandbox.describe(), file=sys.stderr)
     results = []
     try:
-        check_genome(code, fitness.interface.arg_counts)
+        if not args.jail_only:
+            check_genome(code, fitness.interface.arg_counts)
     except GenomeError as exc:
         from engine.candidate import EvalResult
 
@@ -267,13 +277,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             executor = ProcessExecutor(args.fitness, options, workers=1, timeout=args.timeout,
                                        memory_limit_gb=args.memory_limit_gb, sandbox=sandbox,
-                                       allow_host_network=args.allow_host_network)
+                                       allow_host_network=args.allow_host_network,
+                                       check_timeout=args.check_timeout, jail_only=args.jail_only)
         with executor:
             executor.run([(0, code)], args.seed, None, results.append)
     result = results[0]
     payload = {"status": result.status, "fitness": result.fitness, "error": result.error,
                "metrics": result.metrics, "descriptors": result.descriptors, "seconds": result.seconds,
-               "file": str(path), "fitness_name": fitness.name, "sandbox": sandbox.kind}
+               "file": str(path), "fitness_name": fitness.name, "sandbox": sandbox.kind,
+               "static_check": not args.jail_only}
     if args.json:
         print(json.dumps(payload))
     else:
@@ -450,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="TOML file with run settings (flags override it)")
     run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN")
     run.add_argument("--quiet", action="store_true", help="no progress or summary output")
+    run.add_argument("--jail-only", action="store_true", help=argparse.SUPPRESS)  # refused: evaluate only
     run.set_defaults(handler=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="score one loss file")
@@ -460,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--code", required=True, help="file holding one loss function")
     evaluate.add_argument("--seed", type=int, default=RunConfig.eval_seed)
     evaluate.add_argument("--timeout", type=float, default=RunConfig.timeout)
+    evaluate.add_argument("--check-timeout", type=float, default=RunConfig.check_timeout,
+                          help="seconds for the contract checks before training (see run --help)")
+    evaluate.add_argument("--jail-only", action="store_true",
+                          help="testing only: turn the static check and restricted namespaces off, so the genome "
+                               "runs as plain Python inside the OS jail and its fresh process (run refuses it)")
     evaluate.add_argument("--memory-limit-gb", type=float, default=RunConfig.memory_limit_gb)
     evaluate.add_argument("--executor", choices=("process", "serial"), default=RunConfig.executor)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")

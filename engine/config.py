@@ -111,6 +111,9 @@ class RunConfig:
         "with --executor ray: GPUs each evaluation reserves, a fraction such as 0.5 shares a GPU (unset: what "
         "the fitness plug-in asks for)"))
     timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
+    check_timeout: float = field(default=10.0, metadata=_help(
+        "wall-clock seconds allowed for a genome's contract checks, fingerprint and descriptors (tiny inputs: a "
+        "loss that hangs there is stopped at this deadline, not after --timeout); training then gets --timeout"))
     interrupt: str = field(default="drain", metadata=_help(
         "what Ctrl-C does: drain (start nothing new, let running evaluations finish and save them, then stop; "
         "a second Ctrl-C cancels them) or cancel (stop running evaluations at once); --resume goes on either way"))
@@ -163,6 +166,7 @@ class RunConfig:
         if not isinstance(self.gens, int) or self.gens < 0:
             raise ValueError(f"gens must be a non-negative integer, got {self.gens!r}")
         positive("timeout", self.timeout)
+        positive("check_timeout", self.check_timeout)
         if self.memory_limit_gb < 0:
             raise ValueError(f"memory_limit_gb must be >= 0 (0: no limit), got {self.memory_limit_gb!r}")
         for name in ("cxpb", "mutpb"):

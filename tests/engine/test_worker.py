@@ -458,3 +458,53 @@ class Plugin(Fitness):
     assert result.ok and result.fitness == 0.25
     assert result.metrics == {"seed": 3, "unprotected": True}
     assert b"implements only evaluate" in (tmp_path / "workers.log").read_bytes()
+
+
+# -- evaluate --jail-only ------------------------------------------------------------------------------
+def _evaluate_cli(tmp_path, code: str, *flags: str, capsys) -> tuple[int, dict, str]:
+    from engine.cli import main
+
+    path = tmp_path / "loss.py"
+    path.write_text(code)
+    options = [item for key, value in SMALL.items() for item in ("--fitness-opt", f"{key}={value}")]
+    status = main(["evaluate", "--fitness", "synthetic-pref", *options, "--code", str(path), "--sandbox", "none",
+                   "--json", *flags])
+    captured = capsys.readouterr()
+    return status, json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def test_evaluate_jail_only_runs_plain_python_and_scores_it_in_the_trusted_phase(tmp_path, capsys):
+    status, plain, _ = _evaluate_cli(tmp_path, DPO, capsys=capsys)
+    assert status == 0 and plain["static_check"] is True and plain["sandbox"] == "none"
+    # Plain Python the static check would refuse (an import, a module-level statement, open()).
+    unchecked = "import os\nCWD = os.getcwd()\n" + DPO
+    status, jailed, err = _evaluate_cli(tmp_path, unchecked, "--jail-only", capsys=capsys)
+    assert "--jail-only (testing only)" in err and "static check" in err
+    assert status == 0 and jailed["static_check"] is False and jailed["sandbox"] == "none"
+    assert jailed["fitness"] == plain["fitness"]
+    status, refused, _ = _evaluate_cli(tmp_path, unchecked, capsys=capsys)
+    assert status == 1 and refused["status"] == "invalid"
+
+
+def test_evaluate_jail_only_a_forging_genome_reports_the_score_its_loss_earned(tmp_path, capsys):
+    _, plain, _ = _evaluate_cli(tmp_path, DPO, capsys=capsys)
+    _, forged, _ = _evaluate_cli(tmp_path, _dpo_after(_FORGE), "--jail-only", capsys=capsys)
+    assert forged["status"] == "ok" and forged["fitness"] == plain["fitness"] != 42.0
+    _, forged, _ = _evaluate_cli(tmp_path, _dpo_after(_FORGE + _FORGE_JSON_TOO), "--jail-only", capsys=capsys)
+    assert forged["status"] == "error" and forged["fitness"] is None
+
+
+def test_evaluate_check_timeout_ends_a_hang_in_the_checks(tmp_path, capsys):
+    hangs = "def loss(self, pc, pr, rc, rr):\n    while True:\n        pass\n"
+    start = time.monotonic()
+    status, result, _ = _evaluate_cli(tmp_path, hangs, "--check-timeout", "1", "--timeout", "300", capsys=capsys)
+    assert status == 1 and result["status"] == "timeout" and "--check-timeout" in result["error"]
+    assert time.monotonic() - start < 60
+
+
+def test_run_refuses_jail_only_with_exit_2(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["run", "--jail-only", "--out", str(tmp_path / "run")]) == 2
+    assert "--jail-only is for 'evaluate' only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
