@@ -181,7 +181,7 @@ def _render_validation(validation: dict[str, Any] | None, console) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"Validation on {validation.get('fitness')} ({validation.get('seeds')} fresh seeds, "
+    table = Table(title=f"Held-out validation: {validation.get('fitness')} ({validation.get('seeds')} fresh seeds, "
                         f"paired with {validation.get('baseline')})")
     for column in ("id", "name", "held-out gain", "± se", "worst task", "flag"):
         table.add_column(column)
@@ -194,25 +194,10 @@ def _render_validation(validation: dict[str, Any] | None, console) -> None:
 
 
 def seed_estimates(data: RunData) -> dict[int, Any]:
-    """Per-candidate estimates over evaluation seeds, paired with the baseline seed
-    (:class:`engine.search.racing.Estimate`), when the run re-measured anything; else empty."""
-    if not any(len(scores) > 1 for scores in data.seed_scores.values()):
-        return {}
-    from engine.search.racing import Racing, RacingSettings
+    """Per-candidate estimates over evaluation seeds (:func:`engine.search.racing.run_estimates`)."""
+    from engine.search.racing import run_estimates
 
-    baseline = next((c.id for c in data.candidates.values() if data.baseline and c.is_seed
-                     and c.name == data.baseline), None)
-    racing = Racing(RacingSettings(confidence=float(data.config.get("confidence", 1.0))),
-                    int(data.config.get("eval_seed", 0) or 0), lambda: baseline, _floor(data))
-    for cid, scores in data.seed_scores.items():
-        for seed, value in scores.items():
-            racing.add(cid, seed, value)
-    return {cid: e for cid, e in racing.estimates().items() if e is not None}
-
-
-def _floor(data: RunData) -> float:
-    scores = [r.fitness for r in data.results.values() if r.ok]
-    return min(scores) if scores else 0.0
+    return run_estimates(data)
 
 
 def _estimate_dict(estimate) -> dict[str, Any] | None:

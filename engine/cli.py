@@ -176,6 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             with make_executor(config, log_path=run_dir / "workers.log", resources=resources,
                                sandbox=sandbox) as executor, progress:
                 engine.run(executor)
+            if not engine.draining:
+                _validate(config, store, fitness, run_dir, resources, sandbox, args.quiet, engine)
         if engine.draining:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -197,6 +199,33 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"replay with: python -m engine replay {run_dir}")
     store.close()
     return 0
+
+
+def _validate(config, store, fitness, run_dir: Path, resources, sandbox, quiet: bool, engine=None) -> None:
+    """The end-of-run validation (:mod:`engine.validation`): the top losses and the baseline on the
+    plug-in's held-out part and fresh seeds, through workers of their own."""
+    if config.validate_top < 1 or config.validate_seeds < 1:
+        return
+    from archives.reading import read_run
+    from engine.executors import make_executor
+    from engine.validation import ValidationSettings, held_out_options, validate
+
+    stage = config.stages()[0]
+    options = held_out_options(fitness, stage.options)
+    data = read_run(store)
+    settings = config.cut(ValidationSettings)
+    if not quiet:
+        print(f"validating the top {settings.validate_top} losses on {fitness.name} "
+              f"{options or ''} with {settings.validate_seeds} fresh seeds...", file=sys.stderr)
+
+    def stop_when_draining(result, seed) -> None:
+        if engine is not None and engine.draining:
+            raise KeyboardInterrupt  # Ctrl-C: what finished is saved; --resume scores the rest
+
+    with make_executor(config, fitness_spec=[(stage.spec, options)], log_path=run_dir / "workers.log",
+                       resources=resources, sandbox=sandbox) as executor:
+        validate(store, data, executor, settings, fitness.name, options, fitness.fitness_floor,
+                 on_result=stop_when_draining)
 
 
 @contextmanager

@@ -141,6 +141,11 @@ class RunConfig:
         "re-measurements on fresh seeds per generation, the baseline's included"))
     race_top: int = field(default=5, metadata=_help(
         "how many of the best the re-measurements try to make sure of"))
+    validate_top: int = field(default=5, metadata=_help(
+        "at the end of the run, re-score this many of the best distinct losses and the baseline seed on the "
+        "plug-in's held-out tasks (a task suite's meta-test split; else the same task) and fresh seeds, and "
+        "report each held-out gain over the baseline with its standard error (0: no validation)"))
+    validate_seeds: int = field(default=4, metadata=_help("fresh evaluation seeds of the end-of-run validation"))
     confidence: float = field(default=1.0, metadata=_help(
         "standard errors below the mean paired gain at which candidates are ranked (the lower confidence bound)"))
 
@@ -149,6 +154,10 @@ class RunConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
+        for name in ("validate_top", "validate_seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("race_budget", "race_top"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

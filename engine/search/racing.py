@@ -177,3 +177,19 @@ class Racing:
             plan.extend((base_id, s) for s in extra_base)
             base_seeds.update(extra_base)
         return plan
+
+
+def run_estimates(data) -> dict[int, Estimate]:
+    """Per-candidate estimates of a run read back (:class:`archives.reading.RunData`: its
+    ``seed_scores``, baseline and settings), when it re-measured anything; else empty."""
+    if not any(len(scores) > 1 for scores in data.seed_scores.values()):
+        return {}
+    baseline = next((c.id for c in data.candidates.values() if data.baseline and c.is_seed
+                     and c.name == data.baseline), None)
+    scores = [r.fitness for r in data.results.values() if r.ok]
+    racing = Racing(RacingSettings(confidence=float(data.config.get("confidence", 1.0))),
+                    int(data.config.get("eval_seed", 0) or 0), lambda: baseline, min(scores) if scores else 0.0)
+    for cid, by_seed in data.seed_scores.items():
+        for seed, value in by_seed.items():
+            racing.add(cid, seed, value)
+    return {cid: e for cid, e in racing.estimates().items() if e is not None}

@@ -240,6 +240,11 @@ class TaskSuite(Fitness):
         # Room for every problem of a few evaluation-seed sets (the last ones used are kept).
         self.held_out.capacity = max(self.held_out.capacity, 4 * len(self.tasks) * self.seeds_per_evaluation)
 
+    def validation_options(self) -> dict[str, Any]:
+        """Options for the end-of-run validation: the meta-test split, every task of it (the
+        engine scores validation on fresh evaluation seeds)."""
+        return {"split": "test", "tasks": None}
+
     # -- tasks ------------------------------------------------------------------------------
     def split_tasks(self, split: str) -> list[Task]:
         """The tasks of ``split`` (deterministic for ``suite_seed``). Meta-train and meta-test
