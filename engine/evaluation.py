@@ -66,11 +66,40 @@ def short_error(exc: BaseException) -> tuple[str, str]:
 # -- building a genome ---------------------------------------------------------------------------
 def build_function(code: str, interface, jail_only: bool = False) -> Callable:
     """The genome's function. Normally through :func:`engine.genome.compile_genome` (static
-    check, restricted namespaces). ``jail_only`` (testing the other layers alone) compiles it
-    as plain Python with full builtins and imports."""
-    if jail_only:
-        return compile_genome(code, interface.arg_counts, check=False, restrict=False)
-    return compile_genome(code, interface.arg_counts)
+    check, restricted namespaces). ``jail_only`` (testing the other layers alone) runs the
+    source as plain Python with full builtins and imports (any module-level code, helper
+    functions) and takes the last top-level function whose number of positional parameters the
+    interface accepts; its inputs are still detached copies (:func:`engine.genome.isolate_inputs`)."""
+    if not jail_only:
+        return compile_genome(code, interface.arg_counts)
+    import ast
+
+    import torch
+    import torch.nn.functional as F
+
+    from engine import genome
+
+    try:
+        module = ast.parse(code)
+    except (SyntaxError, ValueError) as exc:
+        raise GenomeError(f"syntax error on line {getattr(exc, 'lineno', '?')}: {getattr(exc, 'msg', exc)}") from exc
+    functions = [node for node in module.body if isinstance(node, ast.FunctionDef)]
+    accepted = [node for node in functions if interface.arg_counts is None
+                or len(node.args.posonlyargs) + len(node.args.args) in interface.arg_counts]
+    if not (accepted or functions):
+        raise GenomeError("a genome must define a function")
+    name = (accepted or functions)[-1].name
+    namespace: dict[str, Any] = {"torch": torch, "F": F, "math": math, "__name__": "genome"}
+    try:
+        exec(compile(module, "<genome>", "exec"), namespace)  # noqa: S102 - jail-only testing mode, by request
+    except Exception as exc:  # noqa: BLE001 - module-level code of a plain-Python genome may raise anything
+        raise GenomeError(f"cannot build function: {genome_short_error(exc)}") from exc
+    raw = namespace.get(name)
+    if not callable(raw):
+        raise GenomeError(f"cannot build function: {name!r} is not defined after running the module")
+    fn = genome.isolate_inputs(raw) if hasattr(genome, "isolate_inputs") else raw
+    fn.__evoloss_source__ = code
+    return fn
 
 
 def check_behaviour(fitness, fn: Callable) -> tuple[str, dict[str, float]]:
