@@ -457,14 +457,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from engine.plugins import available
+    from engine.plugins import available, describe
 
-    names = available()
     if args.json:
-        print(json.dumps(names))
+        print(json.dumps(available()))
         return 0
-    print("fitness plug-ins: " + ", ".join(names["fitness"]))
-    print("operators:        " + ", ".join(names["operators"]))
+    about = describe()
+    column = 16
+    for title, key in (("fitness plug-ins", "fitness"), ("operators", "operators")):
+        print(f"{title}:")
+        for name, line in about[key]:
+            # A long name (an operator family's forms) gets its own line, its description the next.
+            print(f"  {name:<{column}}  {line}" if len(name) <= column else f"  {name}\n  {'':<{column}}  {line}")
     return 0
 
 
@@ -558,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.set_defaults(handler=cmd_doctor)
 
-    listing = sub.add_parser("list", help="name the fitness plug-ins and operators found")
+    listing = sub.add_parser("list", help="the fitness plug-ins and operators found, one line about each")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
 

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,49 @@ def _is_prefixed_only(name: str) -> bool:
         return bool(resolve_class(name, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator").spec_prefixes)
     except PluginError:
         return False
+
+
+def fitness_takes(spec: str | type, option: str) -> bool:
+    """Whether the fitness plug-in named by ``spec`` takes keyword option ``option`` (a named
+    parameter of its constructor): ``--data-dir`` reaches only plug-ins that take ``data_dir``."""
+    from fitness.base import Fitness
+
+    cls = resolve_class(spec, Fitness, FITNESS_REGISTRY, FITNESS_GROUP, "fitness")
+    try:
+        return option in inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read (a C extension class)
+        return False
+
+
+def _first_line(cls: type) -> str:
+    """The first line of a class's own docstring (not one inherited from the base class)."""
+    lines = (cls.__dict__.get("__doc__") or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def describe() -> dict[str, list[tuple[str, str]]]:
+    """One line about each fitness plug-in and operator that can be used: ``(name, line)``
+    pairs, the line being the first line of the class docstring (or why the class cannot be
+    loaded). An operator family built from prefixed specs is one entry naming its forms."""
+    from fitness.base import Fitness
+    from operators.base import Operator
+
+    def line(name: str, base: type, registry: dict[str, str], group: str, kind: str) -> str:
+        try:
+            with warnings.catch_warnings():  # importing to read a docstring is not loading it for a run
+                warnings.simplefilter("ignore")
+                return _first_line(resolve_class(name, base, registry, group, kind))
+        except PluginError as exc:
+            return f"(cannot be loaded: {exc})"
+
+    names = available()
+    fitness = [(n, line(n, Fitness, FITNESS_REGISTRY, FITNESS_GROUP, "fitness")) for n in names["fitness"]]
+    prefixed = _prefixed_classes()
+    forms = {form for cls in prefixed for form in cls.spec_forms}
+    operators = [(n, line(n, Operator, OPERATOR_REGISTRY, OPERATOR_GROUP, "operator"))
+                 for n in names["operators"] if n not in forms]
+    operators += [(", ".join(cls.spec_forms), _first_line(cls)) for cls in prefixed if cls.spec_forms]
+    return {"fitness": fitness, "operators": operators}
 
 
 def available() -> dict[str, list[str]]:

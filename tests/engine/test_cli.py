@@ -64,6 +64,25 @@ def test_list_names_builtins(capsys):
     assert "synthetic-pref" in names["fitness"] and "symbolic" in names["operators"]
 
 
+def test_list_says_one_line_about_each_plugin_and_operator(capsys):
+    from engine.plugins import available
+    from fitness.synthetic_pref import SyntheticPreference as SyntheticPref
+    from operators.llm import LLMOperator
+    from operators.symbolic import SymbolicOperator
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = available()
+    for name in names["fitness"] + ["symbolic"]:
+        line = next(line for line in lines if line.startswith(f"  {name} "))
+        assert len(line.split(None, 1)) == 2, f"no description for {name}: {line!r}"
+    first = {cls: cls.__doc__.strip().splitlines()[0] for cls in (SyntheticPref, SymbolicOperator, LLMOperator)}
+    assert f"  {'synthetic-pref':<16}  {first[SyntheticPref]}" in lines
+    assert f"  {'symbolic':<16}  {first[SymbolicOperator]}" in lines
+    forms = lines.index("  " + ", ".join(LLMOperator.spec_forms))
+    assert lines[forms + 1].strip() == first[LLMOperator] and "openai:MODEL" in names["operators"]
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["run", "--pop", "0"], "pop must be positive, got 0"),
     (["run", "--cxpb", "0.8", "--mutpb", "0.5"], "cxpb + mutpb must be at most 1"),
