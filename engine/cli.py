@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
-from engine.config import RunConfig, add_arguments, parse_option, resolve
+from engine.config import STORAGE, RunConfig, add_arguments, parse_option, resolve
 
 
 class UsageError(Exception):
@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="evolve losses (or continue a run with --resume)")
-    add_arguments(run)
-    run.add_argument("--config", help="TOML file with run settings (flags override it)")
-    run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN")
+    storage = add_arguments(run)[STORAGE]
+    storage.add_argument("--config", help="TOML file with run settings (flags override it)")
+    storage.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN")
     run.add_argument("--quiet", action="store_true", help="no progress or summary output")
     run.add_argument("--jail-only", action="store_true", help=argparse.SUPPRESS)  # refused: evaluate only
     run.set_defaults(handler=cmd_run)

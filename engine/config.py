@@ -14,12 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.helpers import field_help as _help
 from engine.ladder import StageSpec, parse_fitness, split_options
 
-
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
+#: The concerns ``run --help`` groups the flags by: each field's ``metadata["group"]`` is one of
+#: these titles, and :func:`add_arguments` makes one argparse group per title, in this order.
+SEARCH = "search"
+OPERATORS = "operators and LLM"
+FITNESS = "fitness and ladder"
+EXECUTION = "execution and sandbox"
+STORAGE = "storage and resume"
+GROUPS: dict[str, str] = {
+    SEARCH: "population, generations, variation, selection and noise-aware ranking",
+    OPERATORS: "what makes offspring, what operators are shown, LLM requests and budgets",
+    FITNESS: "the fitness plug-in or ladder, its options and data, promotion between stages",
+    EXECUTION: "workers, executors, deadlines, memory and the OS jail",
+    STORAGE: "the run folder, TOML settings and resuming",
+}
 
 
 @dataclass
@@ -28,126 +39,140 @@ class RunConfig:
 
     fitness: str | list[str] = field(default="synthetic-pref", metadata=_help(
         "fitness plug-in: a registered name, an entry point, path.py:Class or module:Class; or a fidelity "
-        "ladder, cheapest first: 'synthetic-pref>dpo' (a list in TOML); see --promote"))
+        "ladder, cheapest first: 'synthetic-pref>dpo' (a list in TOML); see --promote", group=FITNESS))
     fitness_options: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "keyword options for the fitness plug-in (CLI: --fitness-opt KEY=VALUE, repeatable; with a ladder "
-        "STAGE.KEY=VALUE for one stage, KEY=VALUE for the last)"))
+        "STAGE.KEY=VALUE for one stage, KEY=VALUE for the last)", group=FITNESS))
+    data_dir: str | None = field(default=None, metadata=_help(
+        "data folder of a data-backed fitness plug-in (cifar10: the folder holding cifar-10-batches-py, or that "
+        "folder itself), passed as its data_dir option to every stage that takes one; --fitness-opt data_dir=... "
+        "wins for its stage (unset: the plug-in's own default, EVOLOSS_DATA for cifar10)", group=FITNESS,
+        metavar="DIR"))
     promote: float = field(default=0.25, metadata=_help(
         "with a fidelity ladder: the fraction of a stage's successfully scored candidates promoted to the "
-        "next stage (per generation; with --async, the top fraction of all scores on the stage so far)"))
+        "next stage (per generation; with --async, the top fraction of all scores on the stage so far)", group=FITNESS))
     promote_baseline: bool = field(default=True, metadata=_help(
         "with a fidelity ladder: also score the plug-in's baseline seed (e.g. DPO) on every stage it passes "
         "successfully, so each stage has a reference to compare with (--no-promote-baseline: rank alone)",
-        negative="--no-promote-baseline"))
+        negative="--no-promote-baseline", group=FITNESS))
     promote_above: float | None = field(default=None, metadata=_help(
         "with a fidelity ladder: promote only candidates scoring at least this on their stage (combined "
-        "with --promote; --promote 1 makes it a pure threshold)"))
+        "with --promote; --promote 1 makes it a pure threshold)", group=FITNESS))
     operator: str = field(default="symbolic", metadata=_help(
         "operator(s) making offspring, comma-separated: symbolic, openai:MODEL, openai:MODEL@URL, "
-        "anthropic:MODEL, anthropic:MODEL@URL, hf:PATH, replay:RUN, path.py:Class, module:Class"))
+        "anthropic:MODEL, anthropic:MODEL@URL, hf:PATH, replay:RUN, path.py:Class, module:Class", group=OPERATORS))
     operator_choice: str = field(default="bandit", metadata=_help(
         "how an operator is picked per offspring when several are given: bandit (sliding-window "
-        "Thompson sampling on recent valid rate and fitness gain), ucb (sliding-window UCB1) or uniform"))
+        "Thompson sampling on recent valid rate and fitness gain), ucb (sliding-window UCB1) or uniform",
+        group=OPERATORS))
     bandit_window: int = field(default=50, metadata=_help(
-        "outcomes per operator the bandit remembers (older ones are forgotten)"))
+        "outcomes per operator the bandit remembers (older ones are forgotten)", group=OPERATORS))
     strategy: str = field(default="population", metadata=_help(
         "population (pop offspring per generation from the archive) or sequential (the DiscoPOP "
-        "paper's single chain: one proposal per generation with the whole history in context)"))
-    context_best: int = field(default=5, metadata=_help("best elites shown to operators (LLM prompts)"))
+        "paper's single chain: one proposal per generation with the whole history in context)", group=SEARCH))
+    context_best: int = field(default=5, metadata=_help(
+        "best elites shown to operators (LLM prompts)", group=OPERATORS))
     context_diverse: int = field(default=3, metadata=_help(
-        "elites from distant archive cells shown to operators besides the best"))
+        "elites from distant archive cells shown to operators besides the best", group=OPERATORS))
     context_order: str = field(default="ascending", metadata=_help(
-        "order of the elites in prompts: ascending (best last, nearest the question) or descending"))
-    context_errors: int = field(default=3, metadata=_help("recent failures (with their errors) shown in prompts"))
+        "order of the elites in prompts: ascending (best last, nearest the question) or descending", group=OPERATORS))
+    context_errors: int = field(default=3, metadata=_help(
+        "recent failures (with their errors) shown in prompts", group=OPERATORS))
     llm_retries: int = field(default=3, metadata=_help(
-        "re-prompts with the error ('Code not valid. Error: ...') when a reply has no valid code"))
+        "re-prompts with the error ('Code not valid. Error: ...') when a reply has no valid code", group=OPERATORS))
     llm_check: str = field(default="tests", metadata=_help(
         "what a reply must pass before it is accepted: tests (static check and the interface's unit "
-        "tests, run in an isolated process unless --executor serial) or static"))
-    llm_timeout: float = field(default=120.0, metadata=_help("seconds allowed per LLM request"))
+        "tests, run in an isolated process unless --executor serial) or static", group=OPERATORS))
+    llm_timeout: float = field(default=120.0, metadata=_help("seconds allowed per LLM request", group=OPERATORS))
     llm_http_retries: int = field(default=4, metadata=_help(
         "retries of one LLM request on 429, 5xx, timeouts and connection errors (exponential "
-        "backoff, honouring Retry-After; the official clients' own machinery)"))
-    llm_concurrency: int = field(default=8, metadata=_help("LLM requests in flight at once"))
-    llm_temperature: float = field(default=0.7, metadata=_help("sampling temperature of LLM operators"))
-    llm_max_tokens: int = field(default=2048, metadata=_help("maximum tokens per LLM reply"))
+        "backoff, honouring Retry-After; the official clients' own machinery)", group=OPERATORS))
+    llm_concurrency: int = field(default=8, metadata=_help("LLM requests in flight at once", group=OPERATORS))
+    llm_temperature: float = field(default=0.7, metadata=_help(
+        "sampling temperature of LLM operators", group=OPERATORS))
+    llm_max_tokens: int = field(default=2048, metadata=_help("maximum tokens per LLM reply", group=OPERATORS))
     llm_prices: str | None = field(default=None, metadata=_help(
         "TOML file of model prices in USD per million tokens (model = {input = 2.5, output = 10}), "
-        "overriding the built-in table"))
+        "overriding the built-in table", group=OPERATORS))
     max_llm_calls: int = field(default=0, metadata=_help(
-        "stop the run after this many LLM calls, keeping everything (0: no limit)"))
+        "stop the run after this many LLM calls, keeping everything (0: no limit)", group=OPERATORS))
     max_cost_usd: float = field(default=0.0, metadata=_help(
-        "stop the run once the estimated LLM cost reaches this many USD (0: no limit)"))
+        "stop the run once the estimated LLM cost reaches this many USD (0: no limit)", group=OPERATORS))
     operator_failure_limit: int = field(default=3, metadata=_help(
-        "an operator that fails this many times in a row sits out the rest of the generation"))
-    pop: int = field(default=8, metadata=_help("offspring per generation"))
-    gens: int = field(default=12, metadata=_help("generations after the initial population"))
+        "an operator that fails this many times in a row sits out the rest of the generation", group=OPERATORS))
+    pop: int = field(default=8, metadata=_help("offspring per generation", group=SEARCH))
+    gens: int = field(default=12, metadata=_help("generations after the initial population", group=SEARCH))
     asynchronous: bool = field(default=False, metadata=_help(
         "steady-state search (--async): a new offspring is made the moment a worker frees up, its parents "
         "drawn from the archive as it stands; --pop then counts evaluations per logbook generation",
-        flag="--async"))
+        flag="--async", group=SEARCH))
     max_evals: int = field(default=0, metadata=_help(
         "stop after this many candidates have been evaluated (on the first fidelity stage), in either mode "
-        "(0: --pop and --gens decide)"))
-    cxpb: float = field(default=0.3, metadata=_help("probability that an offspring comes from crossover"))
+        "(0: --pop and --gens decide)", group=SEARCH))
+    cxpb: float = field(default=0.3, metadata=_help("probability that an offspring comes from crossover", group=SEARCH))
     mutpb: float = field(default=0.6, metadata=_help(
-        "probability that an offspring comes from mutation (the rest are fresh proposals)"))
-    seed: int = field(default=0, metadata=_help("random seed of the run (operators, selection)"))
+        "probability that an offspring comes from mutation (the rest are fresh proposals)", group=SEARCH))
+    seed: int = field(default=0, metadata=_help("random seed of the run (operators, selection)", group=SEARCH))
     eval_seed: int = field(default=0, metadata=_help(
-        "seed passed to the fitness plug-in: every candidate is scored on the same problem instances"))
+        "seed passed to the fitness plug-in: every candidate is scored on the same problem instances", group=FITNESS))
     out: str | None = field(default=None, metadata=_help(
-        "run folder (created if missing); default runs/<fitness>-<timestamp>"))
-    workers: int = field(default=2, metadata=_help("evaluation worker processes"))
+        "run folder (created if missing); default runs/<fitness>-<timestamp>", group=STORAGE))
+    workers: int = field(default=2, metadata=_help("evaluation worker processes", group=EXECUTION))
     executor: str = field(default="process", metadata=_help(
         "process (isolated workers, the default), ray (isolated workers on a local Ray instance or a "
-        "cluster: pip install 'evoloss[ray]') or serial (in-process, no isolation: debugging only)"))
+        "cluster: pip install 'evoloss[ray]') or serial (in-process, no isolation: debugging only)", group=EXECUTION))
     ray_address: str | None = field(default=None, metadata=_help(
         "with --executor ray: the cluster to join (auto, or ray://host:port); unset starts a local Ray "
-        "instance with --workers x --cpus-per-eval CPUs"))
+        "instance with --workers x --cpus-per-eval CPUs", group=EXECUTION))
     cpus_per_eval: float | None = field(default=None, metadata=_help(
         "with --executor ray: CPUs each evaluation reserves (unset: what the fitness plug-in asks for, "
-        "usually 1)"))
+        "usually 1)", group=EXECUTION))
     gpus_per_eval: float | None = field(default=None, metadata=_help(
         "with --executor ray: GPUs each evaluation reserves, a fraction such as 0.5 shares a GPU (unset: what "
-        "the fitness plug-in asks for)"))
-    timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation"))
+        "the fitness plug-in asks for)", group=EXECUTION))
+    timeout: float = field(default=120.0, metadata=_help("wall-clock seconds allowed per evaluation", group=EXECUTION))
     check_timeout: float = field(default=10.0, metadata=_help(
         "wall-clock seconds allowed for a genome's contract checks, fingerprint and descriptors (tiny inputs: a "
-        "loss that hangs there is stopped at this deadline, not after --timeout); training then gets --timeout"))
+        "loss that hangs there is stopped at this deadline, not after --timeout); training then gets --timeout",
+        group=EXECUTION))
     interrupt: str = field(default="drain", metadata=_help(
         "what Ctrl-C does: drain (start nothing new, let running evaluations finish and save them, then stop; "
-        "a second Ctrl-C cancels them) or cancel (stop running evaluations at once); --resume goes on either way"))
+        "a second Ctrl-C cancels them) or cancel (stop running evaluations at once); --resume goes on either way",
+        group=EXECUTION))
     memory_limit_gb: float = field(default=4.0, metadata=_help(
         "address-space limit per worker in GiB; 0 turns it off (CUDA reserves huge address ranges, so GPU "
-        "runs need 0 and rely on the timeout and the GPU's own memory)"))
+        "runs need 0 and rely on the timeout and the GPU's own memory)", group=EXECUTION))
     sandbox: str = field(default="auto", metadata=_help(
         "OS jail of every evaluation worker: auto (the strongest that works here: bwrap, else unshare, else none "
-        "with a warning), bwrap (bubblewrap), unshare (util-linux) or none (no jail: warns); see docs/security.md"))
+        "with a warning), bwrap (bubblewrap), unshare (util-linux) or none (no jail: warns); see docs/security.md",
+        group=EXECUTION))
     allow_host_network: bool = field(default=False, metadata=_help(
         "give evaluation workers the host's network when the fitness plug-in declares that it needs it "
-        "(multi-node training); never implied"))
-    tournament_size: int = field(default=3, metadata=_help("tournament size for parent selection"))
-    hof_size: int = field(default=10, metadata=_help("hall-of-fame size"))
+        "(multi-node training); never implied", group=EXECUTION))
+    tournament_size: int = field(default=3, metadata=_help("tournament size for parent selection", group=SEARCH))
+    hof_size: int = field(default=10, metadata=_help("hall-of-fame size", group=SEARCH))
     max_attempts: int = field(default=10, metadata=_help(
-        "tries per offspring slot when operators produce invalid or duplicate genomes"))
+        "tries per offspring slot when operators produce invalid or duplicate genomes", group=SEARCH))
     code_size_bins: int = field(default=4, metadata=_help(
-        "bins of the archive's code-size axis (0 drops the axis)"))
+        "bins of the archive's code-size axis (0 drops the axis)", group=SEARCH))
     race_seeds: int = field(default=3, metadata=_help(
         "noise-aware selection: extra evaluation seeds a candidate that could reach the top gets before it is "
         "trusted (re-measured 1, then 2 more...; each paired with the baseline seed on the same seeds); elites, "
         "parents and the best are then ranked by a lower confidence bound, not one draw (0: off; generational "
-        "mode)"))
+        "mode)", group=SEARCH))
     race_budget: int = field(default=4, metadata=_help(
-        "re-measurements on fresh seeds per generation, the baseline's included"))
+        "re-measurements on fresh seeds per generation, the baseline's included", group=SEARCH))
     race_top: int = field(default=5, metadata=_help(
-        "how many of the best the re-measurements try to make sure of"))
+        "how many of the best the re-measurements try to make sure of", group=SEARCH))
     validate_top: int = field(default=5, metadata=_help(
         "at the end of the run, re-score this many of the best distinct losses and the baseline seed on the "
         "plug-in's held-out tasks (a task suite's meta-test split; else the same task) and fresh seeds, and "
-        "report each held-out gain over the baseline with its standard error (0: no validation)"))
-    validate_seeds: int = field(default=4, metadata=_help("fresh evaluation seeds of the end-of-run validation"))
+        "report each held-out gain over the baseline with its standard error (0: no validation)", group=SEARCH))
+    validate_seeds: int = field(default=4, metadata=_help(
+        "fresh evaluation seeds of the end-of-run validation", group=SEARCH))
     confidence: float = field(default=1.0, metadata=_help(
-        "standard errors below the mean paired gain at which candidates are ranked (the lower confidence bound)"))
+        "standard errors below the mean paired gain at which candidates are ranked (the lower confidence bound)",
+        group=SEARCH))
 
     def __post_init__(self) -> None:
         def positive(name: str, value: float) -> None:
@@ -247,7 +272,8 @@ class RunConfig:
     def stages(self) -> list[StageSpec]:
         """The fidelity stages (one unless ``fitness`` is a ladder), each a
         :class:`engine.ladder.StageSpec` with its own options."""
-        return split_options(parse_fitness(self.fitness), self.fitness_options)
+        stages = split_options(parse_fitness(self.fitness), self.fitness_options)
+        return stages if self.data_dir is None else with_data_dir(stages, self.data_dir)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
@@ -265,6 +291,20 @@ class RunConfig:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = "-".join(parse_fitness(self.fitness)).replace(":", "_").replace("/", "_")
         return Path("runs") / f"{name}-{stamp}-{os.getpid()}"
+
+
+def with_data_dir(stages: list[StageSpec], data_dir: str) -> list[StageSpec]:
+    """The stages with ``data_dir`` among the options of each plug-in that takes a ``data_dir``
+    option (an option already set for a stage is kept). At least one stage must take it."""
+    from engine.plugins import fitness_takes
+
+    takes = [fitness_takes(stage.spec, "data_dir") for stage in stages]
+    if not any(takes):
+        names = ", ".join(repr(stage.spec) for stage in stages)
+        raise ValueError(f"--data-dir: fitness {names} takes no data folder (no data_dir option); the flag is "
+                         "for data-backed plug-ins such as cifar10")
+    return [StageSpec(stage.spec, {"data_dir": str(data_dir), **stage.options}) if take else stage
+            for stage, take in zip(stages, takes)]
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -296,31 +336,36 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per RunConfig field. Defaults are ``None`` so that only flags the user
-    set override the TOML file and the dataclass defaults."""
+def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """Add one flag per RunConfig field, in one argument group per concern (:data:`GROUPS`, from
+    each field's ``metadata["group"]``); returns the groups by title, so that a command can add
+    its own flags to them. Defaults are ``None`` so that only flags the user set override the
+    TOML file and the dataclass defaults."""
+    groups = {title: parser.add_argument_group(title, description) for title, description in GROUPS.items()}
     for f in dataclasses.fields(RunConfig):
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.name == "fitness_options":
-            parser.add_argument("--fitness-opt", dest="fitness_options", action="append", type=parse_option,
-                                default=None, metavar="KEY=VALUE", help=help_text)
-            parser.add_argument("--preset", dest="preset", default=None, metavar="NAME",
-                                help="the fitness plug-in's preset (same as --fitness-opt preset=NAME)")
+            group.add_argument("--fitness-opt", dest="fitness_options", action="append", type=parse_option,
+                               default=None, metavar="KEY=VALUE", help=help_text)
+            group.add_argument("--preset", dest="preset", default=None, metavar="NAME",
+                               help="the fitness plug-in's preset (same as --fitness-opt preset=NAME)")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = f.metadata.get("flag", flag)
         if str(f.type) == "bool":
             if "negative" in f.metadata:  # on by default: the flag turns it off
-                parser.add_argument(f.metadata["negative"], dest=f.name, action="store_const", const=False,
-                                    default=None, help=help_text)
+                group.add_argument(f.metadata["negative"], dest=f.name, action="store_const", const=False,
+                                   default=None, help=help_text)
             else:
-                parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
-                                    help=help_text)
+                group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                                   help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                            help=f"{help_text} (default: {default})")
+        group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar"),
+                           help=f"{help_text} (default: {default})")
+    return groups
 
 
 def resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
