@@ -343,6 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._Argume
     TOML file and the dataclass defaults."""
     groups = {title: parser.add_argument_group(title, description) for title, description in GROUPS.items()}
     for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("group") not in groups:
+            raise TypeError(f"RunConfig.{f.name}: its metadata needs group= one of {', '.join(GROUPS)}")
         group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
