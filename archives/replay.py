@@ -175,12 +175,14 @@ def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], l
     return row
 
 
-def _render_validation(validation: dict[str, Any] | None, console) -> None:
+def render_validation(validation: dict[str, Any] | None, console=None) -> None:
     """The end-of-run validation: held-out gain over the baseline of each validated loss."""
     if not validation:
         return
+    from rich.console import Console
     from rich.table import Table
 
+    console = console or Console()
     table = Table(title=f"Held-out validation: {validation.get('fitness')} ({validation.get('seeds')} fresh seeds, "
                         f"paired with {validation.get('baseline')})")
     for column in ("id", "name", "held-out gain", "± se", "worst task", "flag"):
@@ -322,7 +324,7 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
         verdict = "beats" if summary["best_fitness"] > baseline else "does not beat"
         console.print(f"best {summary['best_name']} ({summary['best_fitness']:.4f}) {verdict} the "
                       f"{summary['baseline']} seed ({baseline:.4f})")
-    _render_validation(summary.get("validation"), console)
+    render_validation(summary.get("validation"), console)
     for entry in summary.get("fidelity_ladder") or []:
         line = f"fidelity {entry['stage']}: {entry['ok']} of {entry['evaluated']} scored"
         if entry["best_fitness"] is not None:

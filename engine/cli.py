@@ -385,6 +385,42 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from archives.reading import read_run
+    from archives.replay import render_validation
+    from archives.store import RunStore
+    from engine.executors import make_executor
+    from engine.plugins import load_fitness
+    from engine.validation import ValidationSettings, held_out_options, validate
+
+    if args.top < 1 or args.seeds < 1:
+        raise UsageError(f"--top and --seeds must be positive, got {args.top} and {args.seeds}")
+    store = RunStore.open(args.run)
+    try:
+        data = read_run(store)
+        saved = RunConfig.from_dict({k: v for k, v in data.config.items() if k in RunConfig.__dataclass_fields__})
+        stage = saved.stages()[0]
+        spec = args.fitness or stage.spec
+        options = dict(args.fitness_options or []) if args.fitness else dict(stage.options)
+        fitness = load_fitness(spec, options)
+        if not args.fitness:
+            options = held_out_options(fitness, options)
+        config = RunConfig(fitness=spec, fitness_options=options, executor=args.executor, workers=args.workers,
+                           timeout=args.timeout, eval_seed=saved.eval_seed)
+        settings = ValidationSettings(validate_top=args.top, validate_seeds=args.seeds, eval_seed=saved.eval_seed)
+        with make_executor(config, fitness_spec=[(spec, options)], log_path=data.path / "workers.log") as executor:
+            summary = validate(store, data, executor, settings, fitness.name, options, fitness.fitness_floor)
+    finally:
+        store.close()
+    if summary is None:
+        raise UsageError(f"{args.run} has no scored loss to validate")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        render_validation(summary)
+    return 0
+
+
 def cmd_reevaluate(args: argparse.Namespace) -> int:
     from archives.reading import read_run
     from archives.store import RunStore
@@ -556,6 +592,21 @@ def build_parser() -> argparse.ArgumentParser:
     reeval.add_argument("--memory-limit-gb", type=float, default=RunConfig.memory_limit_gb)
     reeval.add_argument("--json", action="store_true", help="print one JSON object")
     reeval.set_defaults(handler=cmd_reevaluate)
+
+    check = sub.add_parser("validate", help="re-score a run's top losses and its baseline on held-out tasks and "
+                                            "fresh seeds (what every run does at its end; or on another fitness)")
+    check.add_argument("run")
+    check.add_argument("--fitness", default=None, help="the fitness to validate on (default: the run's own, on its "
+                                                       "held-out part where the plug-in has one)")
+    check.add_argument("--fitness-opt", dest="fitness_options", action="append", default=None,
+                       type=parse_option, metavar="KEY=VALUE")
+    check.add_argument("--top", type=int, default=RunConfig.validate_top, metavar="K", help="losses to validate")
+    check.add_argument("--seeds", type=int, default=RunConfig.validate_seeds, help="fresh evaluation seeds")
+    check.add_argument("--executor", choices=("process", "serial"), default=RunConfig.executor)
+    check.add_argument("--workers", type=int, default=RunConfig.workers)
+    check.add_argument("--timeout", type=float, default=RunConfig.timeout)
+    check.add_argument("--json", action="store_true", help="print the validation as one JSON object")
+    check.set_defaults(handler=cmd_validate)
 
     doctor = sub.add_parser("doctor", help="say which OS jail workers get here, and run hostile probes through it")
     doctor.add_argument("--sandbox", choices=("auto", "bwrap", "unshare", "none"), default=RunConfig.sandbox)

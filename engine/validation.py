@@ -98,6 +98,9 @@ def validate(store: RunStore, data, executor, settings: ValidationSettings, fitn
         executor.run([(c.id, c.code, 0, seed) for c in todo], seed, None, record)
     summary = summarise(label, chosen, baseline, seeds, scores, floor)
     store.set_meta("validation", summary)
+    history = store.meta("validations", {}) or {}
+    history[label] = summary
+    store.set_meta("validations", history)
     return summary
 
 

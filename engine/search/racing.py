@@ -104,7 +104,10 @@ class Racing:
         if self._pooled is not None:
             return self._pooled
         squares, dof = 0.0, 0
+        base_id = self.baseline()
         for cid in self.samples:
+            if cid == base_id:
+                continue  # its differences to itself are zero: they say nothing of the noise
             diffs = self._differences(cid)
             if len(diffs) >= 2:
                 mean = statistics.fmean(diffs)

@@ -1,0 +1,93 @@
+"""A run re-measures its promising candidates on fresh seeds, ranks by the lower bound, ends
+with a held-out validation paired with the baseline, and a resumed run or a later `validate`
+re-runs nothing already stored."""
+import json
+import sqlite3
+
+import pytest
+
+from archives.reading import read_run
+from archives.store import RunStore
+from engine.cli import main
+from engine.search.racing import SEED_STRIDE
+from engine.validation import VALIDATION_SEEDS, summarise
+from engine.candidate import Candidate, EvalResult
+from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC
+
+RUN = ["--fitness", EXAMPLE_SPEC, "--operator", JITTER_SPEC, "--pop", "4", "--gens", "2", "--executor", "serial",
+       "--race-seeds", "3", "--race-budget", "6", "--validate-top", "3", "--validate-seeds", "3", "--quiet"]
+
+
+def rows(run, where=""):
+    db = sqlite3.connect(run / "run.sqlite")
+    try:
+        return db.execute(f"SELECT candidate_id, fitness_name, eval_seed FROM evaluations {where}").fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("validated") / "run"
+    assert main(["run", *RUN, "--out", str(run)]) == 0
+    return run
+
+
+def test_a_run_re_measures_on_fresh_seeds_paired_with_the_baseline(finished_run):
+    store = RunStore.open(finished_run, readonly=True)
+    data = read_run(store)
+    store.close()
+    baseline = next(c.id for c in data.candidates.values() if c.is_seed and c.name == data.baseline)
+    reseeded = {cid: set(scores) - {0} for cid, scores in data.seed_scores.items() if len(scores) > 1}
+    assert reseeded, "racing re-measured nothing"
+    assert all(seed % SEED_STRIDE == 0 for seeds in reseeded.values() for seed in seeds)
+    # Every seed a contender got, the baseline got too: the scores stay paired.
+    assert set().union(*reseeded.values()) <= set(data.seed_scores[baseline])
+    # No (candidate, seed) was measured twice.
+    pairs = rows(finished_run, "WHERE eval_seed IS NOT NULL AND fitness_name NOT LIKE 'validation:%'")
+    assert len(pairs) == len(set(pairs))
+
+
+def test_replay_ranks_by_the_lower_bound_and_reports_the_validation(finished_run, capsys):
+    assert main(["replay", str(finished_run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    lowers = [row["estimate"]["lower"] for row in summary["top"] if row.get("estimate")]
+    assert lowers == sorted(lowers, reverse=True) and summary["ranking"].startswith("lower confidence bound")
+    validation = summary["validation"]
+    assert validation["seeds"] == 3 and validation["baseline"] == "mse" and len(validation["losses"]) == 3
+    assert summary["validated_best_name"] in {row["name"] for row in validation["losses"]}
+    assert isinstance(summary["validated_gain"], float) and summary["validated_gain_se"] >= 0
+    seeds = {seed for _, name, seed in rows(finished_run) if name.startswith("validation:")}
+    assert seeds == {VALIDATION_SEEDS + k for k in range(3)}
+    assert "mse" not in {row["name"] for row in validation["losses"]}  # the baseline is the reference
+
+
+def test_validate_again_scores_only_what_is_missing(finished_run, capsys):
+    before = len(rows(finished_run))
+    assert main(["validate", str(finished_run), "--top", "3", "--seeds", "3", "--executor", "serial", "--json"]) == 0
+    assert len(rows(finished_run)) == before
+    assert main(["validate", str(finished_run), "--top", "3", "--seeds", "4", "--executor", "serial", "--json"]) == 0
+    assert len(rows(finished_run)) == before + 4  # three losses and the baseline on the one new seed
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["seeds"] == 4
+
+
+def test_resuming_a_finished_run_repeats_no_evaluation(finished_run, tmp_path):
+    before = sorted(rows(finished_run), key=repr)
+    assert main(["run", "--resume", str(finished_run), "--executor", "serial", "--quiet"]) == 0
+    assert sorted(rows(finished_run), key=repr) == before
+
+
+def test_a_loss_that_fails_on_held_out_seeds_is_flagged_and_a_clear_gain_is_said_plainly():
+    chosen = [Candidate(1, "steady", "x"), Candidate(2, "brittle", "x")]
+    baseline = Candidate(0, "dpo", "x", operator="seed")
+    seeds = [10, 11, 12]
+    scores = {}
+    for k, seed in enumerate(seeds):
+        scores[(0, seed)] = EvalResult(0, "ok", 0.5 + k / 10)
+        scores[(1, seed)] = EvalResult(1, "ok", 0.6 + k / 10 + (0.001 if k == 1 else 0))
+        scores[(2, seed)] = EvalResult(2, "ok", 0.9) if k else EvalResult(2, "error", error="diverged")
+    summary = summarise("validation:x", chosen, baseline, seeds, scores, floor=-1.0)
+    steady, brittle = summary["losses"]
+    assert steady["gain"] == pytest.approx(0.1, abs=1e-3) and steady["flag"] is None
+    assert brittle["failed_seeds"] == 1 and "failed on 1 seed" in brittle["flag"]
+    assert summary["best"]["name"] == "steady" and "beats dpo on held-out data" in summary["verdict"]
