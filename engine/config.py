@@ -155,6 +155,9 @@ class RunConfig:
         "tries per offspring slot when operators produce invalid or duplicate genomes", group=SEARCH))
     code_size_bins: int = field(default=4, metadata=_help(
         "bins of the archive's code-size axis (0 drops the axis)", group=SEARCH))
+    selection: str = field(default="archive", metadata=_help(
+        "where parents come from: archive (MAP-Elites elites, DEAP tournament; the default), or for ablations "
+        "truncation (the --pop best, no archive) and random (any scored candidate, fitness unused)", group=SEARCH))
     race_seeds: int = field(default=3, metadata=_help(
         "noise-aware selection: extra evaluation seeds a candidate that could reach the top gets before it is "
         "trusted (re-measured 1, then 2 more...; each paired with the baseline seed on the same seeds); elites, "
@@ -235,6 +238,7 @@ class RunConfig:
         if self.code_size_bins < 0:
             raise ValueError(f"code_size_bins must be >= 0, got {self.code_size_bins!r}")
         choices = {"operator_choice": ("bandit", "ucb", "uniform"), "strategy": ("population", "sequential"),
+                   "selection": ("archive", "truncation", "random"),
                    "context_order": ("ascending", "descending"), "llm_check": ("tests", "static"),
                    "interrupt": ("drain", "cancel"), "sandbox": ("auto", "bwrap", "unshare", "none")}
         for name, allowed in choices.items():

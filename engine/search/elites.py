@@ -65,6 +65,8 @@ class EliteSettings:
     context_best: int = 5
     context_diverse: int = 3
     code_size_bins: int = 4
+    selection: str = "archive"
+    pop: int = 8
 
 
 class ElitePool:
@@ -154,8 +156,20 @@ class ElitePool:
 
     # -- choosing parents -----------------------------------------------------------------------
     def parents(self) -> list[Individual]:
-        """The parent pool: every stage's elites, each candidate once, at the highest stage it
-        reached (a candidate promoted but beaten in its cell there is no longer a parent)."""
+        """The parent pool. ``archive`` (the default): every stage's elites, each candidate once,
+        at the highest stage it reached (a candidate promoted but beaten in its cell there is no
+        longer a parent). The ablations of ``benchmarks/search_ablation.py``: ``truncation``, the
+        ``pop`` best scored candidates, no grid; ``random``, every scored candidate, fitness unused."""
+        if self.settings.selection != "archive":
+            scored = []
+            for cid, candidate in self.population.candidates.items():
+                top = self.population.top(cid)
+                if top is not None:
+                    scored.append(Individual(candidate, self.objective(cid, top[0]), top[0]))
+            if self.settings.selection == "truncation":
+                scored.sort(key=lambda ind: (-ind.level, -ind.score, ind.candidate.id))
+                return scored[:self.settings.pop]
+            return scored
         pool, seen = [], set()
         for level in reversed(range(len(self.archives))):
             for elite in self.archives[level].elites():
@@ -169,6 +183,9 @@ class ElitePool:
     def select(self, pool: list[Individual], k: int, rng: random.Random) -> list[Candidate]:
         """``k`` parents by DEAP tournament (two distinct ones for a crossover)."""
         size = self.settings.tournament_size
+        if self.settings.selection != "archive":  # uniform over the pool: no fitness pressure beyond it
+            chosen = rng.sample(pool, min(k, len(pool)))
+            return [ind.candidate for ind in chosen]
         with seeded_global_random(rng):
             if k == 2 and len(pool) >= 2:
                 first = tools.selTournament(pool, 1, tournsize=size)[0]
