@@ -296,10 +296,9 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
         console.print(f"stopped early in generation {summary['stopped']['generation']}: {summary['stopped']['reason']}")
     key_metrics = summary.get("key_metrics", [])
     labels = summary.get("extra_fitness", [])
-    table = Table(title="Best losses", show_lines=False)
-    for column in ("id", "name", "fitness", f"vs {summary['baseline'] or 'baseline'}", *key_metrics, *labels,
-                   "gen", "operator"):
-        table.add_column(_fmt(column))
+    columns = ("id", "name", "fitness", f"vs {summary['baseline'] or 'baseline'}", *key_metrics, *labels,
+               "gen", "operator")
+    rows = []
     for row in summary["top"]:
         estimate = row.get("estimate")
         delta = row["fitness"] - baseline if baseline is not None else None
@@ -307,12 +306,18 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
         if estimate:  # mean over seeds ± standard error of the paired gain (seeds)
             shown = f"{estimate['mean']:.4f}±{estimate['se']:.4f} ({estimate['seeds']})"
             delta = estimate["gain"] if estimate["gain"] is not None else delta
-        table.add_row(str(row["id"]), _fmt(row["name"]), shown,
-                      "-" if delta is None else f"{delta:+.4f}",
-                      *(_fmt(row.get("metrics", {}).get(k)) for k in key_metrics),
-                      *(_fmt(row.get("extra", {}).get(label)) for label in labels),
-                      str(row["generation"]), row["operator"])
-    console.print(table)
+        rows.append((str(row["id"]), _fmt(row["name"]), shown, "-" if delta is None else f"{delta:+.4f}",
+                     *(_fmt(row.get("metrics", {}).get(k)) for k in key_metrics),
+                     *(_fmt(row.get("extra", {}).get(label)) for label in labels),
+                     str(row["generation"]), row["operator"]))
+    table = _table("Best losses", columns, rows)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
+        # Too wide for the terminal (80 columns): names would be cut to "lrml_x…". The losses and
+        # their fitness first, names whole, then the metrics and origin of each by id.
+        console.print(_table("Best losses", columns[:4], [r[:4] for r in rows], whole=("name",)))
+        console.print(_table("Best losses: metrics and origin", ("id", *columns[4:]), [(r[0], *r[4:]) for r in rows]))
+    else:
+        console.print(table)
     best_estimate = summary.get("best_estimate")
     if best_estimate and best_estimate.get("gain") is not None:
         gain, se = best_estimate["gain"], best_estimate["se"]
@@ -340,6 +345,19 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
     console.print(ops)
     if detail:
         _render_detail(summary, console, max_rows)
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple], whole: tuple[str, ...] = ()):
+    """A rich table; the ``whole`` columns are never wrapped or cut (rich narrows the others)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(_fmt(column), no_wrap=column in whole, min_width=max(
+            (len(str(r[columns.index(column)])) for r in rows), default=0) if column in whole else None)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _render_detail(summary: dict[str, Any], console, max_rows: int) -> None:
