@@ -1,0 +1,124 @@
+"""What evolution adds: the default search against simpler searches with the same budget.
+
+Each variant runs ``python -m engine run`` with the same fitness, the same candidate budget and
+the same noise-aware ranking and validation, over several run seeds:
+
+- ``evolution``: the default (MAP-Elites archive, tournaments, the operator's mutations and
+  crossovers);
+- ``best-of-n``: offspring of the seed losses only, no selection (``--gens 0`` and a population of
+  the whole budget);
+- ``random``: the same generations, parents drawn from every scored candidate, fitness unused
+  (``--selection random``);
+- ``no-archive``: plain truncation selection, parents from the ``--pop`` best (``--selection
+  truncation``).
+
+What is compared is the held-out gain over the baseline of each run's reported best (the run's
+own rank 1, chosen before the validation looked at anything: ``--validate-top 1``), measured by
+the end-of-run validation on the plug-in's held-out tasks (pref-suite: the meta-test split) and
+fresh seeds. Per variant: mean ± standard error over run seeds, the evaluations each run used,
+and how many candidates it had made when its reported best appeared.
+
+    python benchmarks/search_ablation.py [--fitness pref-suite] [--seeds 1 2 3] [--pop 8] [--gens 6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(pop: int, gens: int, seeds: int) -> dict[str, list[str]]:
+    budget = max(seeds, pop) + pop * gens
+    return {
+        "evolution": ["--pop", str(pop), "--gens", str(gens)],
+        "best-of-n": ["--pop", str(budget), "--gens", "0"],
+        "random": ["--pop", str(pop), "--gens", str(gens), "--selection", "random"],
+        "no-archive": ["--pop", str(pop), "--gens", str(gens), "--selection", "truncation"],
+    }
+
+
+def run_one(fitness: str, flags: list[str], seed: int, out: Path, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "engine", "run", "--fitness", fitness, "--seed", str(seed), "--out", str(out),
+               "--validate-top", "1", "--quiet", *flags, *extra]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - started
+    summary = json.loads((out / "summary.json").read_text())
+    validation = summary.get("validation") or {}
+    best = (validation.get("losses") or [{}])[0]
+    db = sqlite3.connect(out / "run.sqlite")
+    try:
+        evaluations = db.execute("SELECT count(*) FROM evaluations WHERE fitness_name NOT LIKE 'validation:%'").fetchone()[0]
+    finally:
+        db.close()
+    return {"seed": seed, "best_name": best.get("name"), "best_id": best.get("id"),
+            "held_out_gain": best.get("gain"), "held_out_se": best.get("gain_se"),
+            "made_before_best": best.get("id"), "evaluations": evaluations, "seconds": round(seconds, 1),
+            "selection_gain": (summary.get("best_estimate") or {}).get("gain")}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), se
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fitness", default="pref-suite")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="run seeds")
+    parser.add_argument("--pop", type=int, default=8)
+    parser.add_argument("--gens", type=int, default=6)
+    parser.add_argument("--plugin-seeds", type=int, default=11, help="how many seed losses the plug-in has")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
+    parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evoloss-ablation-"))
+    chosen = variants(args.pop, args.gens, args.plugin_seeds)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only}
+    results: dict[str, list[dict]] = {}
+    for name, flags in chosen.items():
+        for seed in args.seeds:
+            record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", extra)
+            results.setdefault(name, []).append(record)
+            print(json.dumps({"variant": name, **record}), flush=True)
+    print(f"\n{args.fitness}: held-out gain over the baseline of each run's reported best "
+          f"(mean ± standard error over run seeds {args.seeds}; budget {max(args.plugin_seeds, args.pop) + args.pop * args.gens} candidates)\n")
+    print("| variant | held-out gain | runs | evaluations per run | candidates made before the best |")
+    print("| --- | --- | --- | --- | --- |")
+    table = {}
+    for name, records in results.items():
+        gain, se = mean_se([r["held_out_gain"] for r in records])
+        made, _ = mean_se([r["made_before_best"] for r in records])
+        evals, _ = mean_se([r["evaluations"] for r in records])
+        table[name] = {"gain": gain, "se": se, "runs": records}
+        print(f"| {name} | {gain:+.4f} ± {se:.4f} | {len(records)} | {evals:.0f} | {made:.0f} |")
+    if "evolution" in table:
+        for other in ("best-of-n", "random", "no-archive"):
+            if other in table:
+                paired = [a["held_out_gain"] - b["held_out_gain"] for a, b in
+                          zip(table["evolution"]["runs"], table[other]["runs"])
+                          if a["held_out_gain"] is not None and b["held_out_gain"] is not None]
+                diff, se = mean_se(paired)
+                print(f"evolution - {other}: {diff:+.4f} ± {se:.4f} (paired by run seed)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
+    print(f"runs kept in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
