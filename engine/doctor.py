@@ -8,10 +8,10 @@ past the static check and the restricted namespaces would run. The doctor plants
 for: a secret file in the home folder, one in the working folder, a run store, an API-key
 variable in its own environment, a loopback TCP listener and an abstract Unix socket, and a
 stand-in process for the driver. A last probe runs a genome that rewrites what its process sends
-(so that its fitness reads 42) through a real worker with the static check off. Each probe is judged from outside (did the secret come back,
-did a file appear, did a connection arrive, does a process survive, is the stand-in alive), and
-printed as held or NOT HELD; the exit code is 1 if any is not held (2 if the sandbox asked for
-cannot run here).
+(so that its fitness reads 42) through a real worker with the static check off. Each probe is
+judged from outside (did the secret come back, did a file appear, did a connection arrive, does a
+process survive, is the stand-in alive), and printed as held or NOT HELD; the exit code is 1 if
+any is not held (2 if the sandbox asked for cannot run here).
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ done()
 }
 
 
-HONEST = "def dpo(a, b, c, d):\n    import torch.nn.functional as F2\n    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+HONEST = ("def dpo(a, b, c, d):\n    import torch.nn.functional as F2\n"
+          "    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))\n")
 #: DPO that, from inside its own process, rewrites every message and JSON document it sends so
 #: that any "fitness" reads 42 (plain Python: it runs with the static check off).
 FORGER = """def dpo(a, b, c, d):

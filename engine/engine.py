@@ -319,7 +319,7 @@ class Engine:
         for cid, result in results.items():
             if result.ok:
                 self.racing.add(cid, self.config.eval_seed, result.fitness)
-        for name, seed, result in self.store.seed_evaluations(self.labels[0]):
+        for _, seed, result in self.store.seed_evaluations(self.labels[0]):
             self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
         generations = self.store.generations()
         if self.config.asynchronous:

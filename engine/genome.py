@@ -852,7 +852,7 @@ def _relay() -> type:
 
     class GenomeRelay(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, run, *tensors):  # noqa: ANN001 - autograd's signature
+        def forward(ctx, run, *tensors):  # autograd's signature
             leaves = [_plain_tensor(t).requires_grad_(True) if t.requires_grad else _plain_tensor(t) for t in tensors]
             with torch.enable_grad():
                 outputs = run(leaves)
@@ -867,7 +867,7 @@ def _relay() -> type:
 
         @staticmethod
         @once_differentiable
-        def backward(ctx, *grads):  # noqa: ANN001
+        def backward(ctx, *grads):
             pairs = [(o, g) for o, g in zip(ctx.outputs, grads) if g is not None and o.requires_grad]
             wanted = [i for i, leaf in enumerate(ctx.leaves) if leaf.requires_grad]
             result: list = [None] * len(ctx.leaves)

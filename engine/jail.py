@@ -202,7 +202,7 @@ def probe(kind: str) -> str | None:
         text = (done.stderr or done.stdout).decode("utf-8", "replace").strip().splitlines()
         reason = text[-1] if text else f"exit code {done.returncode}"
         hint = ""
-        if "namespace" in reason.lower() or "permission" in reason.lower() or "operation not permitted" in reason.lower():
+        if any(word in reason.lower() for word in ("namespace", "permission", "operation not permitted")):
             hint = (" (unprivileged user namespaces look disabled: sysctl kernel.unprivileged_userns_clone=1, or "
                     "on Ubuntu 24.04+ an AppArmor profile for bwrap, or run in a container that allows them)")
         return f"{kind} is installed but could not start a jail: {reason}{hint}"

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
@@ -187,4 +188,5 @@ def _verdict(best: dict[str, Any] | None, baseline: str | None, label: str) -> s
         verdict = f"is not distinguishable from {baseline} on held-out data ({z:+.1f} standard errors)"
     else:
         verdict = f"is worse than {baseline} on held-out data ({z:+.1f} standard errors)"
-    return f"validated best {best['name']}: gain {best['gain']:+.4f} ± {se:.4f} over {best['seeds']} fresh seeds; it {verdict}"
+    return (f"validated best {best['name']}: gain {best['gain']:+.4f} ± {se:.4f} over {best['seeds']} fresh seeds; "
+            f"it {verdict}")

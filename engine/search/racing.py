@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 #: Fresh evaluation seeds for re-measurements are ``eval_seed + SEED_STRIDE * k`` (k = 1, 2, ...),
 #: far from the consecutive seeds a plug-in may use inside one evaluation.
