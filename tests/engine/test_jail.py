@@ -321,3 +321,106 @@ def test_non_dumpable_driver_environment_is_unreadable(mark):
         assert secret not in read.stdout
     else:
         assert secret in read.stdout
+
+
+# -- the same probes as genomes: evaluate --jail-only ----------------------------------------
+GENOME = '''def probe(a, b, c, d):
+    import json, os, signal, socket, sys, time
+    import torch.nn.functional as F2
+    ARGS = json.loads({args!r})
+    if not os.environ.get("PROBED"):
+        os.environ["PROBED"] = "1"
+{body}
+    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))
+'''
+GENOME_PROBES = {
+    "read_home": '''seen = []
+for path in (ARGS["home"] + "/.netrc", ARGS["home"]):
+    try:
+        seen.append(open(path).read() if os.path.isfile(path) else str(os.listdir(path)))
+    except OSError as exc:
+        seen.append(exc.strerror)
+raise ValueError("seen: " + " ; ".join(seen).replace("\\\\n", " "))''',
+    "read_workdir": '''seen = []
+for path in (ARGS["work"] + "/.env", ARGS["run"] + "/run.sqlite", ARGS["work"]):
+    try:
+        seen.append(open(path).read() if os.path.isfile(path) else str(os.listdir(path)))
+    except OSError as exc:
+        seen.append(exc.strerror)
+raise ValueError("seen: " + " ; ".join(seen).replace("\\\\n", " "))''',
+    "read_environ": '''seen = [str(dict(os.environ))]
+for entry in os.listdir("/proc"):
+    try:
+        seen.append(open("/proc/" + entry + "/environ", "rb").read().decode(errors="replace").replace("\\\\0", " "))
+    except OSError:
+        pass
+raise ValueError("seen: " + " ; ".join(seen).replace("\\\\n", " "))''',
+    "write_outside": '''for path in ARGS["writes"]:
+    try:
+        open(path, "w").write("escaped")
+    except OSError:
+        pass''',
+    "connect": '''try:
+    socket.create_connection(("127.0.0.1", ARGS["port"]), timeout=2).close()
+except OSError:
+    pass''',
+    "detach": '''if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)  # " + ARGS["tag"]])
+    os._exit(0)
+os.wait()''',
+    "kill_parent": '''for pid in (os.getppid(), ARGS["stand_in"]):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass''',
+}
+
+
+@pytest.mark.parametrize("kind", JAILS)
+@pytest.mark.parametrize("probe", list(GENOME_PROBES))
+def test_genome_probe_through_evaluate_jail_only_is_held(kind, probe, planted, tmp_path, capsys):
+    """Each probe as a plain-Python genome (static check off) through a real worker: one JSON
+    status, no secret in it, nothing written outside, no connection, no survivor, the driver's
+    stand-in alive."""
+    work, home = planted["work"], planted["home"]
+    run = work / "runs" / "earlier"
+    run.mkdir(parents=True)
+    (run / "run.sqlite").write_text(planted["secret"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stand_in = subprocess.Popen([sys.executable, "-I", "-S", "-c", "import time; time.sleep(120)"])
+    tag = "evoloss-probe-" + os.urandom(4).hex()
+    args = {"home": str(home), "work": str(work), "run": str(run), "port": listener.getsockname()[1],
+            "writes": [str(home / "escaped"), str(work / "escaped"), str(tmp_path / "escaped"), "/tmp/escaped-" + tag],
+            "tag": tag, "stand_in": stand_in.pid}
+    body = "\n".join("        " + line for line in GENOME_PROBES[probe].splitlines())
+    (work / "probe.py").write_text(GENOME.format(args=json.dumps(args), body=body))
+    try:
+        main(["evaluate", "--code", "probe.py", "--jail-only", "--sandbox", kind, "--json", "--timeout", "60"])
+        out, err = capsys.readouterr()
+        deadline = time.monotonic() + 5.0  # a killed namespace's processes take a moment to go
+        while (survivors := doctor._survivors(tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            listener.accept()
+            connected = True
+        except OSError:
+            connected = False
+        stand_in_alive = stand_in.poll() is None
+    finally:
+        for pid in doctor._survivors(tag):
+            os.kill(pid, 9)
+        stand_in.kill()
+        stand_in.wait()
+        listener.close()
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, (out, err[-2000:])
+    payload = json.loads(lines[0])
+    assert payload["sandbox"] == kind and payload["static_check"] is False
+    assert planted["secret"] not in out + err
+    assert not any(os.path.exists(path) for path in args["writes"])
+    assert not connected, payload
+    assert survivors == [], payload
+    assert stand_in_alive, payload
