@@ -378,6 +378,7 @@ os.wait()''',
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", JAILS)
 @pytest.mark.parametrize("probe", list(GENOME_PROBES))
 def test_genome_probe_through_evaluate_jail_only_is_held(kind, probe, planted, tmp_path, capsys):
