@@ -447,7 +447,20 @@ def candidate_report(data: RunData, candidate_id: int) -> dict[str, Any]:
         for depth, cid in data.lineage(candidate_id)[1:]
     ]
     calls = [row for row in data.llm_calls if row.get("candidate_id") == candidate_id]
-    return _finite({**candidate.to_dict(), "evaluations": evaluations, "lineage": lineage, "llm_calls": calls})
+    result = data.results.get(candidate_id)
+    axes = {axis.get("name") for axis in data.space}
+    shape = {}
+    if result is not None:
+        # The grid's axes and the loss-shape profile (``shape_*``: slope and its sign at zero
+        # margin, growth for badly ordered pairs, boundedness) that predict known failures.
+        for source in (result.descriptors, result.metrics):
+            shape.update({k: v for k, v in source.items() if (k in axes or k.startswith("shape_"))
+                          and isinstance(v, (int, float))})
+    validated = next((row for row in (data.validation or {}).get("losses", []) if row.get("id") == candidate_id), None)
+    return _finite({**candidate.to_dict(), "evaluations": evaluations, "lineage": lineage, "llm_calls": calls,
+                    "seed_scores": {str(k): v for k, v in sorted(data.seed_scores.get(candidate_id, {}).items())},
+                    "estimate": _estimate_dict(seed_estimates(data).get(candidate_id)), "shape": shape,
+                    "validation": validated})
 
 
 def render_candidate(report: dict[str, Any], console=None) -> None:
@@ -469,6 +482,19 @@ def render_candidate(report: dict[str, Any], console=None) -> None:
         line = f"{evaluation['fitness_name']}: {evaluation['status']}"
         line += f" fitness {evaluation['fitness']:.4f}" if evaluation["status"] == "ok" else f" {evaluation['error']}"
         console.print(line + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
+    estimate = report.get("estimate")
+    if estimate:
+        gain = "" if estimate.get("gain") is None else f", paired gain over the baseline {estimate['gain']:+.4f}"
+        console.print(f"over {estimate['seeds']} evaluation seeds: mean {estimate['mean']:.4f} ± {estimate['se']:.4f}"
+                      f"{gain}, ranked at {estimate['lower']:.4f} (lower bound)", markup=False)
+    validated = report.get("validation")
+    if validated and validated.get("gain") is not None:
+        se = "" if validated.get("gain_se") is None else f" ± {validated['gain_se']:.4f}"
+        console.print(f"held-out validation: gain {validated['gain']:+.4f}{se} over {validated['seeds']} fresh seeds"
+                      + (f"  [{validated['flag']}]" if validated.get("flag") else ""), markup=False)
+    if report.get("shape"):
+        console.print("loss shape: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["shape"].items()),
+                      markup=False, highlight=False)
     if report["lineage"]:
         console.print("[bold]lineage[/bold] (ancestors, nearest first)")
         for ancestor in report["lineage"]:

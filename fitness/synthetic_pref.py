@@ -73,7 +73,7 @@ import torch
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
-from fitness.preference import PreferenceInterface, preference_seeds
+from fitness.preference import PreferenceInterface, loss_shape_profile, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
 #: float32, as real preference training does, at half the cost.
@@ -465,7 +465,12 @@ class SyntheticPreference(Fitness):
         return total
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
-        return loss_shape_descriptors(self.interface, fn)
+        """The grid's three shape axes, and the loss-shape profile that predicts known failures
+        (:data:`fitness.preference.SHAPE_PROFILE`: slope and its sign at zero margin, growth
+        for badly ordered pairs, boundedness), stored with every evaluation and shown by ``show``."""
+        profile = loss_shape_profile(self.interface, fn)
+        return {**loss_shape_descriptors(self.interface, fn),
+                **{key: value for key, value in profile.items() if math.isfinite(value)}}
 
 
 def loss_shape_descriptors(interface: PreferenceInterface, fn: Callable, points: int = 401) -> dict[str, float]:

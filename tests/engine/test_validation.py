@@ -91,3 +91,12 @@ def test_a_loss_that_fails_on_held_out_seeds_is_flagged_and_a_clear_gain_is_said
     assert steady["gain"] == pytest.approx(0.1, abs=1e-3) and steady["flag"] is None
     assert brittle["failed_seeds"] == 1 and "failed on 1 seed" in brittle["flag"]
     assert summary["best"]["name"] == "steady" and "beats dpo on held-out data" in summary["verdict"]
+
+
+def test_show_gives_a_candidates_seeds_estimate_and_validation(finished_run, capsys):
+    assert main(["replay", str(finished_run), "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["validation"]["losses"][0]["id"]
+    assert main(["show", str(finished_run), str(best), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["estimate"]["seeds"] == len(report["seed_scores"]) >= 1
+    assert report["validation"]["id"] == best and report["validation"]["seeds"] >= 3
