@@ -213,10 +213,11 @@ def untrusted_phase(fitness, stages, code: str, seed: int, channel: Channel, jai
 
     from fitness.base import artefacts_to_bytes, is_protected, validate_artefacts
 
-    # The held-out data of every stage is zeroed here before any genome code runs.
+    # The held-out data of every stage is zeroed here before any genome code runs (but that of a
+    # plug-in of the first contract scoring here: its evaluate() may need it, and is unprotected anyway).
     for stage in stages:
         store = stage.__dict__.get("_held_out_store")
-        if store is not None:
+        if store is not None and (stage is not fitness or is_protected(fitness)):
             store.wipe()
     phase = "checks"
     try:

@@ -100,9 +100,12 @@ class _EvaluationActor:
         # A replacement started in the background after the last evaluation; it is ready by now
         # or soon (its start-up does not count against this evaluation's timeout).
         self.pool.await_ready(self.pool.workers[0])
-        self.deadline = time.monotonic() + self.pool.timeout
+        # The worker ends a genome's process at its check and training deadlines; this one only
+        # catches a worker stuck in trusted plug-in code.
+        self.deadline = time.monotonic() + self.pool.backstop_seconds
         try:
-            self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed, "stage": stage})
+            self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed, "stage": stage,
+                                            "check_timeout": self.pool.check_timeout, "timeout": self.pool.timeout})
         except OSError:
             return self._died()
         return self._next()
@@ -300,7 +303,9 @@ class RayExecutor(Executor):
         source = as_source(tasks)
         queue: deque[Task] = deque()  # retries, before new tasks
         inflight: dict[Any, _Slot] = {}
-        backstop = self.timeout + self.startup_timeout + 60.0
+        # Past the slot's own deadline (its worker's check and training deadlines plus a margin:
+        # ProcessExecutor.backstop_seconds at the default check timeout).
+        backstop = 10.0 + 2 * self.timeout + 30.0 + self.startup_timeout + 60.0
         try:
             while True:
                 for slot in self.slots:

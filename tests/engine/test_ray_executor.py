@@ -23,10 +23,11 @@ GOOD = "def loss(pred, target):\n    return (pred - target) ** 2\n"
 HANG = "def loss(pred, target):\n    while True:\n        pass\n"
 
 # The example plug-in, except that a genome named kill_* kills its own evaluation: the Ray actor
-# (the worker's parent) or the worker itself, the first time only (a marker file remembers) or
-# every time.
+# (the warm worker's parent) or the warm worker itself (the parent of the genome's process, where
+# evaluate() runs), the first time only (a marker file remembers) or every time.
 KILLER = f'''
 import importlib.util, os, signal
+import psutil
 
 _spec = importlib.util.spec_from_file_location("robust_regression_base", {str(ROOT / "examples" / "robust_regression.py")!r})
 _module = importlib.util.module_from_spec(_spec)
@@ -43,7 +44,8 @@ class Killer(_module.RobustRegression):
             marker = os.path.join(self.markers, name)
             if name.endswith("always") or not os.path.exists(marker):
                 open(marker, "a").close()
-                os.kill(os.getppid() if "actor" in name else os.getpid(), signal.SIGKILL)
+                worker = os.getppid()
+                os.kill(psutil.Process(worker).ppid() if "actor" in name else worker, signal.SIGKILL)
         return super().evaluate(fn, seed)
 '''
 
