@@ -349,6 +349,9 @@ def forge_probe(sandbox: jail.Sandbox) -> ProbeResult:
             executor.run([(0, HONEST), (1, FORGER)], seed=0, decide=None,
                          on_result=lambda r: results.__setitem__(r.candidate_id, r))
     honest, forged = results[0], results[1]
+    if honest.fitness is None:
+        return ProbeResult("forge_score", title, False, f"could not be judged: the honest loss itself scored "
+                                                        f"{honest.status} ({honest.error})")
     held = forged.fitness is not None and forged.fitness != 42.0 and forged.fitness == honest.fitness
     return ProbeResult("forge_score", title, held,
                        f"scored {forged.fitness} ({forged.status}); the same loss, honest, scored {honest.fitness}")
