@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -46,6 +47,24 @@ _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|S
                      r"^(AWS|AZURE|GOOGLE|GCP|GCLOUD|OPENAI|ANTHROPIC)_", re.I)
 #: Bytes of output one worker may write to the run's worker log; the rest is dropped, with a note.
 LOG_LIMIT_BYTES = 4 << 20
+#: Name prefix of an executor's folder of worker scratch folders (in the temporary folder),
+#: followed by the driver's pid.
+SCRATCH_PREFIX = "evoloss-workers-"
+
+
+def _remove_stale_scratch() -> None:
+    """Remove the scratch folders of executors whose driver is gone (killed before it could
+    clean up: a scratch may hold a saved model)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            continue
 
 OnResult = Callable[[EvalResult], None]
 
@@ -290,7 +309,10 @@ class ProcessExecutor(Executor):
 
     def _prepare_view(self) -> None:
         """What every worker's jail shows: worked out once, from the plug-ins built here."""
-        self._scratch_root = Path(tempfile.mkdtemp(prefix="evoloss-workers-"))
+        _remove_stale_scratch()
+        self._scratch_root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        # Removed by close(); also when this executor is collected or the interpreter exits without it.
+        weakref.finalize(self, shutil.rmtree, str(self._scratch_root), True)
         if not self.sandbox.jailed:
             return
         plugins = [load_fitness(spec, options) for spec, options in self.stages]

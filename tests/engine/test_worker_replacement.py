@@ -1,6 +1,7 @@
 """Replacing a worker never stalls the run loop: a killed worker's replacement starts in the
 background and gets work once it is ready, while the other workers go on."""
 import os
+import subprocess
 import signal
 import threading
 import time
@@ -59,3 +60,18 @@ def test_a_dead_worker_is_replaced_while_the_others_go_on(write_plugin):
     # and the plug-in, which takes as long as a start-up.
     assert len(after_kill) >= 3
     assert after_kill[0] - events["killed"] < max(1.0, 0.5 * startup), (after_kill[0] - events["killed"], startup)
+
+
+def test_scratch_folders_of_a_killed_driver_are_removed_by_the_next_start(tmp_path, monkeypatch):
+    from engine import executor as executor_module
+
+    monkeypatch.setattr(executor_module.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{executor_module.SCRATCH_PREFIX}{dead.pid}-abc" / "worker-x"
+    live = tmp_path / f"{executor_module.SCRATCH_PREFIX}{os.getpid()}-def" / "worker-y"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "policy.safetensors").write_bytes(b"0" * 16)
+    executor_module._remove_stale_scratch()
+    assert not stale.parent.exists() and live.exists()
