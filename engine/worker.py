@@ -396,7 +396,7 @@ def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, f
     if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= 64 or \
             any(c not in "0123456789abcdef" for c in fingerprint):
         raise ValueError("an invalid fingerprint")
-    names = {d.name for d in getattr(fitness, "descriptor_space", ())}
+    names = {d.name for d in getattr(fitness, "descriptor_space", ())} | set(getattr(fitness, "extra_descriptors", ()))
     descriptors = message.get("descriptors")
     if not isinstance(descriptors, dict) or len(descriptors) > max(len(names), 64):
         raise ValueError("invalid descriptors")

@@ -367,6 +367,8 @@ class Fitness(ABC):
         interface: The function contract.
         baseline: Name of the seed that serves as the baseline in summaries (e.g. ``dpo``).
         descriptor_space: Axes of the MAP-Elites grid computed by :meth:`descriptors`.
+        extra_descriptors: Names of further values :meth:`descriptors` may return: stored with
+            the evaluation and shown, not grid axes (a preference loss's shape profile).
         fitness_floor: A fitness no sensible loss goes below; the QD score counts from it.
         max_artefact_bytes: Largest total size of the artefacts :meth:`train` may return.
         max_file_bytes: Largest file the genome's process may write (``RLIMIT_FSIZE``).
@@ -377,6 +379,7 @@ class Fitness(ABC):
     interface: ClassVar[Interface]
     baseline: ClassVar[str | None] = None
     descriptor_space: ClassVar[tuple[Descriptor, ...]] = ()
+    extra_descriptors: ClassVar[tuple[str, ...]] = ()
     fitness_floor: ClassVar[float] = 0.0
     max_artefact_bytes: ClassVar[int] = 64 << 20
     max_file_bytes: ClassVar[int] = 1 << 30

@@ -73,7 +73,7 @@ import torch
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
-from fitness.preference import PreferenceInterface, loss_shape_profile, preference_seeds
+from fitness.preference import SHAPE_PROFILE, PreferenceInterface, loss_shape_profile, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
 #: float32, as real preference training does, at half the cost.
@@ -175,6 +175,7 @@ class SyntheticPreference(Fitness):
     interface = PreferenceInterface()
     baseline = "dpo"
     fitness_floor = -1.0
+    extra_descriptors = tuple(SHAPE_PROFILE)
     descriptor_space = (
         Descriptor(
             "slope_at_zero", -2.0, 2.0, 6,
