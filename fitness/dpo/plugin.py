@@ -11,6 +11,14 @@ Where training runs is the ``launcher`` option: ``inprocess`` trains inside the 
 worker on one device; ``accelerate`` trains in ``num_processes`` ranks started by ``accelerate
 launch`` (DDP, DeepSpeed ZeRO-3 or FSDP; :mod:`fitness.dpo.launcher`), which the 7B recipe
 needs, and the worker then scores the saved policy. Both record failures the same way.
+
+This plug-in still follows the first fitness contract (``evaluate`` only): training and scoring
+run in the genome's process, so its results are marked ``unprotected``. The two-phase split
+(docs/plugins.md) needs three things first: the held-out reference log-probabilities computed
+where no genome runs (today they come from the on-disk reference cache, which the genome's
+process can write), the held-out score computed outside the accelerate ranks (today rank 0
+reports it), and MT-Bench judging in the driver, outside the jail, after generation from the
+saved policy in a fresh process.
 """
 from __future__ import annotations
 
@@ -198,7 +206,7 @@ class DPOFitness(Fitness):
         trainer.remove_callback(ProgressCallback)
         return trainer
 
-    def train(self, loss_fn: Callable, seed: int, output_dir: str) -> Training:
+    def run_training(self, loss_fn: Callable, seed: int, output_dir: str) -> Training:
         """Build the trainer and train with ``loss_fn``; the same in the worker and in each rank
         of an accelerate launch.
 
@@ -247,7 +255,7 @@ class DPOFitness(Fitness):
         training = policy = None
         try:
             with tempfile.TemporaryDirectory(prefix="evoloss-dpo-") as output_dir:
-                training = self.train(loss_fn, seed, output_dir)
+                training = self.run_training(loss_fn, seed, output_dir)
                 trainer = training.trainer
                 policy = self.trained_policy(seed, trainer=trainer)
                 # Held-out accuracy and margins are cheap: reported whatever the scorer.

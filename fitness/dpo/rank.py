@@ -84,7 +84,7 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     # One output folder for all ranks: TRL's reference pass hands its result over through a file there.
     output_dir = folder / "trainer"
     output_dir.mkdir(exist_ok=True)
-    training = fitness.train(loss_fn, seed, str(output_dir))
+    training = fitness.run_training(loss_fn, seed, str(output_dir))
     trainer = training.trainer
     heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
     metrics.update(fitness.training_metrics(trainer, training.result))

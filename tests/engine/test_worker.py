@@ -508,3 +508,20 @@ def test_run_refuses_jail_only_with_exit_2(tmp_path, capsys):
     assert main(["run", "--jail-only", "--out", str(tmp_path / "run")]) == 2
     assert "--jail-only is for 'evaluate' only" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_genomes_process_has_its_own_session_limits_and_scratch_folder(worker, tmp_path):
+    seen = tmp_path / "seen.json"
+    genome = _dpo_after(f'''
+import json, os, resource
+json.dump({{"session_leader": os.getsid(0) == os.getpid(), "cwd": os.getcwd(), "home": os.environ["HOME"],
+           "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
+           "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+           "core": resource.getrlimit(resource.RLIMIT_CORE)[0]}}, open({str(seen)!r}, "w"))
+''')
+    assert worker.evaluate(genome).ok
+    facts = json.loads(seen.read_text())
+    assert facts["session_leader"] and facts["core"] == 0
+    assert facts["fsize"] == 1 << 30 and facts["nofile"] == 256  # Fitness.max_file_bytes, max_open_files
+    assert facts["home"] == facts["cwd"] and Path(facts["cwd"]).name.startswith("eval-0-")
+    assert not Path(facts["cwd"]).exists()  # removed with its evaluation
