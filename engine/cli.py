@@ -151,33 +151,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         from engine.ray_executor import import_ray
 
         import_ray()  # a missing Ray is reported before the run folder is made
-    # LLM operators are checked here (key, server, model folder), before the run folder is made.
-    operators, close_operators = build_operators(config, fitness.interface)
     from engine import jail
 
     jail.mark_not_dumpable()  # no process of this user reads the driver's environment (API keys)
     sandbox = jail.choose(config.sandbox)  # an explicit sandbox that cannot run here stops the run (exit 2)
-    if not args.quiet:
-        print(sandbox.describe(), file=sys.stderr)
-    if store is None:
-        store = RunStore.create(config.out, config.to_dict())
-    store.set_meta("sandbox", {"requested": sandbox.requested, "kind": sandbox.kind, "reason": sandbox.reason})
+    # LLM operators are checked here (key, server, model folder), before the run folder is made.
+    operators, close_operators = build_operators(config, fitness.interface)
     run_dir = Path(config.out)
-    total = config.planned_candidates(len(seeds))
-    progress = LiveProgress(total, quiet=args.quiet)
-    engine = Engine(config, stages, operators, store, on_event=progress)
-    if args.resume:
-        engine.restore()
-        progress.done = sum(r.status != "duplicate" for r in engine.results.values())
-    started = time.perf_counter()
+    # The workers start now and boot (torch, the plug-ins) while the driver prepares the run. They
+    # serve every fidelity stage and, last, the end-of-run validation's held-out stage.
+    validation = _validation_stage(config, fitness)
+    executor = make_executor(config, fitness_spec=[(s.spec, s.options) for s in config.stages()] + validation,
+                             log_path=run_dir / "workers.log", resources=resources, sandbox=sandbox)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        executor.launch()
+        if not args.quiet:
+            print(sandbox.describe(), file=sys.stderr)
+        if store is None:
+            store = RunStore.create(config.out, config.to_dict())
+        store.set_meta("sandbox", {"requested": sandbox.requested, "kind": sandbox.kind, "reason": sandbox.reason})
+        total = config.planned_candidates(len(seeds))
+        progress = LiveProgress(total, quiet=args.quiet)
+        engine = Engine(config, stages, operators, store, on_event=progress)
+        if args.resume:
+            engine.restore()
+            progress.done = sum(r.status != "duplicate" for r in engine.results.values())
+        started = time.perf_counter()
         with warnings.catch_warnings(), _interrupts(engine, config.interrupt, progress):
             warnings.simplefilter("always", RuntimeWarning)
-            with make_executor(config, log_path=run_dir / "workers.log", resources=resources,
-                               sandbox=sandbox) as executor, progress:
+            with executor, progress:
                 engine.run(executor)
-            if not engine.draining:
-                _validate(config, store, fitness, run_dir, resources, sandbox, args.quiet, engine)
+                if not engine.draining and validation:
+                    _validate(config, store, fitness, validation[0][1], executor, len(stages), args.quiet, engine)
         if engine.draining:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -185,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"python -m engine run --resume {run_dir}", file=sys.stderr)
         return 130
     finally:
+        executor.close()
         close_operators()
     if engine.stop_reason:
         print(f"stopped after generation {engine.generation - 1}: {engine.stop_reason}. Everything is saved in "
@@ -201,18 +208,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(config, store, fitness, run_dir: Path, resources, sandbox, quiet: bool, engine=None) -> None:
-    """The end-of-run validation (:mod:`engine.validation`): the top losses and the baseline on the
-    plug-in's held-out part and fresh seeds, through workers of their own."""
+def _validation_stage(config, fitness) -> list[tuple[str, dict]]:
+    """The end-of-run validation's stage, ``[(spec, options)]``: the first stage's plug-in on its
+    held-out part (:func:`engine.validation.held_out_options`); empty when the run validates nothing."""
     if config.validate_top < 1 or config.validate_seeds < 1:
-        return
-    from archives.reading import read_run
-    from engine.executors import make_executor
-    from engine.validation import ValidationSettings, held_out_options, validate
+        return []
+    from engine.validation import held_out_options
 
     stage = config.stages()[0]
-    options = held_out_options(fitness, stage.options)
-    data = read_run(store)
+    return [(stage.spec, held_out_options(fitness, stage.options))]
+
+
+def _validate(config, store, fitness, options: dict, executor, stage: int, quiet: bool, engine=None) -> None:
+    """The end-of-run validation (:mod:`engine.validation`): the top losses and the baseline on the
+    plug-in's held-out part and fresh seeds, on the executor's validation stage."""
+    from archives.reading import read_run
+    from engine.validation import ValidationSettings, validate
+
     settings = config.cut(ValidationSettings)
     if not quiet:
         print(f"validating the top {settings.validate_top} losses on {fitness.name} "
@@ -222,10 +234,8 @@ def _validate(config, store, fitness, run_dir: Path, resources, sandbox, quiet: 
         if engine is not None and engine.draining:
             raise KeyboardInterrupt  # Ctrl-C: what finished is saved; --resume scores the rest
 
-    with make_executor(config, fitness_spec=[(stage.spec, options)], log_path=run_dir / "workers.log",
-                       resources=resources, sandbox=sandbox) as executor:
-        validate(store, data, executor, settings, fitness.name, options, fitness.fitness_floor,
-                 on_result=stop_when_draining)
+    validate(store, read_run(store), executor, settings, fitness.name, options, fitness.fitness_floor,
+             on_result=stop_when_draining, stage=stage)
 
 
 @contextmanager

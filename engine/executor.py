@@ -157,6 +157,9 @@ class Executor:
     manager starts and closes it. A plug-in with several fidelity stages is given as a list of
     ``(spec, options)`` pairs; a task's stage picks one."""
 
+    def launch(self) -> None:
+        """Begin starting up without waiting (process workers boot while the driver prepares)."""
+
     def start(self) -> None:
         pass
 
@@ -285,8 +288,12 @@ class ProcessExecutor(Executor):
         self._view_parts: dict[str, Any] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start every worker at once, then wait until all are ready."""
+    def launch(self) -> None:
+        """Start every worker at once without waiting for them: they import torch and load the
+        plug-ins while the driver prepares the run. :meth:`start` then waits (and launches first
+        when this was not called)."""
+        if self.workers:
+            return
         self.sandbox = self.sandbox_mode if isinstance(self.sandbox_mode, jail.Sandbox) else \
             jail.choose(self.sandbox_mode)
         if self.sandbox.warning:
@@ -297,6 +304,14 @@ class ProcessExecutor(Executor):
         try:
             for _ in range(self.n_workers):
                 self.workers.append(self._spawn())
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        """Start every worker at once (unless :meth:`launch` did), then wait until all are ready."""
+        self.launch()
+        try:
             deadline = time.monotonic() + self.startup_timeout
             while not all(worker.ready for worker in self.workers):
                 waiting = [w for w in self.workers if not w.ready]

@@ -70,10 +70,11 @@ def choose(data, top: int) -> tuple[list[Candidate], Candidate | None]:
 
 def validate(store: RunStore, data, executor, settings: ValidationSettings, fitness_name: str,
              options: dict[str, Any], floor: float,
-             on_result: Callable[[EvalResult, int], None] | None = None) -> dict[str, Any] | None:
+             on_result: Callable[[EvalResult, int], None] | None = None, stage: int = 0) -> dict[str, Any] | None:
     """Score the run's top losses and its baseline on fresh seeds with ``executor`` (whose
     plug-in is the validation fitness), store every score as it finishes, and return (and store
-    as the run's ``validation`` meta) the summary. Scores already stored are not run again."""
+    as the run's ``validation`` meta) the summary. Scores already stored are not run again.
+    ``stage`` is the executor's stage that serves the validation fitness."""
     if settings.validate_top < 1 or settings.validate_seeds < 1:
         return None
     chosen, baseline = choose(data, settings.validate_top)
@@ -96,7 +97,7 @@ def validate(store: RunStore, data, executor, settings: ValidationSettings, fitn
                 on_result(result, seed)
 
         # One candidate at most once per call: a result names its candidate, not its seed.
-        executor.run([(c.id, c.code, 0, seed) for c in todo], seed, None, record)
+        executor.run([(c.id, c.code, stage, seed) for c in todo], seed, None, record)
     summary = summarise(label, chosen, baseline, seeds, scores, floor)
     store.set_meta("validation", summary)
     history = store.meta("validations", {}) or {}
