@@ -121,6 +121,8 @@ class RunStore:
     def create(cls, run_dir: str | Path, config: dict[str, Any]) -> RunStore:
         run_dir = Path(run_dir)
         path = run_dir / STORE_NAME
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()  # an empty file (a reader that connected too early made it) holds no run
         if path.exists():
             raise StoreError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")

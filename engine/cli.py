@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             with executor, progress:
                 engine.run(executor)
                 if not engine.draining and validation:
-                    _validate(config, store, fitness, validation[0][1], executor, len(stages), args.quiet, engine)
+                    _validate(config, store, validation[0], executor, len(stages), args.quiet, engine)
         if engine.draining:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -209,21 +209,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _validation_stage(config, fitness) -> list[tuple[str, dict]]:
-    """The end-of-run validation's stage, ``[(spec, options)]``: the first stage's plug-in on its
-    held-out part (:func:`engine.validation.held_out_options`); empty when the run validates nothing."""
+    """The end-of-run validation's stage, ``[(spec, options)]``: held-out tasks for the first
+    stage's plug-in (:func:`engine.validation.held_out_stage`); empty when the run validates nothing."""
     if config.validate_top < 1 or config.validate_seeds < 1:
         return []
-    from engine.validation import held_out_options
+    from engine.validation import held_out_stage
 
     stage = config.stages()[0]
-    return [(stage.spec, held_out_options(fitness, stage.options))]
+    return [held_out_stage(fitness, stage.spec, stage.options)]
 
 
-def _validate(config, store, fitness, options: dict, executor, stage: int, quiet: bool, engine=None) -> None:
-    """The end-of-run validation (:mod:`engine.validation`): the top losses and the baseline on the
-    plug-in's held-out part and fresh seeds, on the executor's validation stage."""
+def _validate(config, store, held_out: tuple[str, dict], executor, stage: int, quiet: bool, engine=None) -> None:
+    """The end-of-run validation (:mod:`engine.validation`): the top losses and the baseline on
+    held-out tasks and fresh seeds, on the executor's validation stage."""
     from archives.reading import read_run
+    from engine.plugins import load_fitness
     from engine.validation import ValidationSettings, validate
+
+    spec, options = held_out
+    fitness = load_fitness(spec, options)
 
     settings = config.cut(ValidationSettings)
     if not quiet:
@@ -401,7 +405,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from archives.store import RunStore
     from engine.executors import make_executor
     from engine.plugins import load_fitness
-    from engine.validation import ValidationSettings, held_out_options, validate
+    from engine.validation import ValidationSettings, held_out_stage, validate
 
     if args.top < 1 or args.seeds < 1:
         raise UsageError(f"--top and --seeds must be positive, got {args.top} and {args.seeds}")
@@ -414,7 +418,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         options = dict(args.fitness_options or []) if args.fitness else dict(stage.options)
         fitness = load_fitness(spec, options)
         if not args.fitness:
-            options = held_out_options(fitness, options)
+            spec, options = held_out_stage(fitness, spec, options)
+            fitness = load_fitness(spec, options)
         config = RunConfig(fitness=spec, fitness_options=options, executor=args.executor, workers=args.workers,
                            timeout=args.timeout, eval_seed=saved.eval_seed)
         settings = ValidationSettings(validate_top=args.top, validate_seeds=args.seeds, eval_seed=saved.eval_seed)

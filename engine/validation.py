@@ -49,6 +49,18 @@ def held_out_options(fitness, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, **(declared() if callable(declared) else {})}
 
 
+def held_out_stage(fitness, spec: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where a run on ``fitness`` (built from ``spec`` and ``options``) is validated: held-out tasks
+    of another plug-in with the same function contract when the plug-in names one
+    (``validation_fitness() -> (spec, options)``: synthetic-pref names pref-suite's meta-test
+    split), else its own held-out part (:func:`held_out_options`)."""
+    other = getattr(fitness, "validation_fitness", None)
+    if callable(other):
+        other_spec, other_options = other()
+        return other_spec, dict(other_options)
+    return spec, held_out_options(fitness, options)
+
+
 def validation_label(fitness_name: str, options: dict[str, Any]) -> str:
     parts = [f"{key}={value}" for key, value in sorted(options.items())]
     return f"validation:{fitness_name}" + (f"[{','.join(parts)}]" if parts else "")

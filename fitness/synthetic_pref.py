@@ -465,6 +465,12 @@ class SyntheticPreference(Fitness):
             raise GenomeError(f"the loss became non-finite (nan or inf) at training step {step}", status="error")
         return total
 
+    def validation_fitness(self) -> tuple[str, dict[str, Any]]:
+        """Held-out tasks for the end-of-run validation: the meta-test split of ``pref-suite``,
+        preference problems of other policy classes, references, noise levels and betas that this
+        single task never shows the search."""
+        return "pref-suite", {"split": "test"}
+
     def descriptors(self, fn: Callable) -> dict[str, float]:
         """The grid's three shape axes, and the loss-shape profile that predicts known failures
         (:data:`fitness.preference.SHAPE_PROFILE`: slope and its sign at zero margin, growth

@@ -38,8 +38,9 @@ def evaluations_so_far(run_dir) -> int:
     import sqlite3
 
     try:
-        with sqlite3.connect(Path(run_dir) / "run.sqlite") as db:
-            return db.execute("SELECT count(*) FROM evaluations").fetchone()[0]
+        # Read-only: connecting read-write would create an empty file where the run is about to make its store.
+        with sqlite3.connect(f"file:{Path(run_dir) / 'run.sqlite'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM evaluations WHERE eval_seed IS NULL").fetchone()[0]
     except sqlite3.Error:
         return 0
 

@@ -140,13 +140,13 @@ def test_resume_after_sigkill_evaluates_nothing_twice(tmp_path, capsys):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert finished >= 9
-    before = sqlite3.connect(out / "run.sqlite").execute("SELECT candidate_id, fitness FROM evaluations").fetchall()
+    before = sqlite3.connect(out / "run.sqlite").execute("SELECT candidate_id, fitness FROM evaluations WHERE eval_seed IS NULL").fetchall()
 
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     db = sqlite3.connect(out / "run.sqlite")
-    twice = db.execute("SELECT candidate_id FROM evaluations GROUP BY candidate_id HAVING count(*) > 1").fetchall()
+    twice = db.execute("SELECT candidate_id FROM evaluations GROUP BY candidate_id, fitness_name, eval_seed HAVING count(*) > 1").fetchall()
     assert twice == []
-    after = dict(db.execute("SELECT candidate_id, fitness FROM evaluations").fetchall())
+    after = dict(db.execute("SELECT candidate_id, fitness FROM evaluations WHERE eval_seed IS NULL").fetchall())
     assert all(after[cid] == fitness for cid, fitness in before)
     summary = run_json(capsys, ["replay", str(out), "--json"])
     assert summary["generations"] == 5

@@ -107,7 +107,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     resumed.run(SerialExecutor(EXAMPLE_SPEC))
 
     rows = sqlite3.connect(tmp_path / "killed" / "run.sqlite").execute(
-        "SELECT candidate_id, count(*) FROM evaluations GROUP BY candidate_id HAVING count(*) > 1").fetchall()
+        "SELECT candidate_id, count(*) FROM evaluations GROUP BY candidate_id, fitness_name, eval_seed HAVING count(*) > 1").fetchall()
     assert rows == []  # nothing evaluated twice
     straight = [(c.code_hash, c.generation) for c in reference_store.candidates()]
     assert [(c.code_hash, c.generation) for c in store.candidates()] == straight
