@@ -80,13 +80,15 @@ class RunData:
         pairs.sort(key=lambda pair: (-pair[1].fitness, pair[0].id))
         return pairs
 
-    def elites(self) -> list[dict[str, Any]]:
+    def elites(self, objective: dict[int, float] | None = None) -> list[dict[str, Any]]:
         """The archive's elites, best first: dicts with ``id``, ``name``, ``fitness``, ``cell``,
-        ``descriptors`` (axis -> value), ``operator``, ``generation``, ``parents``."""
+        ``descriptors`` (axis -> value), ``operator``, ``generation``, ``parents``. Rebuilt (when
+        ``archive.json`` is older than the data) with ``objective`` (candidate id -> what the run
+        ranked it by, for a run that re-measured) or the scores."""
         if self._elites is None:
             self._elites = self._saved_elites()
             if self._elites is None:
-                self._elites = rebuild_elites(self.space, self.candidates, self.results)
+                self._elites = rebuild_elites(self.space, self.candidates, self.results, objective)
         return self._elites
 
     def _saved_elites(self) -> list[dict[str, Any]] | None:
@@ -278,7 +280,7 @@ def _before_cut(row: dict[str, Any], candidates: dict[int, Candidate], at_gen: i
 
 # -- the MAP-Elites grid, rebuilt ---------------------------------------------------------------
 def rebuild_elites(space: list[dict[str, Any]], candidates: dict[int, Candidate],
-                   results: dict[int, EvalResult]) -> list[dict[str, Any]]:
+                   results: dict[int, EvalResult], objective: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """The grid's elites from scored candidates, best first, rebuilt through the run's own grid
     (:class:`archives.grid.MapElitesArchive`).
 
@@ -290,9 +292,14 @@ def rebuild_elites(space: list[dict[str, Any]], candidates: dict[int, Candidate]
     if not space:
         return []
     grid = MapElitesArchive(space)
+    objective = objective or {}
+
+    def value(cid: int, result: EvalResult) -> float:
+        return objective.get(cid, result.fitness)
+
     scored = sorted(
         ((candidates[cid], r) for cid, r in results.items() if r.ok and cid in candidates),
-        key=lambda pair: (-pair[1].fitness, pair[0].generation, pair[0].id),
+        key=lambda pair: (-value(pair[0].id, pair[1]), pair[0].generation, pair[0].id),
     )
     size_axis = next((i for i, a in enumerate(space) if a["name"] == CODE_SIZE), None)
     size_bins = int(space[size_axis]["bins"]) if size_axis is not None else 1
@@ -310,15 +317,15 @@ def rebuild_elites(space: list[dict[str, Any]], candidates: dict[int, Candidate]
                     descriptors[CODE_SIZE] = code_size(candidate.code)
                 except Exception:  # noqa: BLE001 - a scored genome parses; be safe all the same
                     descriptors[CODE_SIZE] = None
-        if grid.add(candidate.id, result.fitness, descriptors) == "new":
+        if grid.add(candidate.id, value(candidate.id, result), descriptors) == "new":
             full[rest] = full.get(rest, 0) + 1
             added.append((candidate, result))
     by_id = {e.candidate_id: e for e in grid.elites()}
     elites = []
-    for candidate, result in added:
+    for candidate, _ in added:
         elite = by_id[candidate.id]
         elites.append({
-            "id": candidate.id, "name": candidate.name, "fitness": result.fitness, "cell": list(elite.cell),
+            "id": candidate.id, "name": candidate.name, "fitness": elite.fitness, "cell": list(elite.cell),
             "descriptors": dict(zip(grid.names, elite.descriptors)), "operator": candidate.label,
             "generation": candidate.generation, "parents": list(candidate.parents),
         })

@@ -27,12 +27,10 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
     counters = (last["state"].get("counters", {}) if last else {}) or {}
 
     statuses = Counter(r.status for r in results.values())
+    from engine.search.racing import ranked
+
     estimates = seed_estimates(data)
-    scored = data.scored()
-    if estimates:
-        # Noise-aware ranking: by the lower confidence bound of the paired gain (engine.search.racing).
-        scored.sort(key=lambda pair: (-estimates[pair[0].id].lower if pair[0].id in estimates else math.inf,
-                                      pair[0].id))
+    scored = ranked(data)  # noise-aware: by the lower confidence bound of the paired gain, where re-measured
     best = scored[0] if scored else None
     baseline_result = next(
         (r for c, r in scored if baseline and c.name == baseline and c.operator == "seed"), None
@@ -84,7 +82,7 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
                      and c.operator == "seed" and c.id in stage and stage[c.id].ok), None)
         entry["baseline_fitness"] = base
         ladder.append(entry)
-    elites = data.elites()
+    elites = data.elites({cid: e.lower for cid, e in estimates.items()} if estimates else None)
     behaviour_duplicates = statuses.get("duplicate", 0)
     hash_duplicates = int(counters.get("hash_duplicates", 0))
     summary = {

@@ -27,7 +27,8 @@ def fitness_label(name: str, options: dict[str, Any], seed: int | None = None) -
 def choose(data: RunData, top: int | None = None, elites: bool = False,
            ids: list[int] | None = None) -> list[Candidate]:
     """The candidates to re-score: explicit ``ids``, the archive's ``elites``, or the ``top``
-    best by the run's fitness (in that order of precedence), best first.
+    best by the run's own ranking (the lower confidence bound where it re-measured; in that order of
+    precedence), best first.
 
     Raises:
         ValueError: An id the run does not hold.
@@ -39,7 +40,9 @@ def choose(data: RunData, top: int | None = None, elites: bool = False,
         return [data.candidates[i] for i in ids]
     if elites:
         return [data.candidates[e["id"]] for e in data.elites() if e["id"] in data.candidates]
-    return [candidate for candidate, _ in data.scored()[: top or 0]]
+    from engine.search.racing import ranked
+
+    return [candidate for candidate, _ in ranked(data)[: top or 0]]
 
 
 def reevaluate(store: RunStore, label: str, candidates: list[Candidate], executor, seed: int,

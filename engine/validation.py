@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
-from engine.search.racing import run_estimates
+from engine.search.racing import ranked
 
 #: Validation seeds are ``eval_seed + VALIDATION_SEEDS + k``: apart from the run's own seed and
 #: from the seeds racing re-measures on (``eval_seed + 7919 k`` for small k).
@@ -69,11 +69,7 @@ def validation_label(fitness_name: str, options: dict[str, Any]) -> str:
 def choose(data, top: int) -> tuple[list[Candidate], Candidate | None]:
     """The ``top`` best distinct losses of a run by its own ranking (the lower confidence bound
     where it re-measured, else the first score), the baseline seed left out; and the baseline."""
-    estimates = run_estimates(data)
-    scored = data.scored()
-    if estimates:
-        scored.sort(key=lambda pair: (-estimates[pair[0].id].lower if pair[0].id in estimates else math.inf,
-                                      pair[0].id))
+    scored = ranked(data)
     baseline = next((c for c in data.candidates.values() if data.baseline and c.is_seed and c.name == data.baseline),
                     None)
     chosen = [c for c, _ in scored if baseline is None or c.id != baseline.id][:top]

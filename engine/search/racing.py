@@ -196,3 +196,14 @@ def run_estimates(data) -> dict[int, Estimate]:
         for seed, value in by_seed.items():
             racing.add(cid, seed, value)
     return {cid: e for cid, e in racing.estimates().items() if e is not None}
+
+
+def ranked(data) -> list:
+    """A run's successfully scored candidates with their first results, in the run's own order:
+    by the lower confidence bound where it re-measured (:func:`run_estimates`), else by score."""
+    estimates = run_estimates(data)
+    scored = data.scored()
+    if estimates:
+        scored.sort(key=lambda pair: (-estimates[pair[0].id].lower if pair[0].id in estimates else math.inf,
+                                      pair[0].id))
+    return scored

@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from archives.reading import read_run, rebuild_elites
+from engine.search.racing import run_estimates
 from archives.store import RunStore
 from engine.cli import main
 from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC
@@ -61,7 +62,8 @@ def test_rebuilt_archive_matches_the_engines(real_run):
     data = read_run(RunStore.open(real_run, readonly=True))
     saved = data._saved_elites()
     assert saved is not None  # archive.json is current
-    rebuilt = rebuild_elites(data.space, data.candidates, data.results)
+    estimates = run_estimates(data)  # the run ranked re-measured candidates by their lower bound
+    rebuilt = rebuild_elites(data.space, data.candidates, data.results, {cid: e.lower for cid, e in estimates.items()})
     assert sorted((e["id"], tuple(e["cell"])) for e in rebuilt) == sorted((e["id"], tuple(e["cell"])) for e in saved)
 
 

@@ -36,7 +36,7 @@ def test_async_starts_new_offspring_while_slow_evaluations_run(tmp_path, asynchr
     out, log = tmp_path / "run", tmp_path / "evaluations.jsonl"
     argv = ["run", "--fitness", TIMED, "--fitness-opt", "low=0.02", "--fitness-opt", "high=0.4",
             "--fitness-opt", f"log={str(log)!r}", "--operator", JITTER_SPEC, "--pop", "4", "--gens", "3",
-            "--workers", "2", "--out", str(out), "--quiet"]
+            "--workers", "2", "--out", str(out), "--quiet", "--race-seeds", "0", "--validate-top", "0"]
     assert main(argv + (["--async"] if asynchronous else [])) == 0
     store = RunStore.open(out)
     candidates = {c.id: c for c in store.candidates()}
