@@ -465,7 +465,7 @@ class SyntheticPreference(Fitness):
             raise GenomeError(f"the loss became non-finite (nan or inf) at training step {step}", status="error")
         return total
 
-    def validation_fitness(self) -> tuple[str, dict[str, Any]]:
+    def validation_fitness(self) -> tuple[str, dict[str, object]]:
         """Held-out tasks for the end-of-run validation: the meta-test split of ``pref-suite``,
         preference problems of other policy classes, references, noise levels and betas that this
         single task never shows the search."""
