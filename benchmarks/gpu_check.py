@@ -66,8 +66,8 @@ SITE_ENV = "EVOLOSS_GPU_CHECK_SITE"
 #: Distributions never installed from the wheels folder: the machine's own CUDA build stays.
 MACHINE_OWNED = re.compile(r"^(torch|triton|nvidia-.*|pytorch-triton.*)$")
 #: Packages whose versions the report names (imported in a subprocess, as the steps do).
-PACKAGES = ("torch", "transformers", "accelerate", "trl", "datasets", "tokenizers", "ray", "deap", "ribs",
-            "tinydb", "numpy", "pandas", "psutil", "rich", "numba", "scipy", "pyarrow")
+PACKAGES = ("torch", "transformers", "accelerate", "trl", "datasets", "tokenizers", "ray", "deap", "safetensors",
+            "tinydb", "numpy", "pandas", "psutil", "rich", "scipy", "pyarrow")
 
 CROSS_ENTROPY = '''def cross_entropy(logits, targets):
     return F.cross_entropy(logits, targets, reduction="none")
@@ -146,7 +146,7 @@ NEEDS = {"cifar10-fast-warm": "cifar10-fast-cold", "after-oom": "oom"}
 #: Python packages each step imports beyond the core (missing: the step is skipped, naming them).
 DPO_PACKAGES = ("trl", "datasets", "transformers", "accelerate", "tokenizers")
 STEP_PACKAGES = {"dpo-bf16": DPO_PACKAGES, "dpo-accelerate": DPO_PACKAGES, "ray-run": ("ray",)}
-CORE_PACKAGES = ("torch", "numpy", "deap", "ribs", "tinydb", "rich", "psutil", "pandas")
+CORE_PACKAGES = ("torch", "numpy", "deap", "safetensors", "tinydb", "rich", "psutil", "pandas")
 
 
 # -- the machine ----------------------------------------------------------------------------------

@@ -11,7 +11,9 @@
 # when it alone exceeds the budget); an extra group that would take the folder over the budget is
 # skipped whole and named in DIR/manifest.json (gpu_check.py --wheels DIR reports it, and skips
 # the steps that need it):
-#   core         the engine's imports: deap, ribs (numba, llvmlite, scipy, scikit-learn), tinydb, rich...
+#   core         the engine's imports: deap, tinydb, rich, psutil, safetensors (the MAP-Elites grid no
+#                longer needs pyribs, numba or llvmlite)
+#   suites       scikit-learn and scipy (cls-suite's digits task; not needed by the GPU steps)
 #   dpo          trl, datasets, pyarrow and their needs (the dpo steps)
 #   transformers the pinned transformers and its hub/tokenizers versions (used only when the
 #                machine's transformers differs from the pin)
@@ -78,10 +80,11 @@ transformers_pin = {k: v for k, v in closure(["transformers"]).items() if k not 
                                                                                      "tqdm", "filelock", "fsspec",
                                                                                      "typing-extensions")}
 groups = [
-    ("core", closure(["deap", "ribs", "tinydb", "rich", "psutil", "tomli-w"], set(machine))),
+    ("core", closure(["deap", "tinydb", "rich", "psutil", "safetensors"], set(machine))),
     ("dpo", closure(["trl", "datasets"], set(machine))),
     ("transformers", transformers_pin),
     ("ray", closure(["ray"], set(machine))),
+    ("suites", closure(["scikit-learn"], set(machine))),
     ("llm", closure(["openai", "anthropic"], set(machine))),
 ]
 taken = set()
