@@ -11,10 +11,11 @@ The evaluation worker writes a folder holding
 
 runs ``python -m accelerate.commands.launch --config_file accelerate.yaml -m fitness.dpo.rank
 --request request.json`` (:mod:`fitness.dpo.rank` is the per-rank entry point) and reads what
-rank 0 wrote: ``result.json`` (training metrics, held-out score, where the trained policy was
-saved), or ``error-rank<k>.json`` from a rank that failed (status and message as the in-process
-path records them). Anything else (a rank killed, a launcher that could not start) becomes an
-error naming the exit code and the end of ``launch.log``.
+rank 0 wrote: ``result.json`` (training metrics and where the trained policy was saved; the
+plug-in's trusted phase scores that policy), or ``error-rank<k>.json`` from a rank that failed
+(status and message as the in-process path records them). Anything else (a rank killed, a
+launcher that could not start) becomes an error naming the exit code and the end of
+``launch.log``.
 
 Cleaning up. The launcher stays in the worker's process group (no new session), so the
 executor's timeout, which kills that group, takes it along. torchrun starts each rank in a
@@ -55,10 +56,9 @@ _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 @dataclass
 class LaunchOutcome:
-    """What rank 0 reported: the held-out score, the training and held-out metrics, the saved
-    policy (for a generation scorer) and the launch's wall time."""
+    """What rank 0 reported: the training metrics, the saved policy (which the plug-in's trusted
+    phase scores) and the launch's wall time."""
 
-    fitness: float
     metrics: dict[str, Any]
     policy_dir: str | None
     seconds: float
@@ -218,9 +218,9 @@ def _environment(folder: Path) -> dict[str, str]:
 
 
 # -- running it ----------------------------------------------------------------------------------
-def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLike, *,
-           save_policy: bool) -> LaunchOutcome:
-    """Train ``code`` with ``settings`` in ranks started by accelerate; rank 0's report.
+def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLike) -> LaunchOutcome:
+    """Train ``code`` with ``settings`` in ranks started by accelerate, which save the trained
+    policy in ``folder``; rank 0's report.
 
     Raises:
         GenomeError: with the status (``error``, ``oom``, ``invalid``) and message the
@@ -249,7 +249,7 @@ def launch(preset: str, settings, code: str, seed: int, folder: str | os.PathLik
         "settings": {**settings.to_dict(), "cache_dir": str(settings.resolved_cache_dir())},
         "seed": seed,
         "loss_file": "loss.py",
-        "policy_dir": "policy" if save_policy else None,
+        "policy_dir": "policy",
     }
     request_file = folder / "request.json"
     request_file.write_text(json.dumps(request, indent=2))
@@ -324,7 +324,7 @@ def _outcome(folder: Path, returncode: int, log_path: Path, seconds: float) -> L
     if returncode == 0 and result_file.exists():
         result = json.loads(result_file.read_text())
         policy_dir = result.get("policy_dir")
-        return LaunchOutcome(fitness=float(result["fitness"]), metrics=dict(result["metrics"]),
+        return LaunchOutcome(metrics=dict(result["metrics"]),
                              policy_dir=str(folder / policy_dir) if policy_dir else None, seconds=seconds)
     raise _failure(folder, returncode, log_path)
 
@@ -363,14 +363,17 @@ def _tail(path: Path) -> str:
     return text.strip() or "(empty log)"
 
 
-def load_policy(policy_dir: str | None, settings):
-    """The policy the ranks trained and saved, on this process's device, for generation."""
+def load_policy(policy_dir: str | None, settings, device: str | None = None):
+    """The policy the ranks trained and saved, on ``device`` (default: this process's GPU if it
+    has one, else the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if not policy_dir or not Path(policy_dir).is_dir():
         raise RuntimeError(f"dpo: the accelerate launch saved no trained policy (expected a folder at {policy_dir!r})")
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=getattr(torch, settings.model_dtype))
-    if torch.cuda.is_available():
+    if device is not None:
+        model.to(device)
+    elif torch.cuda.is_available():
         model.to("cuda")
     return model.eval()

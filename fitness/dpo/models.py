@@ -40,6 +40,23 @@ def load_model(settings, tokenizer):
         raise RuntimeError(f"dpo: cannot load the model {settings.model!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def weight_shapes(settings, tokenizer) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The names, shapes and dtypes of a fresh model's state dict, without loading its weights
+    (the model is built on the meta device; the tiny one is small enough to build)."""
+    if settings.model == "tiny":
+        model = load_model(settings, tokenizer)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(settings.model, revision=settings.model_revision)
+        except Exception as exc:
+            raise RuntimeError(f"dpo: cannot load the model {settings.model!r}: {type(exc).__name__}: {exc}") from exc
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, settings.model_dtype))
+    return {name: (tuple(value.shape), value.dtype) for name, value in model.state_dict().items()}
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -2,23 +2,30 @@
 ``DPOTrainer`` and the result is scored (the DiscoPOP paper's inner loop, Lu et al. 2024,
 arXiv:2406.08414, sec. 4: zephyr-7b-gemma-sft trained on argilla/dpo-mix-7k, scored by MT-Bench).
 
-One evaluation: load the preference data (once per worker), load a fresh policy, build a
-:class:`fitness.dpo.trainer.CandidateDPOTrainer` whose loss is the candidate (reference
-log-probabilities from the on-disk cache, computed with the policy before training on a
-miss), train, score with the chosen scorer, and release the model.
+The plug-in follows the two-phase fitness contract (docs/plugins.md):
 
-Where training runs is the ``launcher`` option: ``inprocess`` trains inside the evaluation
-worker on one device; ``accelerate`` trains in ``num_processes`` ranks started by ``accelerate
-launch`` (DDP, DeepSpeed ZeRO-3 or FSDP; :mod:`fitness.dpo.launcher`), which the 7B recipe
-needs, and the worker then scores the saved policy. Both record failures the same way.
+* ``prepare`` (the warm worker, no genome code): loads the pairs, keeping the held-out ones
+  only in :attr:`held_out` (wiped in the genome's process), the tokenizer and the shapes of
+  the model's weights.
+* ``train`` (the genome's process, in the jail): a fresh policy is trained by a
+  :class:`fitness.dpo.trainer.CandidateDPOTrainer` whose loss is the candidate, on the training
+  pairs only (their reference log-probabilities from the on-disk cache, computed with the
+  policy before training on a miss). It returns the trained model's state dict and a training
+  report as artefacts, validated by name, shape and dtype (:meth:`artefact_spec`).
+* ``score`` (the warm worker after the genome's process has exited, or a fresh process forked
+  from it for GPU presets): a freshly built model computes the held-out pairs' reference
+  log-probabilities (kept in memory in :attr:`held_out`, never in the on-disk cache the
+  genome's process can write), gets the trained weights, and is scored: held-out accuracy and
+  margins always, then the reward model or MT-Bench (answers generated here, judged here).
 
-This plug-in still follows the first fitness contract (``evaluate`` only): training and scoring
-run in the genome's process, so its results are marked ``unprotected``. The two-phase split
-(docs/plugins.md) needs three things first: the held-out reference log-probabilities computed
-where no genome runs (today they come from the on-disk reference cache, which the genome's
-process can write), the held-out score computed outside the accelerate ranks (today rank 0
-reports it), and MT-Bench judging in the driver, outside the jail, after generation from the
-saved policy in a fresh process.
+Where training runs is the ``launcher`` option: ``inprocess`` trains inside the genome's
+process on one device; ``accelerate`` trains in ``num_processes`` ranks started from the
+genome's process by ``accelerate launch`` (DDP, DeepSpeed ZeRO-3 or FSDP;
+:mod:`fitness.dpo.launcher`), which the 7B recipe needs; the ranks save the trained policy,
+whose weights are the artefacts, so both launchers are scored by the same trusted phase.
+
+The training report (steps, loss, TRL's reward metrics, timings, cache counters) comes from
+where genome code ran: it is shown with the score and never used to compute it.
 """
 from __future__ import annotations
 
@@ -26,12 +33,13 @@ import gc
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from engine.genome import GenomeError
-from fitness.base import Fitness, SandboxNeeds, Score, Seed
+from fitness.base import Fitness, SandboxNeeds, Score, Seed, TensorSpec
 from fitness.dpo.data import check_local, is_local
 from fitness.dpo.settings import DPOSettings, resolve_settings
 from fitness.preference import PreferenceInterface, preference_seeds
@@ -40,6 +48,17 @@ from fitness.synthetic_pref import SyntheticPreference, loss_shape_descriptors
 #: The lowest sensible fitness per scorer (the QD score counts from it): accuracy 0, an MT-Bench
 #: rating of 1, a reward of -10 log-odds.
 _FLOORS = {"heldout": 0.0, "mtbench": 1.0, "reward-model": -10.0}
+
+#: What the genome's process reports about its training, besides the weights (as ``report.<name>``
+#: artefacts): shown with the score, never used to compute it.
+REPORTED = (
+    "train_steps", "train_loss", "train_rewards_chosen", "train_rewards_rejected", "train_rewards_accuracies",
+    "train_rewards_margins", "train_logps_chosen", "train_logps_rejected", "train_entropy", "train_seconds",
+    "setup_seconds", "reference_cache_hits", "reference_cache_misses", "reference_forwards", "world_size",
+    "launch_seconds", "gpu_peak_memory_bytes",
+)
+_COUNTS = {"train_steps", "reference_cache_hits", "reference_cache_misses", "reference_forwards", "world_size",
+           "gpu_peak_memory_bytes"}
 
 
 class Training(NamedTuple):
@@ -50,6 +69,33 @@ class Training(NamedTuple):
     result: Any
     setup_seconds: float
     train_seconds: float
+
+
+def torch_float64():
+    import torch
+
+    return torch.float64
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _quiet(trainer) -> None:
+    """Metrics go to the Score (and trainer.state.log_history), not to stdout: the CLI's --json
+    output and the worker log stay clean."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def _no_training(*tensors):
+    raise RuntimeError("the scoring trainer never trains")
 
 
 def _require_packages() -> None:
@@ -91,22 +137,25 @@ class DPOFitness(Fitness):
         self._data = None
         self._tokenizer = None
         self._reference_cache = None
-        self._prepared = None  # tokenised data, kept across the candidates a worker scores
+        self._prepared = None  # tokenised training data, kept across the trainers of one process
+        self._spec = None
 
     def seeds(self) -> list[Seed]:
         return preference_seeds()
 
     def sandbox_needs(self) -> SandboxNeeds:
         """What the worker's jail must show: local model, tokenizer, data and scorer files
-        read-only, the reference-log-probability cache writable. (The judge's key file never:
-        judging runs outside the jail.)"""
+        read-only, the reference-log-probability cache writable; for the MT-Bench scorer, the
+        host's network (the judge is called in the trusted phase, in the warm worker, whose
+        jail has no network unless ``--allow-host-network`` is given; docs/dpo.md says what
+        that costs). The judge's key file is never shown."""
         s = self.settings
         named = (s.model, s.tokenizer, s.dataset, s.reward_model, s.mtbench_questions, s.mtbench_references,
                  s.accelerate_config)
         local = tuple(str(Path(v).expanduser()) for v in named if v and Path(v).expanduser().exists())
         cache = s.resolved_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        return SandboxNeeds(read_only=local, writable=(str(cache),))
+        return SandboxNeeds(read_only=local, writable=(str(cache),), host_network=s.scorer == "mtbench")
 
     def resources(self) -> dict[str, float]:
         """One evaluation's reservation: every GPU its training processes use (8 for the
@@ -146,7 +195,14 @@ class DPOFitness(Fitness):
         from fitness.dpo.data import load_preference_data
 
         if self._data is None:
-            self._data = load_preference_data(self.settings)
+            from fitness.dpo.reference_cache import MemoryReferenceCache
+
+            data = load_preference_data(self.settings)
+            if not self.held_out.wiped:
+                self.held_out.put("heldout", {"rows": data.heldout, "reference": MemoryReferenceCache(),
+                                              "prepared": None})
+            # The held-out pairs live in held_out only, which the genome's process wipes.
+            self._data = replace(data, heldout=[])
         return self._data
 
     def tokenizer(self):
@@ -176,39 +232,31 @@ class DPOFitness(Fitness):
         )
 
     def build_trainer(self, loss_fn: Callable, seed: int, output_dir: str, model=None):
-        """A :class:`CandidateDPOTrainer` for the candidate ``loss_fn`` (four tensors -> losses)."""
+        """A :class:`CandidateDPOTrainer` for the candidate ``loss_fn`` (four tensors -> losses),
+        on the training pairs only: the held-out pairs never reach the process that trains."""
         from datasets import Dataset
 
         from fitness.dpo.models import load_model
         from fitness.dpo.trainer import CandidateDPOTrainer
-
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         data, tokenizer = self.data(), self.tokenizer()
         # The arguments come before the model: under an accelerate launch with DeepSpeed ZeRO-3
         # they switch on zero.Init, so each rank loads only its shard of the weights.
         args = self.training_arguments(output_dir, seed)
         model = model if model is not None else load_model(self.settings, tokenizer)
-        if self._prepared is None:
-            train, heldout = Dataset.from_list(data.train), Dataset.from_list(data.heldout)
-        else:
-            train, heldout = self._prepared["train"], self._prepared["eval"]
+        train = self._prepared["train"] if self._prepared else Dataset.from_list(data.train)
         trainer = CandidateDPOTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=train, eval_dataset=heldout, preference_loss=loss_fn,
-            reference_cache=self.reference_cache(), max_prompt_length=self.settings.max_prompt_length,
-            tokenized=self._prepared,
+            model=model, args=args, processing_class=tokenizer, train_dataset=train,
+            preference_loss=loss_fn, reference_cache=self.reference_cache(),
+            max_prompt_length=self.settings.max_prompt_length, tokenized=self._prepared,
         )
-        self._prepared = dict(trainer.prepared)
-        # Metrics go to the Score (and trainer.state.log_history), not to stdout: the CLI's
-        # --json output and the worker log stay clean.
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+        self._prepared = {"train": trainer.prepared["train"]}
+        _quiet(trainer)
         return trainer
 
     def run_training(self, loss_fn: Callable, seed: int, output_dir: str) -> Training:
-        """Build the trainer and train with ``loss_fn``; the same in the worker and in each rank
-        of an accelerate launch.
+        """Build the trainer and train with ``loss_fn``; the same in the genome's process and in
+        each rank of an accelerate launch.
 
         Raises:
             GenomeError: (status ``error``) when the training loss is not finite.
@@ -223,90 +271,175 @@ class DPOFitness(Fitness):
                               f"{trainer.state.global_step} steps", status="error")
         return Training(trainer, result, setup_seconds, train_seconds)
 
-    def trained_policy(self, seed: int, trainer=None, model=None):
-        """What the scorers get: the trainer, or (trained in other processes) the loaded policy."""
-        from fitness.dpo import scorers
-        from fitness.dpo.models import load_model
-
-        s = self.settings
-        return scorers.TrainedPolicy(trainer, self.tokenizer(), self.data(), s, seed,
-                                     lambda: load_model(s, self.tokenizer()), trained_model=model)
-
-    def evaluate(self, fn: Callable, seed: int) -> Score:
+    # -- the two phases -----------------------------------------------------------------------
+    def prepare(self, seed: int) -> None:
+        """In the warm worker, before each genome's process is forked: the data (held-out pairs
+        into :attr:`held_out`), the tokenizer and the shapes of the model's weights."""
         _require_packages()
-        import datasets
-        import transformers
+        _quiet_libraries()
+        self.data()
+        self.tokenizer()
+        self._model_spec()
 
-        transformers.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
+    def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
+        """The trained model's state dict (``model.<name>``, the shapes and dtypes of a fresh
+        model's) and the training report (``report.<metric>``, float64 scalars, NaN where a
+        metric was not logged)."""
+        spec = {f"model.{name}": value for name, value in self._model_spec().items()}
+        spec.update({f"report.{name}": TensorSpec((), torch_float64(), finite=False) for name in REPORTED})
+        return spec
+
+    @property
+    def max_artefact_bytes(self) -> int:  # type: ignore[override]
+        """The model's weights and the report: the spec's size, exactly."""
+        return sum(spec.nbytes() for spec in self.artefact_spec(0).values())
+
+    def train(self, fn: Callable, seed: int) -> dict[str, Any]:
+        """Untrusted phase: train with ``fn`` as the loss (in this process, or in the ranks of an
+        accelerate launch) and return the trained model's state dict and the training report."""
+        _require_packages()
+        _quiet_libraries()
         if self.settings.launcher == "accelerate":
-            return self._evaluate_launched(fn, seed)
-        return self._evaluate_inprocess(fn, seed)
-
-    def _evaluate_inprocess(self, fn: Callable, seed: int) -> Score:
-        from fitness.dpo import scorers
-
-        start = time.perf_counter()
-        s = self.settings
+            return self._train_launched(fn, seed)
         loss_fn = self.interface.bind(fn)
-        judge = self._make_judge() if s.scorer == "mtbench" else None
         cache = self.reference_cache()
         hits, misses = cache.hits, cache.misses
-        training = policy = None
+        training = trainer = None
         try:
             with tempfile.TemporaryDirectory(prefix="evoloss-dpo-") as output_dir:
                 training = self.run_training(loss_fn, seed, output_dir)
                 trainer = training.trainer
-                policy = self.trained_policy(seed, trainer=trainer)
-                # Held-out accuracy and margins are cheap: reported whatever the scorer.
-                fitness, metrics = scorers.heldout(policy)
-                fitness = self._generation_score(policy, judge, fitness, metrics)
-                metrics.update(self.training_metrics(trainer, training.result))
-                metrics.update({
-                    "preset": self.preset, "scorer": s.scorer, "launcher": "inprocess",
+                report = self.training_metrics(trainer, training.result)
+                report.update({
                     "train_seconds": training.train_seconds, "setup_seconds": training.setup_seconds,
-                    "seconds": time.perf_counter() - start,
                     "reference_cache_hits": cache.hits - hits, "reference_cache_misses": cache.misses - misses,
                     "reference_forwards": trainer.reference_forwards,
                 })
-                return Score(fitness=float(fitness), metrics=metrics)
+                return self._artefacts(trainer.model, report)
         finally:
-            if judge is not None:
-                judge.close()
-            # Release the policy (and its optimiser state) before the next candidate.
-            training = trainer = policy = None
+            # Release the policy (and its optimiser state).
+            training = trainer = None
             self._release_memory()
 
-    def _evaluate_launched(self, fn: Callable, seed: int) -> Score:
-        """Train in ranks started by ``accelerate launch``; score the result here."""
+    def _train_launched(self, fn: Callable, seed: int) -> dict[str, Any]:
+        """Train in ranks started by ``accelerate launch``; the saved policy is the artefact."""
         from fitness.dpo import launcher
 
-        start = time.perf_counter()
         s = self.settings
         code = launcher.source_of(fn)
         self.interface.bind(fn)  # the parameter form is checked here, as in-process
-        judge = self._make_judge() if s.scorer == "mtbench" else None
-        policy = None
+        model = None
         try:
             with tempfile.TemporaryDirectory(prefix=launcher.FOLDER_PREFIX) as folder:
-                outcome = launcher.launch(self.preset, s, code, seed, folder, save_policy=s.scorer != "heldout")
-                fitness, metrics = outcome.fitness, dict(outcome.metrics)
-                if s.scorer != "heldout":
-                    # Generation runs here, on one device, as FastChat's MT-Bench answers do after
-                    # the handbook's multi-GPU training: the ranks have exited and freed the GPUs.
-                    policy = self.trained_policy(seed, model=launcher.load_policy(outcome.policy_dir, s))
-                    fitness = self._generation_score(policy, judge, fitness, metrics)
-                metrics.update({
-                    "preset": self.preset, "scorer": s.scorer, "launcher": "accelerate",
-                    "num_processes": s.num_processes, "distributed": s.distributed,
-                    "launch_seconds": outcome.seconds, "seconds": time.perf_counter() - start,
-                })
+                outcome = launcher.launch(self.preset, s, code, seed, folder)
+                model = launcher.load_policy(outcome.policy_dir, s, device="cpu")
+                report = {k: v for k, v in outcome.metrics.items() if k in REPORTED}
+                report["launch_seconds"] = outcome.seconds
+                return self._artefacts(model, report)
+        finally:
+            model = None
+            self._release_memory()
+
+    def score(self, artefacts: dict[str, Any], seed: int) -> Score:
+        """Trusted phase: a freshly built model (no genome code) gets the trained weights; the
+        held-out pairs (their reference log-probabilities computed here, by the untrained model)
+        give the accuracy and margins; the reward-model or MT-Bench scorer generates with it."""
+        from fitness.dpo import scorers
+        from fitness.dpo.models import load_model
+
+        _require_packages()
+        _quiet_libraries()
+        start = time.perf_counter()
+        s = self.settings
+        metrics = self._report_of(artefacts)
+        judge = self._make_judge() if s.scorer == "mtbench" else None
+        trainer = policy = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="evoloss-dpo-score-") as output_dir:
+                trainer = self._scoring_trainer(seed, output_dir)
+                state = {name[len("model."):]: value for name, value in artefacts.items() if name.startswith("model.")}
+                trainer.model.load_state_dict(state, strict=True)
+                data = replace(self.data(), heldout=self._heldout()["rows"])
+                policy = scorers.TrainedPolicy(trainer, self.tokenizer(), data, s, seed,
+                                               lambda: load_model(s, self.tokenizer()))
+                # Held-out accuracy and margins are cheap: reported whatever the scorer.
+                fitness, scored = scorers.heldout(policy)
+                metrics.update(scored)
+                fitness = self._generation_score(policy, judge, fitness, metrics)
+                metrics.update({"preset": self.preset, "scorer": s.scorer, "launcher": s.launcher,
+                                "score_seconds": time.perf_counter() - start})
+                if s.launcher == "accelerate":
+                    metrics.update({"num_processes": s.num_processes, "distributed": s.distributed})
                 return Score(fitness=float(fitness), metrics=metrics)
         finally:
             if judge is not None:
                 judge.close()
-            policy = None
+            trainer = policy = None
             self._release_memory()
+
+    def _scoring_trainer(self, seed: int, output_dir: str):
+        """A trainer over the held-out pairs whose model is a fresh, untrained policy: building it
+        computes their reference log-probabilities (kept in memory, in :attr:`held_out`); the
+        caller then loads the trained weights into its model. It never trains."""
+        from datasets import Dataset
+
+        from fitness.dpo.models import load_model
+        from fitness.dpo.trainer import CandidateDPOTrainer
+
+        held = self._heldout()
+        tokenizer = self.tokenizer()
+        args = self.training_arguments(output_dir, seed)
+        model = load_model(self.settings, tokenizer)
+        pairs = held["prepared"] if held["prepared"] is not None else Dataset.from_list(held["rows"])
+        tokenized = {"train": pairs, "eval": pairs} if held["prepared"] is not None else None
+        trainer = CandidateDPOTrainer(
+            model=model, args=args, processing_class=tokenizer, train_dataset=pairs, eval_dataset=pairs,
+            preference_loss=_no_training, reference_cache=held["reference"],
+            max_prompt_length=self.settings.max_prompt_length, tokenized=tokenized,
+        )
+        held["prepared"] = trainer.prepared["eval"]
+        _quiet(trainer)
+        return trainer
+
+    def _heldout(self) -> dict[str, Any]:
+        """The held-out pairs, their tokenised form and their reference log-probabilities."""
+        from fitness.dpo.data import load_preference_data
+        from fitness.dpo.reference_cache import MemoryReferenceCache
+
+        self.data()  # loads the pairs once, the held-out ones into held_out
+        return self.held_out.get("heldout", lambda: {
+            "rows": load_preference_data(self.settings).heldout, "reference": MemoryReferenceCache(),
+            "prepared": None})
+
+    def _model_spec(self) -> dict[str, TensorSpec]:
+        """Names, shapes and dtypes of a fresh model's state dict (built once per plug-in)."""
+        if self._spec is None:
+            from fitness.dpo.models import weight_shapes
+
+            self._spec = {name: TensorSpec(tuple(shape), dtype)
+                          for name, (shape, dtype) in weight_shapes(self.settings, self.tokenizer()).items()}
+        return self._spec
+
+    def _artefacts(self, model, report: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        artefacts = {f"model.{name}": value.detach().cpu() for name, value in model.state_dict().items()}
+        for name in REPORTED:
+            value = report.get(name)
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            artefacts[f"report.{name}"] = torch.tensor(number, dtype=torch.float64)
+        return artefacts
+
+    @staticmethod
+    def _report_of(artefacts: dict[str, Any]) -> dict[str, Any]:
+        """The training report the genome's process sent: shown with the score, never part of it
+        (it comes from where genome code ran)."""
+        metrics: dict[str, Any] = {}
+        for name in REPORTED:
+            value = float(artefacts[f"report.{name}"])
+            if math.isfinite(value):
+                metrics[name] = int(value) if name in _COUNTS and value.is_integer() else value
+        return metrics
 
     def _generation_score(self, policy, judge, fitness: float, metrics: dict[str, Any]) -> float:
         """The reward-model or MT-Bench score (their metrics added to ``metrics``); for the

@@ -4,11 +4,12 @@ folder and runs the launch).
 
 Every rank rebuilds the plug-in from the request's settings, compiles the loss from its source
 with :func:`engine.genome.compile_genome` (the same static checks and restricted namespace as
-the evaluation worker), trains with :class:`fitness.dpo.trainer.CandidateDPOTrainer` and takes
-part in the held-out scoring (under ZeRO-3 and FSDP every forward pass is collective). With a
-generation scorer the trained policy is saved for the worker, which scores it on one device.
-Rank 0 writes ``result.json``; a rank that fails writes ``error-rank<k>.json`` holding the
-status and message the in-process path would record (:func:`engine.processes.classify`).
+the evaluation worker), trains with :class:`fitness.dpo.trainer.CandidateDPOTrainer` and saves
+the trained policy (every rank takes part: under ZeRO-3 and FSDP the weights are gathered). The
+ranks never see the held-out pairs' score: the evaluation worker's trusted phase computes it
+from the saved policy. Rank 0 writes ``result.json`` (the training report); a rank that fails
+writes ``error-rank<k>.json`` holding the status and message the in-process path would record
+(:func:`engine.processes.classify`).
 """
 from __future__ import annotations
 
@@ -60,13 +61,13 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
-    """Train and score one candidate in this rank; rank 0 returns the report, the others None."""
+    """Train one candidate in this rank and save the trained policy; rank 0 returns the training
+    report, the others None."""
     import datasets
     import torch
     import transformers
 
     from engine.genome import compile_genome
-    from fitness.dpo import scorers
     from fitness.dpo.plugin import DPOFitness
 
     transformers.logging.set_verbosity_error()
@@ -74,7 +75,7 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     seed = int(request["seed"])
     # As engine.evaluation.run_candidate does before evaluate: a genome may draw random numbers.
     torch.manual_seed(seed)
-    # This rank trains in-process; generation scorers run in the worker afterwards, so no judge here.
+    # This rank trains in-process; every scorer runs in the worker's trusted phase afterwards.
     options = {**request["settings"], "launcher": "inprocess", "num_processes": 1, "distributed": "ddp",
                "accelerate_config": None, "scorer": "heldout"}
     fitness = DPOFitness(preset=request["preset"], **options)
@@ -86,11 +87,10 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     output_dir.mkdir(exist_ok=True)
     training = fitness.run_training(loss_fn, seed, str(output_dir))
     trainer = training.trainer
-    heldout, metrics = scorers.heldout(fitness.trained_policy(seed, trainer=trainer))
-    metrics.update(fitness.training_metrics(trainer, training.result))
-    if request.get("policy_dir"):
-        # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict.
-        trainer.save_model(str(folder / request["policy_dir"]))
+    metrics = fitness.training_metrics(trainer, training.result)
+    # Every rank takes part: ZeRO-3 gathers the 16-bit weights, FSDP the full state dict. The
+    # worker's trusted phase scores the saved policy; no rank ever sees the held-out pairs' score.
+    trainer.save_model(str(folder / request["policy_dir"]))
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return None
@@ -101,7 +101,8 @@ def train(request: dict[str, Any], folder: Path) -> dict[str, Any] | None:
     })
     if torch.cuda.is_initialized():  # rank 0's peak, as the worker reports for in-process training
         metrics["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    return {"status": "ok", "fitness": float(heldout), "metrics": metrics, "policy_dir": request.get("policy_dir")}
+    return {"status": "ok", "metrics": metrics, "policy_dir": request["policy_dir"]}
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if report is not None:
         _write_json(folder / "result.json", report)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Wait until every rank is done (rank 0 has written its report), then leave the process
+    group, so that no rank exits while another still works: torchrun tears the launch down at
+    the first exit, and a rank that exits with the group alive can abort in gloo's threads."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -94,3 +94,31 @@ class ReferenceCache:
         except OSError as exc:
             # A read-only or full cache folder costs speed, not correctness.
             warnings.warn(f"cannot write the reference log-probability cache {path}: {exc}", stacklevel=2)
+
+
+@dataclass
+class MemoryReferenceCache:
+    """Reference log-probabilities kept in memory only, with :class:`ReferenceCache`'s interface.
+
+    The trusted scoring phase keeps the held-out pairs' reference here, inside the plug-in's
+    ``held_out`` store: the on-disk cache lies in a folder the genome's process may write, so
+    a genome could plant a forged held-out reference there; this one is zeroed and dropped in
+    the genome's process before any genome code runs."""
+
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+    events: list[str] = field(default_factory=list)
+
+    def load(self, key: str, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.entries.get(key)
+        if entry is None or entry[0].shape != (count,) or entry[1].shape != (count,):
+            return None
+        self.hits += 1
+        self.events.append("hit")
+        return entry[0].clone(), entry[1].clone()
+
+    def store(self, key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.misses += 1
+        self.events.append("miss")
+        self.entries[key] = (chosen.detach().cpu().clone(), rejected.detach().cpu().clone())

@@ -83,10 +83,10 @@ class DPOSettings:
 
     # -- where training runs ------------------------------------------------------------------
     launcher: str = field(default="inprocess", metadata=field_help(
-        "inprocess (train inside the evaluation worker, one device) or accelerate (write the loss to a "
+        "inprocess (train inside the genome's process, one device) or accelerate (write the loss to a "
         "temporary folder and train with `accelerate launch -m fitness.dpo.rank` over num_processes "
-        "processes, which also compute the held-out score; the mtbench and reward-model scorers then run "
-        "in the worker on the saved policy)"))
+        "processes, which save the trained policy); either way the trusted phase scores the trained "
+        "weights in the warm worker)"))
     num_processes: int = field(default=1, metadata=field_help(
         "training processes the accelerate launcher starts (one per GPU; on a machine without GPUs, CPU "
         "processes that synchronise over gloo)"))
