@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Fitness, SandboxNeeds, Score, Seed, TensorSpec, losses_of
-from fitness.cifar10 import networks
+import fitness.cifar10.networks as networks
 from fitness.cifar10.data import (
     MEAN, STD, TEST_FILE, TRAIN_FILES, Cifar10Data, check_data_folder, find_data_folder, load_cifar10,
 )

@@ -323,7 +323,7 @@ class DPOFitness(Fitness):
 
     def _train_launched(self, fn: Callable, seed: int) -> dict[str, Any]:
         """Train in ranks started by ``accelerate launch``; the saved policy is the artefact."""
-        from fitness.dpo import launcher
+        import fitness.dpo.launcher as launcher
 
         s = self.settings
         code = launcher.source_of(fn)
@@ -344,7 +344,7 @@ class DPOFitness(Fitness):
         """Trusted phase: a freshly built model (no genome code) gets the trained weights; the
         held-out pairs (their reference log-probabilities computed here, by the untrained model)
         give the accuracy and margins; the reward-model or MT-Bench scorer generates with it."""
-        from fitness.dpo import scorers
+        import fitness.dpo.scorers as scorers
         from fitness.dpo.models import load_model
 
         _require_packages()
@@ -444,7 +444,7 @@ class DPOFitness(Fitness):
     def _generation_score(self, policy, judge, fitness: float, metrics: dict[str, Any]) -> float:
         """The reward-model or MT-Bench score (their metrics added to ``metrics``); for the
         heldout scorer, ``fitness`` unchanged."""
-        from fitness.dpo import scorers
+        import fitness.dpo.scorers as scorers
 
         scorer = self.settings.scorer
         if scorer == "reward-model":

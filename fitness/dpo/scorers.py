@@ -144,7 +144,7 @@ def reward_model(policy: TrainedPolicy) -> tuple[float, dict[str, Any]]:
 
 def mtbench(policy: TrainedPolicy, judge) -> tuple[float, dict[str, Any]]:
     """MT-Bench answers by the trained policy, graded by ``judge`` (see :mod:`fitness.dpo.mtbench`)."""
-    from fitness.dpo import mtbench as bench
+    import fitness.dpo.mtbench as bench
 
     settings, tokenizer, model = policy.settings, policy.tokenizer, policy.model
     questions = bench.load_questions(settings.mtbench_questions, settings.mtbench_limit)
