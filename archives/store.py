@@ -284,12 +284,7 @@ class RunStore:
         query = (f"SELECT * FROM evaluations WHERE {self._own}" + (" AND fitness_name = ?" if fitness_name else "")
                  + " ORDER BY id")
         for r in self._db.execute(query, (fitness_name,) if fitness_name else ()):
-            yield r["fitness_name"], EvalResult(
-                candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
-                metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
-                fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
-                duplicate_of=r["duplicate_of"],
-            )
+            yield r["fitness_name"], _result(r)
 
     def seed_evaluations(self, fitness_name: str | None = None) -> list[tuple[str, int, EvalResult]]:
         """Re-measurements on other evaluation seeds and validations: ``(fitness_name, eval_seed,
@@ -298,22 +293,15 @@ class RunStore:
             return []
         query = ("SELECT * FROM evaluations WHERE eval_seed IS NOT NULL"
                  + (" AND fitness_name = ?" if fitness_name else "") + " ORDER BY id")
-        return [(r["fitness_name"], r["eval_seed"], EvalResult(
-            candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
-            metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
-            fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"], duplicate_of=r["duplicate_of"]))
-            for r in self._db.execute(query, (fitness_name,) if fitness_name else ())]
+        return [(r["fitness_name"], r["eval_seed"], _result(r))
+                for r in self._db.execute(query, (fitness_name,) if fitness_name else ())]
 
     def evaluations_after(self, evaluation_id: int) -> list[dict[str, Any]]:
         """Evaluations stored after row ``evaluation_id``, in order: dicts with the row's ``id``,
         ``fitness_name``, ``finished`` (unix time) and ``result`` (an :class:`EvalResult`).
         Row ids only grow, so a reader following a run in progress keeps the last id it saw."""
         return [
-            {"id": r["id"], "fitness_name": r["fitness_name"], "finished": r["finished"], "result": EvalResult(
-                candidate_id=r["candidate_id"], status=r["status"], fitness=r["fitness"],
-                metrics=json.loads(r["metrics"]), descriptors=json.loads(r["descriptors"]),
-                fingerprint=r["fingerprint"], error=r["error"], seconds=r["seconds"],
-                duplicate_of=r["duplicate_of"])}
+            {"id": r["id"], "fitness_name": r["fitness_name"], "finished": r["finished"], "result": _result(r)}
             for r in self._db.execute(f"SELECT * FROM evaluations WHERE id > ? AND {self._own} ORDER BY id",
                                       (evaluation_id,))
         ]
@@ -377,3 +365,12 @@ class RunStore:
              "finished": r["finished"]}
             for r in self._db.execute(f"SELECT * FROM generations{where} ORDER BY generation", values)
         ]
+
+
+def _result(row) -> EvalResult:
+    """An ``evaluations`` row as the record the engine wrote."""
+    return EvalResult(
+        candidate_id=row["candidate_id"], status=row["status"], fitness=row["fitness"],
+        metrics=json.loads(row["metrics"]), descriptors=json.loads(row["descriptors"]),
+        fingerprint=row["fingerprint"], error=row["error"], seconds=row["seconds"], duplicate_of=row["duplicate_of"],
+    )

@@ -441,7 +441,8 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     from archives.store import RunStore
     from engine.executors import make_executor
     from engine.plugins import load_fitness
-    from engine.reevaluate import choose, fitness_label, reevaluate
+    from engine.helpers import fitness_label
+    from engine.reevaluate import choose, reevaluate
 
     if not (args.top or args.elites or args.ids):
         raise UsageError("say which losses to re-score: --top K, --elites or --ids 3,7")

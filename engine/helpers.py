@@ -48,3 +48,12 @@ def identifier(text: str, limit: int = 48, fallback: str = "loss") -> str:
     if keyword.iskeyword(text) or text in SAFE_BUILTINS or text in FORBIDDEN_NAMES or text in ("torch", "F", "math"):
         text = text + "_loss"
     return text
+
+
+def fitness_label(name: str, options: dict[str, Any], seed: int | None = None) -> str:
+    """What scores on a plug-in other than the run's are stored under: ``synthetic-pref``,
+    ``synthetic-pref[beta=0.1]``, ``dpo[preset=imdb-gpt2,seed=3]``."""
+    parts = [f"{key}={value}" for key, value in sorted(options.items())]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return f"{name}[{','.join(parts)}]" if parts else name

@@ -8,7 +8,6 @@ fitness and a repeated call only scores what is still missing.
 """
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
 
 from archives.reading import RunData
@@ -16,12 +15,6 @@ from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
 
 
-def fitness_label(name: str, options: dict[str, Any], seed: int | None = None) -> str:
-    """``synthetic-pref``, ``synthetic-pref[beta=0.1]``, ``dpo[preset=imdb-gpt2,seed=3]``."""
-    parts = [f"{key}={value}" for key, value in sorted(options.items())]
-    if seed is not None:
-        parts.append(f"seed={seed}")
-    return f"{name}[{','.join(parts)}]" if parts else name
 
 
 def choose(data: RunData, top: int | None = None, elites: bool = False,

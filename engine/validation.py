@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult
+from engine.helpers import fitness_label
 from engine.search.racing import ranked
 
 #: Validation seeds are ``eval_seed + VALIDATION_SEEDS + k``: apart from the run's own seed and
@@ -62,8 +63,7 @@ def held_out_stage(fitness, spec: str, options: dict[str, Any]) -> tuple[str, di
 
 
 def validation_label(fitness_name: str, options: dict[str, Any]) -> str:
-    parts = [f"{key}={value}" for key, value in sorted(options.items())]
-    return f"validation:{fitness_name}" + (f"[{','.join(parts)}]" if parts else "")
+    return f"validation:{fitness_label(fitness_name, options)}"
 
 
 def choose(data, top: int) -> tuple[list[Candidate], Candidate | None]:

@@ -21,6 +21,7 @@ import pytest
 
 from engine.candidate import EvalResult
 from fitness.preference import preference_seeds
+from tests.fixtures.genomes import dpo_after
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"instances": 2, "steps": 15, "pairs": 128, "eval_prompts": 16}
@@ -105,20 +106,6 @@ def assert_next_genome_unaffected(worker, alone):
     assert worker.descendants() == []
 
 
-def _dpo_after(prefix: str) -> str:
-    """A genome that runs ``prefix`` (plain Python) on its first call, then returns DPO."""
-    body = "\n".join("        " + line for line in prefix.strip().splitlines())
-    return f'''
-import torch.nn.functional as F
-DONE = []
-def loss(self, pc, pr, rc, rr):
-    if not DONE:
-        DONE.append(1)
-{body}
-    return -F.logsigmoid(self.beta * ((pc - pr) - (rc - rr)))
-'''
-
-
 def _wait_gone(pids, seconds=5.0) -> list[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -173,7 +160,7 @@ def test_a_loss_that_hangs_in_the_contract_checks_ends_at_the_check_deadline(wor
 
 def test_a_loss_that_hangs_only_in_training_ends_at_the_training_deadline(worker, alone):
     # The checks use batches of 1, 7 and 32 pairs; training uses 128.
-    hangs = _dpo_after("pass").replace("    if not DONE:", "    while pc.shape[0] == 128:\n        pass\n    if not DONE:")
+    hangs = dpo_after("pass").replace("    if not DONE:", "    while pc.shape[0] == 128:\n        pass\n    if not DONE:")
     result = worker.evaluate(hangs, check_timeout=5, timeout=1.5)
     assert result.status == "timeout" and "training" in result.error and "--timeout" in result.error
     assert result.fingerprint is not None  # the checks passed before
@@ -183,7 +170,7 @@ def test_a_loss_that_hangs_only_in_training_ends_at_the_training_deadline(worker
 # -- processes a genome starts ------------------------------------------------------------------------
 def test_a_detached_child_dies_with_its_evaluation(worker, alone, tmp_path):
     marker, pids = tmp_path / "marker", tmp_path / "pids"
-    genome = _dpo_after(f'''
+    genome = dpo_after(f'''
 import os, subprocess, sys
 p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5); open({str(marker)!r}, 'w').write('x')"],
                      start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -205,7 +192,7 @@ open({str(pids)!r}, "w").write(str(p.pid))
 
 def test_a_spreading_fork_is_swept_entirely(worker, alone, tmp_path):
     pids = tmp_path / "pids"
-    genome = _dpo_after(f'''
+    genome = dpo_after(f'''
 import os, time
 for _ in range(3):          # 3 generations of doubling, each in a session of its own: 8 processes
     if os.fork() == 0:
@@ -231,7 +218,7 @@ if os.getpid() != DONE_PID:
 
 # -- state left behind --------------------------------------------------------------------------------
 def test_a_thread_left_running_and_patched_modules_do_not_reach_the_next_genome(worker, alone):
-    genome = _dpo_after('''
+    genome = dpo_after('''
 import threading, time, torch, torch.nn.functional as F
 def meddle():
     while True:
@@ -250,7 +237,7 @@ def test_a_memory_hog_kept_alive_in_a_registry_does_not_reach_the_next_genome(tm
     limited = Worker(tmp_path / "workers.log", memory_limit=3 << 30)
     try:
         first = limited.evaluate(DPO, jail_only=False)
-        genome = _dpo_after('''
+        genome = dpo_after('''
 import torch, torch.monitor
 blocks = []
 try:
@@ -285,7 +272,7 @@ while frame is not None:
 
 def test_mutating_the_plugins_state_does_not_reach_the_next_genome_or_the_score(worker, alone, tmp_path):
     found = tmp_path / "found"
-    genome = _dpo_after(_FIND_PLUGINS + f'''
+    genome = dpo_after(_FIND_PLUGINS + f'''
 for thing in plugins:
     thing.beta = -1.0
     thing.kl_coef = 1e-9
@@ -301,7 +288,7 @@ open({str(found)!r}, "w").write(str(len(plugins)))
 
 def test_the_held_out_data_is_zeroed_in_the_genomes_process(worker, tmp_path):
     seen = tmp_path / "seen"
-    genome = _dpo_after(_FIND_PLUGINS + f'''
+    genome = dpo_after(_FIND_PLUGINS + f'''
 total = 0.0
 for thing in plugins:
     store = thing.held_out
@@ -315,7 +302,7 @@ open({str(seen)!r}, "w").write(f"{{len(plugins)}} {{total}}")
 
 def test_the_genomes_process_holds_no_descriptor_but_its_pipe_and_output(worker, tmp_path):
     seen = tmp_path / "fds"
-    genome = _dpo_after(f'''
+    genome = dpo_after(f'''
 import os
 fds = {{}}
 for fd in os.listdir("/proc/self/fd"):
@@ -367,21 +354,21 @@ mpc.Connection.send_bytes = send_bytes
 
 def test_a_genome_that_forges_pickled_messages_gets_the_score_its_loss_earned(worker, alone):
     """The routes by which a worker used to send its score (pickle, Connection.send)."""
-    result = worker.evaluate(_dpo_after(_FORGE))
+    result = worker.evaluate(dpo_after(_FORGE))
     assert result.ok, result.error
     assert result.fitness == alone
     assert_next_genome_unaffected(worker, alone)
 
 
 def test_a_genome_that_forges_every_message_cannot_report_a_score(worker, alone):
-    result = worker.evaluate(_dpo_after(_FORGE + _FORGE_JSON_TOO))
+    result = worker.evaluate(dpo_after(_FORGE + _FORGE_JSON_TOO))
     assert result.fitness != 42.0
     assert result.status == "error" and "unexpected message" in result.error
     assert_next_genome_unaffected(worker, alone)
 
 
 def test_artefacts_that_do_not_match_the_spec_are_rejected(worker, alone):
-    genome = _dpo_after('''
+    genome = dpo_after('''
 import gc, torch
 import fitness.synthetic_pref as sp
 original = sp.SyntheticPreference.train
@@ -396,7 +383,7 @@ sp.SyntheticPreference.train = lambda self, fn, seed: {"theta": torch.zeros(3, 3
 def test_a_genome_that_prints_in_a_loop_is_cut_at_the_log_cap(tmp_path):
     capped = Worker(tmp_path / "workers.log", log_cap=64 << 10)
     try:
-        genome = _dpo_after('''
+        genome = dpo_after('''
 import os, sys
 for i in range(20000):
     print("flood " * 20)
@@ -426,10 +413,10 @@ def test_error_text_is_one_short_line_without_file_contents_or_paths(worker, tmp
 
 
 def test_a_genome_that_kills_its_own_process_is_an_error_and_the_worker_goes_on(worker, alone):
-    genome = _dpo_after("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+    genome = dpo_after("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
     result = worker.evaluate(genome)
     assert result.status == "error" and "SIGSEGV" in result.error
-    exits = _dpo_after("import os\nos._exit(3)")
+    exits = dpo_after("import os\nos._exit(3)")
     result = worker.evaluate(exits)
     assert result.status == "error" and "code 3" in result.error
     assert_next_genome_unaffected(worker, alone)
@@ -488,9 +475,9 @@ def test_evaluate_jail_only_runs_plain_python_and_scores_it_in_the_trusted_phase
 
 def test_evaluate_jail_only_a_forging_genome_reports_the_score_its_loss_earned(tmp_path, capsys):
     _, plain, _ = _evaluate_cli(tmp_path, DPO, capsys=capsys)
-    _, forged, _ = _evaluate_cli(tmp_path, _dpo_after(_FORGE), "--jail-only", capsys=capsys)
+    _, forged, _ = _evaluate_cli(tmp_path, dpo_after(_FORGE), "--jail-only", capsys=capsys)
     assert forged["status"] == "ok" and forged["fitness"] == plain["fitness"] != 42.0
-    _, forged, _ = _evaluate_cli(tmp_path, _dpo_after(_FORGE + _FORGE_JSON_TOO), "--jail-only", capsys=capsys)
+    _, forged, _ = _evaluate_cli(tmp_path, dpo_after(_FORGE + _FORGE_JSON_TOO), "--jail-only", capsys=capsys)
     assert forged["status"] == "error" and forged["fitness"] is None
 
 
@@ -512,7 +499,7 @@ def test_run_refuses_jail_only_with_exit_2(tmp_path, capsys):
 
 def test_the_genomes_process_has_its_own_session_limits_and_scratch_folder(worker, tmp_path):
     seen = tmp_path / "seen.json"
-    genome = _dpo_after(f'''
+    genome = dpo_after(f'''
 import json, os, resource
 json.dump({{"session_leader": os.getsid(0) == os.getpid(), "cwd": os.getcwd(), "home": os.environ["HOME"],
            "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0],

@@ -19,23 +19,10 @@ pytestmark = [pytest.mark.dpo, pytest.mark.slow]
 
 from engine.cli import main  # noqa: E402
 from fitness.preference import preference_seeds  # noqa: E402
+from tests.fixtures.genomes import dpo_after  # noqa: E402
 
 DPO = next(seed.code for seed in preference_seeds() if seed.name == "dpo")
 FAST = {"train_size": 64, "heldout_size": 32}
-
-
-def _plain_python_after(prefix: str) -> str:
-    """A genome that runs ``prefix`` (plain Python) on its first call, then returns DPO."""
-    body = "\n".join("        " + line for line in prefix.strip().splitlines())
-    return f'''
-import torch.nn.functional as F
-DONE = []
-def loss(self, pc, pr, rc, rr):
-    if not DONE:
-        DONE.append(1)
-{body}
-    return -F.logsigmoid(self.beta * ((pc - pr) - (rc - rr)))
-'''
 
 
 def _evaluate(tmp_path, code: str, *flags: str, capsys) -> dict:
@@ -110,7 +97,7 @@ def test_a_dpo_evaluation_through_a_worker_is_scored_in_the_trusted_phase(tmp_pa
 
 @pytest.mark.parametrize("attack", [_PATCH_THE_SCORERS, _FORGE_MESSAGES], ids=["patch-scorers", "forge-messages"])
 def test_a_genome_cannot_change_its_held_out_score(tmp_path, capsys, in_process, attack):
-    result = _evaluate(tmp_path, _plain_python_after(attack), "--jail-only", capsys=capsys)
+    result = _evaluate(tmp_path, dpo_after(attack), "--jail-only", capsys=capsys)
     assert result["status"] == "ok", result
     assert result["fitness"] == in_process.fitness != 42.0
     assert result["metrics"]["heldout_margin"] == in_process.metrics["heldout_margin"]
@@ -119,7 +106,7 @@ def test_a_genome_cannot_change_its_held_out_score(tmp_path, capsys, in_process,
 
 def test_the_genomes_process_holds_no_held_out_pair(tmp_path, capsys):
     report = tmp_path / "found.json"
-    result = _evaluate(tmp_path, _plain_python_after(_look_for_held_out_pairs(report)), "--jail-only", capsys=capsys)
+    result = _evaluate(tmp_path, dpo_after(_look_for_held_out_pairs(report)), "--jail-only", capsys=capsys)
     assert result["status"] == "ok", result
     found = json.loads(report.read_text())
     assert found["plugins"] >= 1 and found["wiped"]
