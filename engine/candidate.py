@@ -113,6 +113,8 @@ class EvalResult:
         error: Readable message for every status but ``ok``.
         seconds: Wall-clock seconds spent in the worker.
         duplicate_of: For ``duplicate``: the candidate with the same behaviour.
+        judge: While the driver's judge phase is pending: ``{"seed", "stage", "payload"}``
+            (:func:`engine.evaluation.judged`); None once judged, and never stored.
     """
 
     candidate_id: int
@@ -124,6 +126,7 @@ class EvalResult:
     error: str | None = None
     seconds: float = 0.0
     duplicate_of: int | None = None
+    judge: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         try:

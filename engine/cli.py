@@ -322,6 +322,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                        memory_limit_gb=args.memory_limit_gb, sandbox=sandbox,
                                        allow_host_network=args.allow_host_network,
                                        check_timeout=args.check_timeout, jail_only=args.jail_only)
+        from engine.judging import Judging
+
+        executor = Judging(executor, args.fitness, options)  # a plug-in's judge phase runs here, outside the jail
         with executor:
             executor.run([(0, code)], args.seed, None, results.append)
     result = results[0]

@@ -5,7 +5,8 @@ Untrusted phase (:func:`untrusted_phase`), in a process forked for this one geno
 it, compute its descriptors, ask the driver whether its behaviour is new, then train
 (``Fitness.train``) and send the artefacts back as safetensors bytes. Trusted phase
 (:func:`trusted_score`), in the warm worker after that process has exited: validate the
-artefacts and score them (``Fitness.score``).
+artefacts and score them (``Fitness.score``). Judge phase (:func:`judged`), in the driver, for
+a plug-in whose score asks for one (``Score.to_judge``): ``Fitness.judge`` outside every jail.
 
 :func:`run_candidate` runs both phases in the calling process (the serial executor, tests):
 no isolation at all, for debugging plug-ins.
@@ -15,6 +16,7 @@ process may have run anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -37,6 +39,8 @@ MAX_ERROR_CHARS = 300
 CHILD_STATUSES = ("invalid", "error", "oom")
 #: Largest JSON message accepted from a genome's process.
 MAX_MESSAGE_BYTES = 256 << 10
+#: Largest ``Score.to_judge`` (as JSON) a trusted phase may hand to the driver's judge phase.
+MAX_JUDGE_BYTES = 16 << 20
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)*[\w.+-]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -131,9 +135,61 @@ def checked_score(fitness, score: Any, method: str) -> tuple[float, dict[str, An
     return float(value), jsonable(dict(getattr(score, "metrics", {}) or {}))
 
 
-def trusted_score(fitness, artefacts: dict, seed: int) -> tuple[float, dict[str, Any]]:
-    """The trusted phase on artefacts already validated: ``fitness.score``."""
-    return checked_score(fitness, fitness.score(artefacts, seed), "score")
+def trusted_score(fitness, artefacts: dict, seed: int) -> tuple[float, dict[str, Any], Any]:
+    """The trusted phase on artefacts already validated: ``fitness.score``. Returns the fitness,
+    the metrics and what the driver's judge phase is to grade (``Score.to_judge``, or None)."""
+    score = fitness.score(artefacts, seed)
+    value, metrics = checked_score(fitness, score, "score")
+    return value, metrics, judge_payload(fitness, score)
+
+
+def judge_payload(fitness, score: Any) -> Any:
+    """``score.to_judge`` as plain JSON (None when the plug-in has no judge phase).
+
+    Raises:
+        GenomeError: (status ``error``) when it is not JSON or larger than ``MAX_JUDGE_BYTES``.
+    """
+    payload = getattr(score, "to_judge", None)
+    if payload is None:
+        return None
+    try:
+        text = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise GenomeError(f"fitness plug-in {fitness.name!r}: Score.to_judge is not plain JSON ({exc})",
+                          status="error") from exc
+    if len(text) > MAX_JUDGE_BYTES:
+        raise GenomeError(f"fitness plug-in {fitness.name!r}: Score.to_judge is {len(text)} bytes of JSON, more than "
+                          f"{MAX_JUDGE_BYTES}", status="error")
+    return json.loads(text)
+
+
+def judge_request(seed: int, stage: int, payload: Any) -> dict[str, Any] | None:
+    """What an :class:`EvalResult` carries to the driver's judge phase (``EvalResult.judge``)."""
+    return None if payload is None else {"seed": int(seed), "stage": int(stage), "payload": payload}
+
+
+def judged(fitness, result: EvalResult) -> EvalResult:
+    """The judge phase (``Fitness.judge``) of a result that asks for one, in this process (the
+    driver, outside every jail); other results are returned as they are. Never raises for what
+    the plug-in does: a failing judge makes the result an ``error`` that says so."""
+    request = result.judge
+    if request is None or not result.ok:
+        return result
+    from fitness.base import Score
+
+    start = time.perf_counter()
+    try:
+        score = fitness.judge(Score(float(result.fitness), dict(result.metrics), request["payload"]),
+                              int(request["seed"]))
+        value, metrics = checked_score(fitness, score, "judge")
+    except Exception as exc:  # noqa: BLE001 - a plug-in's judge (or its service) may fail any way
+        status, message = short_error(exc)
+        return EvalResult(result.candidate_id, "oom" if status == "oom" else "error",
+                          error=f"the judge phase failed: {message}", fingerprint=result.fingerprint,
+                          descriptors=result.descriptors, seconds=result.seconds + time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    metrics["judge_seconds"] = round(seconds, 3)
+    return dataclasses.replace(result, fitness=value, metrics=metrics, judge=None, seconds=result.seconds + seconds)
 
 
 # -- both phases in one process (serial executor) --------------------------------------------------
@@ -162,15 +218,18 @@ def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Deci
         if is_protected(fitness):
             artefacts = validate_artefacts(fitness.train(fn, seed), fitness.artefact_spec(seed),
                                            fitness.max_artefact_bytes)
-            value, metrics = trusted_score(fitness, artefacts, seed)
+            value, metrics, payload = trusted_score(fitness, artefacts, seed)
         else:
             value, metrics = checked_score(fitness, fitness.evaluate(fn, seed), "evaluate")
             metrics["unprotected"] = True
+            payload = None
         if torch.cuda.is_initialized():
             # Plug-ins that train in other processes (the accelerate launcher) report their own.
             metrics.setdefault("gpu_peak_memory_bytes", torch.cuda.max_memory_allocated())
-        return EvalResult(candidate_id, "ok", fitness=value, metrics=metrics, descriptors=descriptors,
-                          fingerprint=fingerprint, seconds=time.perf_counter() - start)
+        result = EvalResult(candidate_id, "ok", fitness=value, metrics=metrics, descriptors=descriptors,
+                            fingerprint=fingerprint, seconds=time.perf_counter() - start,
+                            judge=judge_request(seed, 0, payload))
+        return judged(fitness, result)
     except BaseException as exc:  # noqa: BLE001 - a genome may raise anything
         if isinstance(exc, KeyboardInterrupt):
             raise

@@ -7,11 +7,13 @@ import os
 from typing import Any
 
 from engine.executor import ProcessExecutor, SerialExecutor
+from engine.judging import Judging
 
 
 def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike | None = None,
                   resources: dict[str, float] | None = None, sandbox=None):
-    """The executor named by ``config.executor``, serving every fidelity stage of the run.
+    """The executor named by ``config.executor``, serving every fidelity stage of the run, with
+    the judge phase of plug-ins that have one done in this process (:class:`engine.judging.Judging`).
 
     ``resources`` is what the plug-ins ask for per evaluation (:func:`plugin_resources`);
     ``--cpus-per-eval`` / ``--gpus-per-eval`` override it. ``sandbox`` is the
@@ -20,6 +22,11 @@ def make_executor(config, fitness_spec: Any = None, log_path: str | os.PathLike 
     if fitness_spec is None:
         fitness_spec = [(stage.spec, stage.options) for stage in config.stages()]
     options = None if isinstance(fitness_spec, (list, tuple)) else config.fitness_options
+    return Judging(_executor(config, fitness_spec, options, log_path, resources, sandbox), fitness_spec, options,
+                   threads=max(2, int(config.workers)))
+
+
+def _executor(config, fitness_spec: Any, options: dict[str, Any] | None, log_path, resources, sandbox):
     if config.executor == "serial":
         return SerialExecutor(fitness_spec, options)
     if config.executor == "ray":

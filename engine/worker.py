@@ -416,7 +416,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
 
     from engine.candidate import EvalResult
     from engine.evaluation import (CHILD_STATUSES, MAX_MESSAGE_BYTES, bounded_error, duplicate_result,
-                                   jsonable, short_error, trusted_score, untrusted_phase)
+                                   judge_request, jsonable, short_error, trusted_score, untrusted_phase)
     from fitness.base import ArtefactError, artefacts_from_bytes, is_protected
 
     start = time.perf_counter()
@@ -481,12 +481,14 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
                 artefacts = artefacts_from_bytes(data, fitness.artefact_spec(seed), cap)
             except ArtefactError as exc:
                 return failed("error", bounded_error(f"the genome's process returned invalid artefacts: {exc}"))
-            value, metrics = _score(fitness, artefacts, seed, trusted_score)
+            value, metrics, payload = _score(fitness, artefacts, seed, trusted_score)
             peak = message.get("gpu_peak_memory_bytes")
             if isinstance(peak, int) and not isinstance(peak, bool) and peak >= 0:
                 metrics.setdefault("gpu_peak_memory_bytes", peak)
+            # A plug-in with a judge phase is judged by the driver, outside this jail.
             return EvalResult(candidate_id, "ok", fitness=value, metrics=metrics, descriptors=descriptors,
-                              fingerprint=fingerprint, seconds=time.perf_counter() - start)
+                              fingerprint=fingerprint, seconds=time.perf_counter() - start,
+                              judge=judge_request(seed, int(task.get("stage", 0) or 0), payload))
         if kind == "unprotected" and phase == "training" and not is_protected(fitness):
             value = message.get("fitness")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -522,19 +524,19 @@ def _score(fitness, artefacts, seed, trusted_score):
 
 
 def _score_in_child(fitness, artefacts, seed, trusted_score):
-    from engine.evaluation import MAX_MESSAGE_BYTES, short_error
+    from engine.evaluation import MAX_JUDGE_BYTES, MAX_MESSAGE_BYTES, short_error
 
     def body(channel) -> None:
         try:
-            value, metrics = trusted_score(fitness, artefacts, seed)
-            channel.send_json({"type": "score", "fitness": value, "metrics": metrics})
+            value, metrics, payload = trusted_score(fitness, artefacts, seed)
+            channel.send_json({"type": "score", "fitness": value, "metrics": metrics, "to_judge": payload})
         except BaseException as exc:  # noqa: BLE001
             status, message = short_error(exc)
             channel.send_json({"type": "failed", "status": status, "error": message})
 
     scorer = EvaluationChild.start(body, {}, output=CappedOutput(1 << 62))
     try:
-        message = scorer.receive(float("inf"), MAX_MESSAGE_BYTES * 16)
+        message = scorer.receive(float("inf"), MAX_MESSAGE_BYTES * 16 + MAX_JUDGE_BYTES)
     except ChildExited:
         raise RuntimeError("the scoring process ended without a score") from None
     finally:
@@ -543,7 +545,7 @@ def _score_in_child(fitness, artefacts, seed, trusted_score):
         from engine.genome import GenomeError
 
         raise GenomeError(message.get("error", "scoring failed"), status=message.get("status", "error"))
-    return float(message["fitness"]), message["metrics"]
+    return float(message["fitness"]), message["metrics"], message.get("to_judge")
 
 
 # -- the warm worker's loop -------------------------------------------------------------------------------

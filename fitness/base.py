@@ -15,6 +15,10 @@ No genome reports its own score. Scoring is split in two phases:
   computes the score on data the genome's process never held (held-out pairs, the true reward,
   the test split). Keep that data in :attr:`Fitness.held_out`: the engine wipes it in the
   genome's process before any genome code runs.
+* :meth:`Fitness.judge` (optional, trusted, outside every jail) runs in the driver when
+  ``score`` returns :attr:`Score.to_judge` (e.g. answers the trained model generated): it may
+  call a network service (an LLM judge's API, with a key only the driver holds) that no
+  jailed process can reach, and returns the final :class:`Score`.
 
 A plug-in written for the first contract (only ``evaluate(fn, seed)``) still works: its
 ``evaluate`` runs in the genome's process and the result is marked ``unprotected``.
@@ -80,10 +84,15 @@ class SandboxNeeds:
 
 @dataclass
 class Score:
-    """What :meth:`Fitness.score` returns: ``fitness`` (higher is better) and metrics."""
+    """What :meth:`Fitness.score` returns: ``fitness`` (higher is better) and metrics.
+
+    ``to_judge`` (JSON: strings, numbers, lists, dicts) is for a plug-in with a judge phase:
+    when set, the driver calls :meth:`Fitness.judge` with this score and stores what that
+    returns; ``to_judge`` itself is never stored."""
 
     fitness: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    to_judge: Any = None
 
 
 @dataclass(frozen=True)
@@ -449,11 +458,26 @@ class Fitness(ABC):
         ``seed``. Runs where no genome code ran; may use :attr:`held_out` data."""
         raise NotImplementedError(f"fitness plug-in {self.name!r} implements train() but not score()")
 
+    def judge(self, score: Score, seed: int) -> Score:
+        """Judge phase (optional): called in the driver, outside every jail, with what
+        :meth:`score` returned when its :attr:`Score.to_judge` is set; returns the final score.
+
+        Use it for scoring that needs what a jail must not have: the network (an LLM judge's
+        API) or secrets (its key). It sees only ``score`` (JSON that a process where no genome
+        ran produced); treat ``to_judge`` as data to grade, never as code or as a score. Calls
+        for different evaluations may run at once on threads: keep it thread-safe. The
+        default returns ``score`` unchanged."""
+        return score
+
     def evaluate(self, fn: Callable, seed: int) -> Score:
-        """Train and score in this process (tests, notebooks and the serial executor): the
-        artefacts pass the same validation as those that cross a process boundary."""
+        """Train, score and judge in this process (tests, notebooks and the serial executor):
+        the artefacts pass the same validation as those that cross a process boundary."""
         artefacts = validate_artefacts(self.train(fn, seed), self.artefact_spec(seed), self.max_artefact_bytes)
-        return self.score(artefacts, seed)
+        score = self.score(artefacts, seed)
+        if getattr(score, "to_judge", None) is not None:
+            score = self.judge(score, seed)
+            score.to_judge = None
+        return score
 
     @property
     def held_out(self) -> HeldOut:
