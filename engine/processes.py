@@ -58,3 +58,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, RecursionError):
         return "error", f"recursion too deep{genome_location(exc)}"
     return "error", f"{text[:1000]}{genome_location(exc)}"
+
+
+def in_worker() -> bool:
+    """Whether this process is an evaluation worker (or a process it started): the executor names
+    the worker's sandbox in ``EVOLOSS_SANDBOX``. Plug-ins use it to leave driver-only work (a
+    judge's API key) to the driver."""
+    return "EVOLOSS_SANDBOX" in os.environ

@@ -224,9 +224,9 @@ class Judge:
         key = os.environ.get(variable)
         if not key and self.url is None:
             raise MTBenchError(
-                f"the MT-Bench judge {self.spec!r} needs an API key: evaluation workers never receive "
-                f"{variable} from the environment, so put the key in a file and pass "
-                "--fitness-opt judge_api_key_file=PATH (or name a local server as judge=openai:MODEL@URL)")
+                f"the MT-Bench judge {self.spec!r} needs an API key: set {variable} for the driver (it "
+                "judges; no evaluation worker sees the key), or pass --fitness-opt judge_api_key_file=PATH "
+                "(or name a local server as judge=openai:MODEL@URL)")
         return key
 
     def _client_for_calls(self):

@@ -16,7 +16,10 @@ The plug-in follows the two-phase fitness contract (docs/plugins.md):
   from it for GPU presets): a freshly built model computes the held-out pairs' reference
   log-probabilities (kept in memory in :attr:`held_out`, never in the on-disk cache the
   genome's process can write), gets the trained weights, and is scored: held-out accuracy and
-  margins always, then the reward model or MT-Bench (answers generated here, judged here).
+  margins always, then the reward model, or the MT-Bench answers generated here.
+* ``judge`` (the driver, outside every jail; only for the ``mtbench`` scorer): the LLM judge
+  grades those answers. Only the driver reaches the judge's API and holds its key, so no
+  worker's jail needs the network.
 
 Where training runs is the ``launcher`` option: ``inprocess`` trains inside the genome's
 process on one device; ``accelerate`` trains in ``num_processes`` ranks started from the
@@ -39,6 +42,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from engine.genome import GenomeError
+from engine.processes import in_worker
 from fitness.base import Fitness, SandboxNeeds, Score, Seed, TensorSpec
 from fitness.dpo.data import check_local, is_local
 from fitness.dpo.settings import DPOSettings, resolve_settings
@@ -131,8 +135,8 @@ class DPOFitness(Fitness):
         self.fitness_floor = _FLOORS[self.settings.scorer]
         if is_local(self.settings.dataset):
             check_local(self.settings.dataset)
-        if self.settings.scorer == "mtbench":
-            # A judge without a key fails here, in the driver, not after hours of training.
+        if self.settings.scorer == "mtbench" and not in_worker():
+            # A judge without a key fails here, in the driver (where it runs), not after hours of training.
             self._make_judge()
         self._data = None
         self._tokenizer = None
@@ -144,18 +148,16 @@ class DPOFitness(Fitness):
         return preference_seeds()
 
     def sandbox_needs(self) -> SandboxNeeds:
-        """What the worker's jail must show: local model, tokenizer, data and scorer files
-        read-only, the reference-log-probability cache writable; for the MT-Bench scorer, the
-        host's network (the judge is called in the trusted phase, in the warm worker, whose
-        jail has no network unless ``--allow-host-network`` is given; docs/dpo.md says what
-        that costs). The judge's key file is never shown."""
+        """What the worker's jail must show: local model, tokenizer, data, reward model and
+        MT-Bench questions read-only, the reference-log-probability cache writable; never the
+        network (the MT-Bench judge runs in the driver: :meth:`judge`), the judge's key file,
+        its reference answers or its reply cache."""
         s = self.settings
-        named = (s.model, s.tokenizer, s.dataset, s.reward_model, s.mtbench_questions, s.mtbench_references,
-                 s.accelerate_config)
+        named = (s.model, s.tokenizer, s.dataset, s.reward_model, s.mtbench_questions, s.accelerate_config)
         local = tuple(str(Path(v).expanduser()) for v in named if v and Path(v).expanduser().exists())
         cache = s.resolved_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        return SandboxNeeds(read_only=local, writable=(str(cache),), host_network=s.scorer == "mtbench")
+        return SandboxNeeds(read_only=local, writable=(str(cache),))
 
     def resources(self) -> dict[str, float]:
         """One evaluation's reservation: every GPU its training processes use (8 for the
@@ -178,7 +180,7 @@ class DPOFitness(Fitness):
 
         s = self.settings
         try:
-            return Judge(s.judge, s.resolved_cache_dir() / "judge", temperature=s.judge_temperature,
+            return Judge(s.judge, s.resolved_judge_cache_dir(), temperature=s.judge_temperature,
                          max_tokens=s.judge_max_tokens, timeout=s.judge_timeout, retries=s.judge_retries,
                          api_key_file=s.judge_api_key_file)
         except MTBenchError as exc:
@@ -343,7 +345,8 @@ class DPOFitness(Fitness):
     def score(self, artefacts: dict[str, Any], seed: int) -> Score:
         """Trusted phase: a freshly built model (no genome code) gets the trained weights; the
         held-out pairs (their reference log-probabilities computed here, by the untrained model)
-        give the accuracy and margins; the reward-model or MT-Bench scorer generates with it."""
+        give the accuracy and margins; the reward-model scorer, or the MT-Bench answers that
+        :meth:`judge` grades in the driver, are generated with it."""
         import fitness.dpo.scorers as scorers
         from fitness.dpo.models import load_model
 
@@ -352,7 +355,6 @@ class DPOFitness(Fitness):
         start = time.perf_counter()
         s = self.settings
         metrics = self._report_of(artefacts)
-        judge = self._make_judge() if s.scorer == "mtbench" else None
         trainer = policy = None
         try:
             with tempfile.TemporaryDirectory(prefix="evoloss-dpo-score-") as output_dir:
@@ -365,15 +367,19 @@ class DPOFitness(Fitness):
                 # Held-out accuracy and margins are cheap: reported whatever the scorer.
                 fitness, scored = scorers.heldout(policy)
                 metrics.update(scored)
-                fitness = self._generation_score(policy, judge, fitness, metrics)
+                to_judge = None
+                if s.scorer == "reward-model":
+                    fitness, scored = scorers.reward_model(policy)
+                    metrics.update(scored)
+                elif s.scorer == "mtbench":
+                    metrics["heldout_fitness"] = fitness
+                    to_judge = {"answers": scorers.mtbench_answers(policy)}
                 metrics.update({"preset": self.preset, "scorer": s.scorer, "launcher": s.launcher,
                                 "score_seconds": time.perf_counter() - start})
                 if s.launcher == "accelerate":
                     metrics.update({"num_processes": s.num_processes, "distributed": s.distributed})
-                return Score(fitness=float(fitness), metrics=metrics)
+                return Score(fitness=float(fitness), metrics=metrics, to_judge=to_judge)
         finally:
-            if judge is not None:
-                judge.close()
             trainer = policy = None
             self._release_memory()
 
@@ -441,19 +447,19 @@ class DPOFitness(Fitness):
                 metrics[name] = int(value) if name in _COUNTS and value.is_integer() else value
         return metrics
 
-    def _generation_score(self, policy, judge, fitness: float, metrics: dict[str, Any]) -> float:
-        """The reward-model or MT-Bench score (their metrics added to ``metrics``); for the
-        heldout scorer, ``fitness`` unchanged."""
+    def judge(self, score: Score, seed: int) -> Score:
+        """Judge phase, in the driver (the MT-Bench scorer): the LLM judge grades the answers the
+        trained model generated in :meth:`score`; the MT-Bench rating becomes the fitness."""
         import fitness.dpo.scorers as scorers
 
-        scorer = self.settings.scorer
-        if scorer == "reward-model":
-            fitness, scored = scorers.reward_model(policy)
-            metrics.update(scored)
-        elif scorer == "mtbench":
-            fitness, scored = scorers.mtbench(policy, judge)
-            metrics.update(scored)
-        return fitness
+        if self.settings.scorer != "mtbench":
+            return score
+        judge = self._make_judge()
+        try:
+            fitness, graded = scorers.mtbench_grade(self.settings, judge, (score.to_judge or {}).get("answers"))
+        finally:
+            judge.close()
+        return Score(fitness=float(fitness), metrics={**score.metrics, **graded})
 
     @staticmethod
     def _release_memory() -> None:

@@ -142,13 +142,14 @@ def reward_model(policy: TrainedPolicy) -> tuple[float, dict[str, Any]]:
     return fitness, metrics
 
 
-def mtbench(policy: TrainedPolicy, judge) -> tuple[float, dict[str, Any]]:
-    """MT-Bench answers by the trained policy, graded by ``judge`` (see :mod:`fitness.dpo.mtbench`)."""
+def mtbench_answers(policy: TrainedPolicy) -> list[list[Any]]:
+    """The trained policy's answers to both turns of every MT-Bench question, as
+    ``[[question_id, turn 1, turn 2], ...]`` (turn 2 sees the policy's own turn 1). Generation
+    needs no network: it runs in the trusted phase; :func:`mtbench_grade` judges in the driver."""
     import fitness.dpo.mtbench as bench
 
     settings, tokenizer, model = policy.settings, policy.tokenizer, policy.model
     questions = bench.load_questions(settings.mtbench_questions, settings.mtbench_limit)
-    references = bench.load_references(settings.mtbench_references) if settings.mtbench_references else {}
     torch.manual_seed(policy.seed)
     first: dict[Any, str] = {}
     # Questions of one temperature are generated as a batch; turn 2 sees the policy's own turn 1.
@@ -169,6 +170,26 @@ def mtbench(policy: TrainedPolicy, judge) -> tuple[float, dict[str, Any]]:
                 model, tokenizer, conversations, temperature=temperature,
                 max_new_tokens=settings.answer_max_new_tokens, batch_size=settings.generation_batch_size)):
             answers[question.question_id] = (first[question.question_id], text)
+    return [[question.question_id, *answers[question.question_id]] for question in questions]
+
+
+def mtbench_grade(settings, judge, answered: Any) -> tuple[float, dict[str, Any]]:
+    """MT-Bench score of ``answered`` (what :func:`mtbench_answers` returned, come back as JSON),
+    graded by ``judge`` (:mod:`fitness.dpo.mtbench`) against the questions and references read
+    here. Answers that do not match the questions are an error, never a score."""
+    import fitness.dpo.mtbench as bench
+
+    questions = bench.load_questions(settings.mtbench_questions, settings.mtbench_limit)
+    references = bench.load_references(settings.mtbench_references) if settings.mtbench_references else {}
+    answers: dict[Any, tuple[str, str]] = {}
+    for row in answered if isinstance(answered, list) else ():
+        if (isinstance(row, list) and len(row) == 3 and all(isinstance(text, str) for text in row[1:])
+                and row[0] not in answers):
+            answers[row[0]] = (row[1], row[2])
+    expected = {question.question_id for question in questions}
+    if set(answers) != expected:
+        raise bench.MTBenchError(f"the MT-Bench answers do not match the {len(expected)} questions "
+                                 f"({len(answers)} well-formed answers)")
     metrics = bench.grade(judge, questions, answers, references, repeats=settings.judge_repeats,
                           parse_retries=settings.judge_parse_retries)
     metrics["mtbench_answer_chars"] = sum(len(a) + len(b) for a, b in answers.values()) / max(len(answers), 1)

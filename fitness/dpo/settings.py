@@ -103,8 +103,8 @@ class DPOSettings:
         "heldout (held-out preference accuracy and implicit reward margins; offline), mtbench "
         "(MT-Bench with an LLM judge) or reward-model (a classifier's reward and the KL to the reference)"))
     cache_dir: str | None = field(default=None, metadata=field_help(
-        "folder for cached reference log-probabilities and judge replies (default: $EVOLOSS_CACHE or "
-        "~/.cache/evoloss/dpo)"))
+        "folder for cached reference log-probabilities (default: $EVOLOSS_CACHE/dpo or "
+        "~/.cache/evoloss/dpo); judge replies go to the folder beside it named <folder>-judge"))
 
     # MT-Bench
     mtbench_questions: str = field(default="HuggingFaceH4/mt_bench_prompts", metadata=field_help(
@@ -125,8 +125,8 @@ class DPOSettings:
     judge_parse_retries: int = field(default=2, metadata=field_help(
         "extra judge calls when a reply has no [[rating]]; still none: the turn is left out and counted"))
     judge_api_key_file: str | None = field(default=None, metadata=field_help(
-        "file holding the judge's API key; evaluation workers never receive API keys from the "
-        "environment, so use this (or --executor serial) for a keyed judge"))
+        "file holding the judge's API key (default: OPENAI_API_KEY or ANTHROPIC_API_KEY from the "
+        "environment); the judge runs in the driver, and no evaluation worker sees either"))
     answer_max_new_tokens: int = field(default=1024, metadata=field_help("tokens per MT-Bench answer (FastChat: 1024)"))
     generation_batch_size: int = field(default=16, metadata=field_help("prompts generated at once"))
 
@@ -218,6 +218,12 @@ class DPOSettings:
         if os.environ.get("EVOLOSS_CACHE"):
             return Path(os.environ["EVOLOSS_CACHE"]).expanduser() / "dpo"
         return Path.home() / ".cache" / "evoloss" / "dpo"
+
+    def resolved_judge_cache_dir(self) -> Path:
+        """Where the MT-Bench judge's replies are cached: beside :meth:`resolved_cache_dir`, not in
+        it, because that one is writable inside the workers' jails and these are read by the driver."""
+        cache = self.resolved_cache_dir()
+        return cache.parent / f"{cache.name}-judge"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

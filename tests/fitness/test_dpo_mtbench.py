@@ -160,16 +160,48 @@ def test_a_judge_that_never_rates_is_an_error(tmp_path):
             grade(Judge(f"openai:judge@{server.url}", tmp_path), [question], {1: ("a", "b")}, {}, parse_retries=0)
 
 
-def test_a_keyed_judge_needs_a_key_file_in_workers(tmp_path, monkeypatch):
+def test_a_keyed_judge_needs_a_key_in_the_driver_and_none_in_workers(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(ValueError, match="judge_api_key_file"):
+    monkeypatch.delenv("EVOLOSS_SANDBOX", raising=False)
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         DPOFitness(scorer="mtbench", judge="openai:gpt-4", cache_dir=str(tmp_path))
     key = tmp_path / "key.txt"
     key.write_text("sk-test\n")
     assert DPOFitness(scorer="mtbench", judge="openai:gpt-4", judge_api_key_file=str(key), cache_dir=str(tmp_path))
     with JudgeServer(lambda request: (200, "[[5]]")) as server:
         Judge(f"openai:judge@{server.url}", tmp_path / "judge", api_key_file=str(key)).judge("s", "u")
-    assert server.headers[0]["authorization"] == "Bearer sk-test"
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+        Judge(f"openai:judge@{server.url}", tmp_path / "judge2").judge("s", "u")
+    assert [h["authorization"] for h in server.headers] == ["Bearer sk-test", "Bearer sk-from-env"]
+    # A worker builds the plug-in without any key: it never judges.
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("EVOLOSS_SANDBOX", "bwrap")
+    assert DPOFitness(scorer="mtbench", judge="openai:gpt-4", cache_dir=str(tmp_path))
+
+
+def test_no_jail_needs_the_network_or_sees_the_judges_files(tmp_path, question_file):
+    references = tmp_path / "gpt-4.jsonl"
+    references.write_text("")
+    fitness = DPOFitness(scorer="mtbench", mtbench_questions=str(question_file), mtbench_references=str(references),
+                         judge="openai:judge@http://127.0.0.1:9/v1", cache_dir=str(tmp_path / "cache"))
+    needs = fitness.sandbox_needs()
+    assert needs.host_network is False
+    assert str(question_file) in needs.read_only and str(references) not in needs.read_only
+    judge_cache = fitness.settings.resolved_judge_cache_dir()
+    from pathlib import Path
+
+    shown = [Path(path) for path in needs.writable + needs.read_only]
+    assert shown and not any(path == judge_cache or path in judge_cache.parents for path in shown)
+
+
+def test_answers_that_do_not_match_the_questions_are_an_error(tmp_path, question_file):
+    from fitness.base import Score
+
+    fitness = DPOFitness(scorer="mtbench", mtbench_questions=str(question_file),
+                         judge="openai:judge@http://127.0.0.1:9/v1", cache_dir=str(tmp_path / "cache"))
+    for answers in ([[81, "a", "b"]], [[81, "a", "b"], [111, "a", 3], [131, "a", "b"]], "not a list", None):
+        with pytest.raises(MTBenchError, match="do not match"):
+            fitness.judge(Score(0.5, {}, {"answers": answers}), 0)
 
 
 # -- end to end on the tiny preset ---------------------------------------------------------------------
@@ -194,3 +226,28 @@ def test_mtbench_scorer_end_to_end_and_the_rescore_costs_nothing(tmp_path, quest
                             for r in turn_two)
     assert again.metrics["judge_calls"] == 0 and len(server.requests) == made and again.fitness == first.fitness
     assert first.metrics["mtbench_questions"] == 3 and "mtbench_turn2_stderr" in first.metrics
+
+
+def test_mtbench_through_jailed_workers_is_judged_by_the_driver(tmp_path, question_file):
+    """The worker's jail has no network (no --allow-host-network): the answers are generated
+    there, and the driver's judge phase grades them against the server on 127.0.0.1."""
+    from engine import jail
+    from engine.executor import ProcessExecutor
+    from engine.judging import Judging
+    from fitness.preference import preference_seeds
+
+    sandbox = jail.choose("auto")
+    with JudgeServer(rating_reply) as server:
+        options = {"scorer": "mtbench", "mtbench_questions": str(question_file), "judge": f"openai:judge@{server.url}",
+                   "cache_dir": str(tmp_path / "cache"), "judge_parse_retries": 1, "train_size": 64,
+                   "heldout_size": 32}
+        executor = Judging(ProcessExecutor("dpo", options, workers=1, timeout=300, sandbox=sandbox,
+                                           log_path=tmp_path / "workers.log"), "dpo", options)
+        results = []
+        with executor:
+            executor.run([(0, preference_seeds()[0].code)], 0, None, results.append)
+    (result,) = results
+    assert result.ok, result.error
+    assert result.fitness == pytest.approx(5.5) and result.metrics["judge_calls"] == 8
+    assert 0.0 <= result.metrics["heldout_fitness"] <= 1.0 and "judge_seconds" in result.metrics
+    assert len(server.requests) == 8
