@@ -44,7 +44,8 @@ def reply_checker(config: RunConfig, interface=None) -> ReplyChecker:
     stage = config.stages()[0]
     return ReplyChecker(config.llm_check, isolated=config.executor != "serial", fitness=stage.spec,
                         fitness_options=stage.options, timeout=min(config.timeout, 60.0),
-                        memory_limit_gb=config.memory_limit_gb, interface=interface)
+                        memory_limit_gb=config.memory_limit_gb, interface=interface, sandbox=config.sandbox,
+                        check_timeout=config.check_timeout)
 
 
 def build_operators(config: RunConfig, interface=None) -> tuple[list, Callable[[], None]]:

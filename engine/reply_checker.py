@@ -71,8 +71,11 @@ class ReplyChecker:
 
     def __init__(self, mode: str = "tests", isolated: bool = True, fitness: Any = None,
                  fitness_options: dict[str, Any] | None = None, timeout: float = 60.0,
-                 memory_limit_gb: float = 4.0, interface: Any = None) -> None:
+                 memory_limit_gb: float = 4.0, interface: Any = None, sandbox: str = "auto",
+                 check_timeout: float = 10.0) -> None:
         self.interface = interface
+        self.sandbox = sandbox
+        self.check_timeout = check_timeout
         self.mode = mode
         self.isolated = isolated and isinstance(fitness, str)
         self.fitness = fitness
@@ -100,6 +103,7 @@ class ReplyChecker:
                 executor = ProcessExecutor(
                     f"{__name__}:ContractCheck", {"fitness": self.fitness, "fitness_options": self.fitness_options},
                     workers=1, timeout=self.timeout, memory_limit_gb=self.memory_limit_gb,
+                    sandbox=self.sandbox, check_timeout=self.check_timeout,
                 )
                 try:
                     executor.start()

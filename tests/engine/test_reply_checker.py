@@ -34,3 +34,25 @@ def test_static_mode_does_not_run_the_code(interface):
     checker = ReplyChecker("static", isolated=True, fitness=EXAMPLE_SPEC)
     checker.check(SCALAR, interface)
     assert checker.executor is None
+
+
+@pytest.mark.parametrize("sandbox", ["auto", "none"])
+def test_the_checkers_worker_uses_the_runs_sandbox(interface, sandbox):
+    from engine.assembly import reply_checker
+    from engine.config import RunConfig
+
+    config = RunConfig(fitness=EXAMPLE_SPEC, sandbox=sandbox, check_timeout=3.0, operator="openai:m@http://127.0.0.1:9/v1")
+    checker = reply_checker(config, interface)
+    try:
+        with pytest.warns(RuntimeWarning, match="WITHOUT an OS jail") if sandbox == "none" else _no_warning():
+            checker.check(GOOD, interface)
+        assert checker.executor.sandbox.requested == sandbox
+        assert checker.executor.check_timeout == 3.0
+    finally:
+        checker.close()
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
