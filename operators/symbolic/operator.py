@@ -23,7 +23,9 @@ from operators.symbolic.ast_helpers import (
     weighted_pick,
 )
 from operators.symbolic.crossovers import CROSSOVERS, blend, gate, rename_second, splice
-from operators.symbolic.mutations import MUTATIONS, add_term, drop_term, perturb_constant, reweight, swap_primitive
+from operators.symbolic.mutations import (
+    MUTATIONS, add_term, drop_term, perturb_constant, reweight, swap_primitive, tune_argument,
+)
 from operators.symbolic.simplify import loss_depends_on, tidy
 
 _DEFAULTS: dict[str, Any] = {
@@ -34,6 +36,8 @@ _DEFAULTS: dict[str, Any] = {
     "constant_factor": (0.5, 2.0),
     "term_weight": (0.05, 0.5),
     "reweight_factor": (0.25, 4.0),
+    "tune_scale": (0.7, 1.4),
+    "tune_shift": (0.05, 0.5),
     "blend_weight": (0.2, 0.8),
     "gate_temperature": (0.05, 2.0),
     "propose_steps": (1, 3),
@@ -57,6 +61,8 @@ class SymbolicOperator(Operator):
         constant_factor: ``(low, high)`` of the log-uniform factor applied to a constant.
         term_weight: ``(low, high)`` of the weight of an added term.
         reweight_factor: ``(low, high)`` of the factor applied to one term of a sum.
+        tune_scale: ``(low, high)`` of the factor ``tune`` scales a primitive's argument by.
+        tune_shift: ``(low, high)`` of the magnitude of the offset ``tune`` shifts it by.
         blend_weight: ``(low, high)`` of the first parent's weight in a blend.
         gate_temperature: ``(low, high)`` of the temperature of a gated blend.
         propose_steps: ``(low, high)`` number of chained mutations in :meth:`propose`.
@@ -86,6 +92,10 @@ class SymbolicOperator(Operator):
             raise ValueError("constant_factor must not be (1, 1): constants would never change")
         self.term_weight = _range(settings["term_weight"], "term_weight", positive=True)
         self.reweight_factor = _range(settings["reweight_factor"], "reweight_factor", positive=True)
+        self.tune_scale = _range(settings["tune_scale"], "tune_scale", positive=True)
+        self.tune_shift = _range(settings["tune_shift"], "tune_shift", low=0.0)
+        if self.tune_shift[1] <= 0:
+            raise ValueError(f"tune_shift must allow a positive offset, got {settings['tune_shift']!r}")
         self.blend_weight = _range(settings["blend_weight"], "blend_weight", low=0.0, high=1.0)
         self.gate_temperature = _range(settings["gate_temperature"], "gate_temperature", positive=True)
         steps = _range(settings["propose_steps"], "propose_steps", low=1, high=10)
@@ -217,6 +227,7 @@ class SymbolicOperator(Operator):
             "constant": partial(perturb_constant, factor_range=self.constant_factor), "swap": swap_primitive,
             "add_term": partial(add_term, term_weight=self.term_weight), "drop_term": drop_term,
             "reweight": partial(reweight, factor_range=self.reweight_factor),
+            "tune": partial(tune_argument, scale_range=self.tune_scale, shift_range=self.tune_shift),
         }
         reasons: dict[str, str] = {}
         remaining = list(self.mutations)
@@ -353,7 +364,7 @@ def _range(value: Any, option: str, positive: bool = False, low: float | None = 
 # -- names ------------------------------------------------------------------------------------
 #: Trailing name tokens this operator adds; stripped before a new tag is appended.
 _TAG = re.compile(
-    r"^(c\d[\dpem]*|w\d[\dpem]*|p?(logsigmoid|softplus|exp|sigmoid|tanh|relu|square|abs)"
+    r"^(c\d[\dpem]*|w\d[\dpem]*|s\d[\dpem]*|o\d[\dpem]*|p?(logsigmoid|softplus|exp|sigmoid|tanh|relu|square|abs)"
     r"|drop|blend|gate|splice)$"
 )
 

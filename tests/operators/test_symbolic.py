@@ -240,6 +240,34 @@ def test_reweight_multiplies_one_term_of_a_sum():
         assert re.search(r"_w\d", offspring.name)
 
 
+def test_tune_makes_small_moves_around_dpo_which_has_no_constant():
+    operator = only("tune")
+    ctx = context(seed=7)
+    parent = candidates(PREFERENCE_SEEDS)[0]  # dpo: -F.logsigmoid(self.beta * logits), no number
+    assert numbers(parent.code) == []
+    with pytest.raises(OperatorError):
+        only("constant").mutate(parent, ctx)
+    seen = set()
+    for _ in range(20):
+        offspring = operator.mutate(parent, ctx)
+        assert runtime_error(offspring.code, PREFERENCE) is None
+        (value,) = numbers(offspring.code)
+        assert 0.05 <= value <= 1.4
+        assert re.fullmatch(r"dpo_[so]\d[\dp]*", offspring.name)
+        seen.add(offspring.name[4])
+    assert seen == {"s", "o"}  # scales and shifts both occur
+
+
+def test_repeated_tunes_adjust_their_constants_instead_of_stacking_them():
+    operator = only("tune")
+    ctx = context(seed=8)
+    parent = candidates(PREFERENCE_SEEDS)[0]
+    for i in range(30):
+        offspring = operator.mutate(parent, ctx)
+        assert runtime_error(offspring.code, PREFERENCE) is None
+        parent = Candidate(id=i + 1, name=offspring.name, code=offspring.code)
+    assert len(numbers(parent.code)) <= 2  # one scale and one offset at most
+
 def test_tuple_returns_are_mutated_in_their_first_element():
     code = _preference(
         "trl_dpo",
