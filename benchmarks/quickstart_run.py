@@ -1,4 +1,6 @@
-"""Time the quick-start job and check that it finds a loss that beats the DPO seed.
+"""Time the quick-start job and report what it found: its best against the DPO seed on the
+tasks it selected on, and the end-of-run validation on held-out tasks (the verdict, and the
+validated best's held-out gain over DPO with its standard error).
 
 Usage: python benchmarks/quickstart_run.py [--pop 8] [--gens 12] [--workers 2] [--seed 0]
 Runs ``python -m engine run`` as a user would, then reads the run's summary.
@@ -22,9 +24,10 @@ def main() -> int:
     parser.add_argument("--gens", default="12")
     parser.add_argument("--workers", default="2")
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--keep", default=None, metavar="DIR", help="keep the run in DIR (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        out = Path(args.keep) if args.keep else Path(tmp) / "run"
         command = [sys.executable, "-m", "engine", "run", "--pop", args.pop, "--gens", args.gens,
                    "--workers", args.workers, "--seed", args.seed, "--out", str(out), "--quiet"]
         start = time.perf_counter()
@@ -36,6 +39,14 @@ def main() -> int:
           f"({summary['generations']} generations, {args.workers} workers)")
     print(f"best: {summary['best_name']} {best:.4f}  vs  {summary['baseline']} seed {baseline:.4f}  "
           f"({'beats' if best > baseline else 'does not beat'} it by {best - baseline:+.4f})")
+    validation = summary.get("validation") or {}
+    if validation:
+        print(f"held-out validation ({validation.get('fitness')}, {validation.get('seeds')} fresh seeds): "
+              f"{validation.get('verdict')}")
+        for row in validation.get("losses", []):
+            se = row.get("gain_se")
+            print(f"  {row['name']:32s} gain {row['gain']:+.4f} ± {se if se is not None else float('nan'):.4f}  "
+                  f"worst task {row.get('worst_task_gain', float('nan')):+.4f}  {row.get('flag') or ''}")
     print(f"invalid {summary['invalid']}, dedup saved {summary['dedup_saved']}, offspring valid share "
           f"{summary['offspring_valid_share']:.2f}, coverage {summary['coverage']:.3f}, QD score {summary['qd_score']:.2f}")
     return 0

@@ -37,9 +37,11 @@ GROUPS: dict[str, str] = {
 class RunConfig:
     """Settings of one evolutionary run (the evolving state lives in :class:`engine.Engine`)."""
 
-    fitness: str | list[str] = field(default="synthetic-pref", metadata=_help(
+    fitness: str | list[str] = field(default="pref-suite", metadata=_help(
         "fitness plug-in: a registered name, an entry point, path.py:Class or module:Class; or a fidelity "
-        "ladder, cheapest first: 'synthetic-pref>dpo' (a list in TOML); see --promote", group=FITNESS))
+        "ladder, cheapest first: 'synthetic-pref>dpo' (a list in TOML); see --promote. The default, pref-suite, "
+        "selects on its meta-train tasks and validates on its meta-test tasks (docs/trust.md says why not "
+        "synthetic-pref's single task)", group=FITNESS))
     fitness_options: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "keyword options for the fitness plug-in (CLI: --fitness-opt KEY=VALUE, repeatable; with a ladder "
         "STAGE.KEY=VALUE for one stage, KEY=VALUE for the last)", group=FITNESS))
