@@ -12,8 +12,9 @@ files, no core dumps).
 Three sandboxes, strongest first:
 
 * ``bwrap`` (bubblewrap, Debian/Ubuntu package ``bubblewrap``): new user, PID, network, IPC and
-  UTS namespaces, capabilities dropped, nested user namespaces disabled (where bwrap >= 0.8
-  offers it), ``--die-with-parent``.
+  UTS namespaces, capabilities dropped, ``--die-with-parent``; each genome's process then makes
+  one user namespace of its own, hides the trusted-only paths, forbids further user namespaces
+  and drops every capability (:mod:`engine.confine`).
 * ``unshare`` (util-linux): the same namespaces through ``unshare --user --map-root-user --net
   --pid --fork --mount``; :mod:`engine.jail_init` then builds the same file view with a mount
   namespace and ``pivot_root`` and drops every capability before it starts the worker.
@@ -460,8 +461,8 @@ def _bwrap_args(mount_plan: MountPlan, view: View, env: dict[str, str]) -> list[
             "--cap-drop", "ALL", "--uid", str(uid), "--gid", str(gid)]
     if not view.host_network:
         args.append("--unshare-net")
-    if _bwrap_supports("--disable-userns"):
-        args.append("--disable-userns")
+    # No --disable-userns: each genome's process makes one user namespace itself (to hide the
+    # trusted-only paths), forbids any further one and drops its capabilities (engine.confine).
     for link, target in mount_plan.links:
         args += ["--symlink", target, link]
     for kind, path in mount_plan.mounts:

@@ -10,7 +10,8 @@ root of a fresh user namespace. It then does what bubblewrap does:
    minimal ``/dev``, a private ``/tmp`` and ``/dev/shm`` and a ``/proc`` of the jail's own PID
    namespace;
 2. ``pivot_root``\\ s into it and detaches the old root, so nothing else of the host is reachable;
-3. forbids new user namespaces inside, drops every capability (bounding set, ambient, and
+3. allows one level of user namespaces inside (each genome's process makes one and forbids any
+   further: :mod:`engine.confine`), drops every capability (bounding set, ambient, and
    securebits so that uid 0 gains none on exec) and sets ``no_new_privs``;
 4. forks the worker in a session of its own and reaps every orphan until the worker ends, then
    exits with its status: as PID 1 its exit kills whatever is left in the namespace.
@@ -138,9 +139,12 @@ class _CapData(ctypes.Structure):
 
 
 def drop_privileges() -> None:
-    try:  # no user namespace inside this one (it would give back capabilities over its own mounts)
+    # One level of user namespaces below this one: each genome's process makes one to hide what only
+    # the trusted phase reads, forbids any further one in it and drops every capability
+    # (engine.confine), so a genome can make none. (A few at once: one may outlive its process briefly.)
+    try:
         with open("/proc/sys/user/max_user_namespaces", "w") as handle:
-            handle.write("0")
+            handle.write("8")
     except OSError as exc:
         raise Failed(f"disable nested user namespaces: {exc.strerror}") from exc
     PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 28, 38, 47

@@ -168,7 +168,14 @@ class EvaluationChild:
             try:
                 parent_end.close()
                 os.close(output_read)
-                _become_evaluation_child(parent_pid, child_end, output_write, limits, scratch, inherited)
+                try:
+                    _become_evaluation_child(parent_pid, child_end, output_write, limits, scratch, inherited)
+                except OSError as exc:  # engine.confine.ConfineError: never run a genome unconfined
+                    from engine.evaluation import Channel
+
+                    Channel(child_end).send_json({"type": "failed", "status": "error", "error": (
+                        f"the genome's process could not be confined: {exc}")})
+                    raise
                 from engine.evaluation import Channel
 
                 body(Channel(child_end))
@@ -319,12 +326,33 @@ def _become_evaluation_child(parent_pid: int, connection: Connection, output_wri
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(kind, (value, value))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _confine(limits.get("hidden") or ())
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if scratch:
         os.chdir(scratch)
         os.environ.update({"HOME": scratch, "TMPDIR": scratch})
         tempfile.tempdir = scratch
+
+
+def _confine(paths) -> None:
+    """Inside a jail: cover what only the trusted phase may read (``SandboxNeeds.hidden_from_genome``)
+    and forbid new user namespaces in this genome's process (:mod:`engine.confine`).
+    ``--sandbox none`` confines nothing.
+
+    Raises:
+        ConfineError: when paths were to be hidden, or namespaces could be made, and that failed.
+    """
+    if os.environ.get("EVOLOSS_SANDBOX", "none") == "none":
+        return
+    from engine.confine import NoNamespaces, confine
+
+    try:
+        confine(paths)
+    except NoNamespaces:
+        if paths:
+            raise
+        # No user namespace can be made here at all: none by the genome either.
 
 
 def _max_fd() -> int:
@@ -439,7 +467,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     if output is not None:
         output.begin(f"candidate {candidate_id}")
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
-              "open_files": int(getattr(fitness, "max_open_files", 0) or 0)}
+              "open_files": int(getattr(fitness, "max_open_files", 0) or 0), "hidden": hidden_from_genome(stages)}
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
         limits, scratch=scratch, inherited=list(inherited), output=output,
@@ -546,6 +574,22 @@ def _score_in_child(fitness, artefacts, seed, trusted_score):
 
         raise GenomeError(message.get("error", "scoring failed"), status=message.get("status", "error"))
     return float(message["fitness"]), message["metrics"], message.get("to_judge")
+
+
+def hidden_from_genome(stages) -> tuple[str, ...]:
+    """The paths every stage's plug-in hides from genomes' processes (worked out once per plug-in)."""
+    paths: list[str] = []
+    for stage in stages:
+        hidden = stage.__dict__.get("_evoloss_hidden")
+        if hidden is None:
+            needs = stage.sandbox_needs() if hasattr(stage, "sandbox_needs") else None
+            hidden = tuple(getattr(needs, "hidden_from_genome", ()) or ())
+            try:
+                stage.__dict__["_evoloss_hidden"] = hidden
+            except (AttributeError, TypeError):  # pragma: no cover - a plug-in without a __dict__
+                pass
+        paths.extend(hidden)
+    return tuple(paths)
 
 
 # -- the warm worker's loop -------------------------------------------------------------------------------

@@ -75,11 +75,22 @@ class Descriptor:
 @dataclass(frozen=True)
 class SandboxNeeds:
     """What a plug-in's evaluations need from the OS jail (:meth:`Fitness.sandbox_needs`):
-    paths shown read-only, paths shown writable, and the host's network."""
+    paths shown read-only, paths shown writable, and the host's network.
+
+    ``hidden_from_genome``: paths only the trusted phase reads (the test split, a judge's
+    questions, a reward model). They are shown read-only in the worker's jail and covered (an
+    empty folder or file) in each genome's process before any genome code runs
+    (:mod:`engine.confine`); they are added to ``read_only`` here."""
 
     read_only: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
     host_network: bool = False
+    hidden_from_genome: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        hidden = tuple(str(path) for path in self.hidden_from_genome)
+        object.__setattr__(self, "hidden_from_genome", hidden)
+        object.__setattr__(self, "read_only", tuple(dict.fromkeys((*map(str, self.read_only), *hidden))))
 
 
 @dataclass

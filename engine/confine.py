@@ -1,0 +1,125 @@
+"""Each genome's process sees less than the warm worker it was forked from, and holds no
+capability.
+
+The warm worker's jail shows what the plug-in's trusted phase reads (the test split, the
+MT-Bench questions, a reward model). A plug-in lists those paths in
+``SandboxNeeds.hidden_from_genome``; in each genome's process, right after the fork and before
+any genome code, :func:`confine` covers them: an empty read-only folder over a folder, an empty
+file over a file.
+
+How: the process enters a user and mount namespace of its own (it is single-threaded just after
+the fork, as ``unshare(CLONE_NEWUSER)`` requires), mounts the covers, forbids user namespaces
+below that one, and drops every capability it has there (bounding set, ambient set, securebits
+locked so that uid 0 gains none on exec, ``no_new_privs``). Without a capability over its mount
+namespace the genome can neither unmount nor remount a cover, and it can make no user namespace
+(so no mount namespace) in which it would have one. Linux only; the jail lets each genome's
+process make that one user namespace (bubblewrap allows nesting; ``--sandbox unshare`` allows
+exactly one level).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Iterable
+
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+_ST_RELATIME = 4096
+
+
+class ConfineError(OSError):
+    """A cover could not be put in place (the reason names the step)."""
+
+
+def confine(paths: Iterable[str]) -> list[str]:
+    """Cover every existing path of ``paths`` in this process, for good, and leave it unable to
+    create user namespaces (see the module docstring). Returns the paths covered.
+
+    Raises:
+        ConfineError: naming the step that failed (the caller must not run genome code in this
+            process then, unless nothing was to be hidden and no namespace could be made at all).
+    """
+    targets = sorted({os.path.realpath(path) for path in paths if path and os.path.lexists(path)})
+    if not sys.platform.startswith("linux"):
+        raise ConfineError("confining a genome's process needs Linux namespaces")
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | _CLONE_NEWNS)
+    _call(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "making the mounts private")
+    for target in targets:
+        if os.path.isdir(target):
+            _call(libc.mount(b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY,
+                             b"size=4k,mode=0555"), f"covering {target}")
+        else:
+            _call(libc.mount(b"/dev/null", target.encode(), None, _MS_BIND, None), f"covering {target}")
+            flags = _kept_flags(target)
+            _call(libc.mount(None, target.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | flags, None),
+                  f"making the cover of {target} read-only")
+    try:  # no user namespace below this one
+        with open("/proc/sys/user/max_user_namespaces", "w") as stream:
+            stream.write("0")
+    except OSError as exc:
+        raise ConfineError(f"forbidding nested user namespaces: {exc}") from exc
+    _drop_capabilities(libc)
+    return targets
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities(libc) -> None:
+    """No capability left, none to regain: bounding and ambient sets emptied, securebits NOROOT,
+    NO_SETUID_FIXUP and KEEP_CAPS locked (as under ``--sandbox unshare``'s init, where they are
+    locked already), effective and permitted sets cleared, ``no_new_privs``."""
+    pr_capbset_drop, pr_set_securebits, pr_set_no_new_privs, pr_cap_ambient = 24, 28, 38, 47
+    for capability in range(64):
+        libc.prctl(pr_capbset_drop, capability, 0, 0, 0)  # EINVAL past the last capability
+    libc.prctl(pr_cap_ambient, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+    _call(libc.prctl(pr_set_securebits, 0b101111, 0, 0, 0), "locking the securebits")
+    data = (_CapData * 2)()
+    _call(libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data), "dropping the capabilities")
+    _call(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "setting no_new_privs")
+
+
+class NoNamespaces(ConfineError):
+    """Not even the first user namespace could be made: nothing to confine the process with,
+    and nothing the genome could make either."""
+
+
+def _enter_user_namespace(libc, uid: int, gid: int, flags: int) -> None:
+    if libc.unshare(flags) != 0:
+        error = ctypes.get_errno()
+        kind = NoNamespaces if flags & _CLONE_NEWNS else ConfineError
+        raise kind(error, f"entering a user namespace: {os.strerror(error)}")
+    # The same ids inside, where the kernel lets this process map itself. It does not when they are
+    # root's in the outer namespace (mapping root takes CAP_SETFCAP there, as under --sandbox
+    # unshare): the process then runs as the overflow id inside, and the kernel still checks files
+    # against its real ids.
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as stream:
+                stream.write(text)
+    except OSError:
+        pass
+
+
+def _kept_flags(path: str) -> int:
+    """The mount flags of ``path`` that a less privileged remount must keep (the kernel locks them)."""
+    flags = os.statvfs(path).f_flag
+    kept = flags & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_NOATIME | _MS_NODIRATIME)
+    return kept | (_MS_RELATIME if flags & _ST_RELATIME else 0)
+
+
+def _call(result: int, step: str) -> None:
+    if result != 0:
+        error = ctypes.get_errno()
+        raise ConfineError(error, f"{step}: {os.strerror(error)}")
