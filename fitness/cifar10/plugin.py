@@ -39,6 +39,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,8 +106,11 @@ class Cifar10(Fitness):
         return classification_seeds()
 
     def sandbox_needs(self) -> SandboxNeeds:
-        """The CIFAR-10 folder, read-only: the worker's jail shows nothing else of the user's."""
-        return SandboxNeeds(read_only=(str(self.folder),))
+        """The CIFAR-10 folder, read-only: the worker's jail shows nothing else of the user's.
+        With ``split=test`` the test batch is hidden from each genome's process (only the trusted
+        phase scores on it)."""
+        hidden = (str(Path(self.folder) / TEST_FILE),) if self.split == "test" else ()
+        return SandboxNeeds(read_only=(str(self.folder),), hidden_from_genome=hidden)
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         return classification_descriptors(fn, classes=self.interface.classes)

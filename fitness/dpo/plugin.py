@@ -151,13 +151,20 @@ class DPOFitness(Fitness):
         """What the worker's jail must show: local model, tokenizer, data, reward model and
         MT-Bench questions read-only, the reference-log-probability cache writable; never the
         network (the MT-Bench judge runs in the driver: :meth:`judge`), the judge's key file,
-        its reference answers or its reply cache."""
+        its reference answers or its reply cache. The scorer's own files (a local reward model,
+        local MT-Bench questions) are hidden from each genome's process: only the trusted phase
+        reads them."""
         s = self.settings
-        named = (s.model, s.tokenizer, s.dataset, s.reward_model, s.mtbench_questions, s.accelerate_config)
-        local = tuple(str(Path(v).expanduser()) for v in named if v and Path(v).expanduser().exists())
+
+        def local(*values) -> tuple[str, ...]:
+            return tuple(str(Path(v).expanduser()) for v in values if v and Path(v).expanduser().exists())
+
+        scorer_files = local(s.reward_model) if s.scorer == "reward-model" else \
+            local(s.mtbench_questions) if s.scorer == "mtbench" else ()
         cache = s.resolved_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        return SandboxNeeds(read_only=local, writable=(str(cache),))
+        return SandboxNeeds(read_only=local(s.model, s.tokenizer, s.dataset, s.accelerate_config),
+                            writable=(str(cache),), hidden_from_genome=scorer_files)
 
     def resources(self) -> dict[str, float]:
         """One evaluation's reservation: every GPU its training processes use (8 for the

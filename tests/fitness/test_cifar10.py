@@ -297,3 +297,25 @@ def test_an_evaluation_through_a_worker_scores_what_it_scores_in_process(data_di
     assert results[0].ok, results[0].error
     assert results[0].fitness == 0.9 and "unprotected" not in results[0].metrics
     assert results[0].metrics["eval_cross_entropy"] == 0.19236265182495116
+
+
+def test_the_test_batch_is_hidden_from_genomes_and_scored_by_the_trusted_phase(data_dir):
+    """With split=test the trusted phase scores on the test batch, which each genome's process
+    (inside the jail) cannot read: the score is the one it gets in-process."""
+    from engine import jail
+    from engine.executor import ProcessExecutor
+
+    assert tiny(data_dir).sandbox_needs().hidden_from_genome == ()
+    needs = tiny(data_dir, split="test").sandbox_needs()
+    (hidden,) = needs.hidden_from_genome
+    assert Path(hidden).name == "test_batch" and hidden in needs.read_only
+    sandbox = jail.choose("auto")
+    if not sandbox.jailed:
+        pytest.skip("needs an OS jail")
+    results = []
+    options = {"preset": "cpu", "data_dir": data_dir, "split": "test", **TINY}
+    with ProcessExecutor("cifar10", options, workers=1, timeout=120, sandbox=sandbox) as executor:
+        executor.run([(0, SEEDS["cross_entropy"].code)], 0, None, results.append)
+    assert results[0].ok, results[0].error
+    local = tiny(data_dir, split="test").evaluate(compile_genome(SEEDS["cross_entropy"].code, (2,)), seed=0)
+    assert results[0].fitness == local.fitness and results[0].metrics["split"] == "test"

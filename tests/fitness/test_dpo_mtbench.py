@@ -187,6 +187,7 @@ def test_no_jail_needs_the_network_or_sees_the_judges_files(tmp_path, question_f
     needs = fitness.sandbox_needs()
     assert needs.host_network is False
     assert str(question_file) in needs.read_only and str(references) not in needs.read_only
+    assert needs.hidden_from_genome == (str(question_file),)  # generation reads them; genomes never
     judge_cache = fitness.settings.resolved_judge_cache_dir()
     from pathlib import Path
 
