@@ -26,7 +26,7 @@ from collections.abc import Iterable
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_REMOUNT, _MS_BIND = 32, 4096
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
 _ST_RELATIME = 4096
 
@@ -48,8 +48,9 @@ def confine(paths: Iterable[str]) -> list[str]:
         raise ConfineError("confining a genome's process needs Linux namespaces")
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
-    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | _CLONE_NEWNS)
-    _call(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "making the mounts private")
+    # A mount namespace only when there is something to cover. Made in a less privileged user
+    # namespace, its mounts are slaves of the warm worker's: the covers never propagate back.
+    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | (_CLONE_NEWNS if targets else 0))
     for target in targets:
         if os.path.isdir(target):
             _call(libc.mount(b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY,
@@ -98,7 +99,7 @@ class NoNamespaces(ConfineError):
 def _enter_user_namespace(libc, uid: int, gid: int, flags: int) -> None:
     if libc.unshare(flags) != 0:
         error = ctypes.get_errno()
-        kind = NoNamespaces if flags & _CLONE_NEWNS else ConfineError
+        kind = NoNamespaces
         raise kind(error, f"entering a user namespace: {os.strerror(error)}")
     # The same ids inside, where the kernel lets this process map itself. It does not when they are
     # root's in the outer namespace (mapping root takes CAP_SETFCAP there, as under --sandbox
