@@ -109,3 +109,27 @@ def test_a_hostile_genome_cannot_uncover_them(secrets, tmp_path, sandbox):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["status"] == "ok", result["error"]
     assert result["metrics"]["genome_saw"] == [0.0, 0.0]
+
+
+NESTING = '''
+def nest(pred, target):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    caps = [line.split()[1] for line in open("/proc/self/status") if line.startswith(("CapEff", "CapPrm", "CapBnd"))]
+    made = libc.unshare(0x10000000)  # CLONE_NEWUSER
+    if made == 0 or any(int(value, 16) for value in caps):
+        raise ValueError(f"NESTED {made} {caps}")
+    return (pred - target) ** 2
+'''
+
+
+@pytest.mark.parametrize("sandbox", _sandboxes())
+def test_a_genome_makes_no_user_namespace_and_holds_no_capability(tmp_path, sandbox):
+    genome = tmp_path / "nest.py"
+    genome.write_text(NESTING)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", "--code", str(genome), "--fitness",
+         "examples/robust_regression.py:RobustRegression", "--sandbox", sandbox, "--jail-only", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok", result["error"]
