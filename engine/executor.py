@@ -157,8 +157,14 @@ class Executor:
     manager starts and closes it. A plug-in with several fidelity stages is given as a list of
     ``(spec, options)`` pairs; a task's stage picks one."""
 
-    def launch(self) -> None:
-        """Begin starting up without waiting (process workers boot while the driver prepares)."""
+    def launch(self, speculative: bool = False) -> None:
+        """Begin starting up without waiting (process workers boot while the driver prepares).
+        ``speculative``: before the driver has loaded the plug-ins; :meth:`confirm` follows."""
+
+    def confirm(self, fitness_spec: Any = None, plugins: Iterable[Any] = ()) -> bool:
+        """Fix the stages served (and what a speculative :meth:`launch` guessed) once the
+        driver has loaded the plug-ins; True when nothing started had to start again."""
+        return True
 
     def start(self) -> None:
         pass
@@ -215,6 +221,38 @@ class _Worker:
     deadline: float = float("inf")
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
+    #: "ready" messages still to come: one from start-up, one per stage message sent since.
+    awaiting: int = 1
+
+
+class _WorkerLog:
+    """The run's worker log. Until its file is opened (workers may boot before the run folder
+    exists), what they print waits in memory, up to :data:`LOG_LIMIT_BYTES` in all."""
+
+    def __init__(self) -> None:
+        self.file = None
+        self.pending = bytearray()
+
+    def open(self, path: Path) -> None:
+        self.file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self.file.write(self.pending)
+        self.file.flush()
+        self.pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.pending += data[: max(0, LOG_LIMIT_BYTES - len(self.pending))]
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int | None = None) -> None:
@@ -264,12 +302,12 @@ class ProcessExecutor(Executor):
                  startup_timeout: float = 120.0, sandbox: str | jail.Sandbox = "auto",
                  allow_host_network: bool = False, gpus: bool | None = None, check_timeout: float = 10.0,
                  jail_only: bool = False) -> None:
-        self.stages = stage_specs(fitness_spec, fitness_options)
+        stages = stage_specs(fitness_spec, fitness_options)
         self.check_timeout = check_timeout
         self.jail_only = jail_only
-        if not all(isinstance(spec, str) for spec, _ in self.stages):
+        if not all(isinstance(spec, str) for spec, _ in stages):
             raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
-        self.fitness_spec = " > ".join(spec for spec, _ in self.stages)
+        self._set_stages(stages)
         self.n_workers = workers
         self.timeout = timeout
         self.memory_limit = int(memory_limit_gb * 1024**3)
@@ -277,7 +315,6 @@ class ProcessExecutor(Executor):
         self.startup_timeout = startup_timeout
         self.workers: list[_Worker] = []
         self.restarts = 0
-        self._log = None
         self._log_lock = threading.Lock()
         self.sandbox_mode = sandbox
         self.sandbox: jail.Sandbox | None = None
@@ -286,34 +323,111 @@ class ProcessExecutor(Executor):
         self.limits = jail.Limits(address_space=self.memory_limit)
         self._scratch_root: Path | None = None
         self._view_parts: dict[str, Any] = {}
+        self._guessed: dict[str, Any] | None = None  # the view of a speculative launch, until confirmed
+        self._log: _WorkerLog | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def launch(self) -> None:
+    def launch(self, speculative: bool = False) -> None:
         """Start every worker at once without waiting for them: they import torch and load the
         plug-ins while the driver prepares the run. :meth:`start` then waits (and launches first
-        when this was not called)."""
+        when this was not called).
+
+        ``speculative``: launch before the driver has loaded the plug-ins (importing one imports
+        torch, about a second), in the jail view the plug-ins get when they declare no needs
+        (:func:`engine.jail.guessed_view_parts`), with no worker log file yet (the run folder may
+        not exist: what workers print waits in memory). :meth:`confirm` then works out the real
+        view and keeps the workers only if it is the same; no task reaches a worker before."""
         if self.workers:
             return
         self.sandbox = self.sandbox_mode if isinstance(self.sandbox_mode, jail.Sandbox) else \
             jail.choose(self.sandbox_mode)
         if self.sandbox.warning:
             warnings.warn(self.sandbox.warning, RuntimeWarning, stacklevel=2)
-        self._prepare_view()
-        if self.log_path:
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        if self._scratch_root is None:
+            self._make_scratch_root()
+        if self.log_path and self._log is None:
+            self._log = _WorkerLog()
+        if speculative:
+            guessed = jail.guessed_view_parts([spec for spec, _ in self.stages], run_dir=self._run_dir(),
+                                              gpus=bool(self.gpus)) if self.sandbox.jailed else {}
+            try:
+                if guessed:
+                    jail.plan(jail.View(scratch=self._scratch_root, **guessed))
+            except jail.SandboxUnavailable:
+                return  # not a view to boot in: confirm() launches in the real one
+            self._view_parts, self._guessed = guessed, guessed
+        else:
+            self._view_parts = self._real_view_parts(self.stages) if self.sandbox.jailed else {}
+            self._open_log()
         try:
-            for _ in range(self.n_workers):
+            for _ in range(self._early_workers() if speculative else self.n_workers):
                 self.workers.append(self._spawn())
         except BaseException:
             self.close()
             raise
 
+    def _early_workers(self) -> int:
+        """How many workers a speculative launch starts: as many as leave the driver a CPU of its
+        own while it imports the plug-ins (it must before any task is sent), at least one; the
+        others start once it has (:meth:`confirm`)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(self.n_workers, cpus - 1))
+
+    def confirm(self, fitness_spec: Any = None, plugins: Iterable[Any] = ()) -> bool:
+        """End a speculative :meth:`launch` (else launch now): ``fitness_spec`` is every stage
+        the workers serve (default: those given at construction), beginning with the stages they
+        were launched with; ``plugins`` are the plug-ins the driver built for the first stages
+        (the others are built here). Works out the jail view from the plug-ins' declared needs
+        (:func:`engine.jail.worker_view_parts`). When it is the launch's view, the workers are
+        kept and sent the stages they lack; otherwise they are killed and started again in the
+        real view: no genome ever runs in a view that is not the real one. Returns True when the
+        workers were kept."""
+        stages = stage_specs(fitness_spec) if fitness_spec is not None else self.stages
+        if not all(isinstance(spec, str) for spec, _ in stages):
+            raise PluginError("the process executor needs the fitness plug-in as a string spec (name or path.py:Class)")
+        if self._guessed is None:
+            if self.workers:
+                if stages != self.stages:
+                    raise RuntimeError("confirm() cannot change the stages of workers launched with their real view")
+                return True
+            self._set_stages(stages)
+            self.launch()
+            return False
+        try:
+            real = self._real_view_parts(stages, plugins) if self.sandbox.jailed else {}
+            keep = stages[:len(self.stages)] == self.stages and jail.same_view(real, self._guessed)
+            extra = self._absolute_stages(stages[len(self.stages):])
+            self._set_stages(stages)
+            self._view_parts, self._guessed = real, None
+            self._open_log()
+            if keep:
+                for worker in self.workers:
+                    if extra:
+                        self._send_stages(worker, extra)
+            else:
+                for worker in self.workers:
+                    self._kill(worker)
+                    worker.conn.close()
+                self.workers = []
+            self.workers += [self._spawn() for _ in range(self.n_workers - len(self.workers))]
+            return keep
+        except BaseException:
+            self.close()
+            raise
+
     def start(self) -> None:
-        """Start every worker at once (unless :meth:`launch` did), then wait until all are ready."""
+        """Start every worker at once (unless :meth:`launch` did), then wait until one is ready:
+        :meth:`run` gives work to the others as they become ready, so the first evaluation never
+        waits for the slowest worker's start-up."""
         self.launch()
+        if self._guessed is not None or not self.workers:
+            self.confirm()
         try:
             deadline = time.monotonic() + self.startup_timeout
-            while not all(worker.ready for worker in self.workers):
+            while not any(worker.ready for worker in self.workers):
                 waiting = [w for w in self.workers if not w.ready]
                 for conn in wait([w.conn for w in waiting], timeout=max(0.0, deadline - time.monotonic())):
                     self._started(next(w for w in waiting if w.conn is conn))
@@ -322,22 +436,47 @@ class ProcessExecutor(Executor):
             self.close()
             raise
 
-    def _prepare_view(self) -> None:
-        """What every worker's jail shows: worked out once, from the plug-ins built here."""
+    def _set_stages(self, stages: list[tuple[Any, dict[str, Any]]]) -> None:
+        self.stages = stages
+        self.fitness_spec = " > ".join(spec for spec, _ in stages)
+
+    def _run_dir(self) -> Path | None:
+        return self.log_path.parent if self.log_path else None
+
+    def _make_scratch_root(self) -> None:
         _remove_stale_scratch()
         self._scratch_root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         # Removed by close(); also when this executor is collected or the interpreter exits without it.
         weakref.finalize(self, shutil.rmtree, str(self._scratch_root), True)
-        if not self.sandbox.jailed:
-            return
-        plugins = [load_fitness(spec, options) for spec, options in self.stages]
-        gpus = self.gpus if self.gpus is not None else plugin_resources(plugins)["gpus"] > 0
-        self._view_parts = jail.worker_view_parts(
-            plugins, run_dir=self.log_path.parent if self.log_path else None,
-            allow_host_network=self.allow_host_network, gpus=gpus)
+
+    def _open_log(self) -> None:
+        if self._log is not None and self._log.file is None:
+            with self._log_lock:
+                self._log.open(self.log_path)
+
+    def _real_view_parts(self, stages: list[tuple[Any, dict[str, Any]]], plugins: Iterable[Any] = ()) -> dict:
+        """What every worker's jail shows, from the plug-ins' declared needs: ``plugins`` built
+        by the caller for the first stages, the others built here."""
+        built = list(plugins)
+        built += [load_fitness(spec, options) for spec, options in stages[len(built):]]
+        gpus = self.gpus if self.gpus is not None else plugin_resources(built)["gpus"] > 0
+        return jail.worker_view_parts(built, run_dir=self._run_dir(), allow_host_network=self.allow_host_network,
+                                      gpus=gpus)
+
+    def _send_stages(self, worker: _Worker, stages: list) -> None:
+        """Tell a worker of stages it was not started with; it answers "ready" once it serves them."""
+        worker.ready = False
+        worker.awaiting += 1
+        try:
+            worker.conn.send({"type": "stages", "stages": stages})
+        except OSError:
+            pass  # it died; its start-up says so
 
     def close(self) -> None:
         for worker in self.workers:
+            if not worker.ready:  # still booting (or loading stages): nothing of it to wait for
+                self._kill(worker)
+                continue
             try:
                 worker.conn.send(None)
             except OSError:
@@ -350,8 +489,10 @@ class ProcessExecutor(Executor):
                 self._kill(worker)
             worker.conn.close()
         self.workers = []
-        if self._log:
-            self._log.close()
+        self._guessed = None
+        if self._log is not None:
+            with self._log_lock:
+                self._log.close()
             self._log = None
         if self._scratch_root is not None:
             shutil.rmtree(self._scratch_root, ignore_errors=True)
@@ -363,7 +504,7 @@ class ProcessExecutor(Executor):
         parent, child = socket.socketpair()
         command = [
             sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
-            "--stages", json.dumps(self._absolute_stages()),
+            "--stages", json.dumps(self._absolute_stages(self.stages)),
             "--memory-limit", str(self.memory_limit),
             "--sys-path", json.dumps([os.path.abspath(p or ".") for p in sys.path]),
         ]
@@ -373,20 +514,21 @@ class ProcessExecutor(Executor):
         try:
             process = subprocess.Popen(
                 argv, pass_fds=[child.fileno()], start_new_session=True, env=launcher_env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self._log else subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self._log is not None else subprocess.DEVNULL,
                 stderr=subprocess.STDOUT, preexec_fn=jail.preexec(self.limits),  # noqa: PLW1509 - only without prlimit
             )
         finally:
             child.close()
-        if self._log:
+        if self._log is not None:
             threading.Thread(target=_pump_output, args=(process.stdout, self._log, self._log_lock, process.pid),
                              daemon=True, name=f"evoloss-log-{process.pid}").start()
         return _Worker(process=process, conn=Connection(parent.detach()), scratch=scratch)
 
-    def _absolute_stages(self) -> list:
+    @staticmethod
+    def _absolute_stages(given: list[tuple[str, dict[str, Any]]]) -> list:
         """The stages with ``path.py:Class`` specs made absolute (a jailed worker starts elsewhere)."""
         stages = []
-        for spec, options in self.stages:
+        for spec, options in given:
             location, _, name = spec.rpartition(":")
             if location.endswith(".py") and os.path.exists(location):
                 spec = f"{os.path.abspath(location)}:{name}"
@@ -407,7 +549,8 @@ class ProcessExecutor(Executor):
         if message.get("type") == "fatal":
             self._kill(worker)
             raise PluginError(f"loading fitness {self.fitness_spec!r} in a worker failed: {message['error']}")
-        worker.ready = True
+        worker.awaiting -= 1
+        worker.ready = worker.awaiting <= 0
 
     def _check_startup(self, now: float) -> None:
         for worker in self.workers:
@@ -461,6 +604,8 @@ class ProcessExecutor(Executor):
     def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
             on_result: OnResult) -> None:
         """Score every task; ``on_result`` is called in the driver as each one finishes."""
+        if self._guessed is not None:
+            self.confirm()  # never a genome in a view that is not the plug-ins' own
         source = as_source(tasks)
         retries: deque[Task] = deque()  # tasks whose worker died, retried before new ones
         try:

@@ -321,6 +321,75 @@ def worker_view_parts(plugins: list[Any], *, run_dir: str | os.PathLike | None =
     }
 
 
+def spec_code_paths(spec: str) -> list[Path]:
+    """The code a worker needs to load fitness plug-in ``spec``, as far as the spec shows it
+    without importing the plug-in (which imports torch, about a second): a built-in plug-in
+    needs only the project; ``module:Class`` (or an entry point's) the module's top-level package;
+    ``path.py:Class`` the file and the packages it imports by absolute name. A guess:
+    :func:`plugin_code_paths` on the loaded plug-ins is what counts (:func:`same_view`)."""
+    from engine.plugins import FITNESS_GROUP, FITNESS_REGISTRY
+
+    spec = spec.strip()
+    if spec in FITNESS_REGISTRY:
+        spec = FITNESS_REGISTRY[spec]
+    elif ":" not in spec:
+        import importlib.metadata
+
+        found = [ep.value for ep in importlib.metadata.entry_points(group=FITNESS_GROUP) if ep.name == spec]
+        if not found:
+            return []  # loading it fails in the driver, with the message
+        spec = found[0]
+    location = spec.rpartition(":")[0]
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        file = Path(location)
+        return [file, *filter(None, map(package_folder, _imported_packages(file)))] if file.is_file() else []
+    top = location.split(".")[0]
+    folder = None if top in PROJECT_PACKAGES else package_folder(top)
+    return [folder] if folder is not None else []
+
+
+def _imported_packages(file: Path) -> list[str]:
+    """The top-level names a Python file imports absolutely, less the standard library's and the
+    project's (the interpreter's and the project's folders are shown anyway)."""
+    import ast
+
+    try:
+        tree = ast.parse(file.read_bytes(), filename=str(file))
+    except (OSError, SyntaxError, ValueError):
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module.split(".")[0])
+    skip = set(sys.stdlib_module_names) | set(PROJECT_PACKAGES)
+    return sorted({name for name in names if name not in skip})
+
+
+def guessed_view_parts(specs: Iterable[str], *, run_dir: str | os.PathLike | None = None,
+                       gpus: bool = False) -> dict[str, Any]:
+    """:func:`worker_view_parts` for plug-ins that declare nothing beyond their code (no data,
+    no writable folder, no host network), worked out from their specs alone
+    (:func:`spec_code_paths`): the view workers can boot in while the driver imports the
+    plug-ins; only the real view (:func:`same_view`) decides whether they run genomes in it."""
+    hide = [Path.home(), Path.cwd()] + ([Path(run_dir).resolve()] if run_dir else [])
+    code = [path for spec in specs for path in spec_code_paths(spec)]
+    return {"read_only": interpreter_paths() + project_paths() + code, "writable": [], "hide": hide,
+            "workdir": Path.cwd(), "gpus": gpus, "host_network": False}
+
+
+def same_view(parts: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two :func:`worker_view_parts` give a worker the same jail: the same mounts and
+    symlinks (what :func:`plan` builds from them), working folder, devices and network."""
+    if not parts or not other:
+        return parts == other
+    scratch = Path("/nonexistent-evoloss-scratch")  # each worker's own; the same for both here
+    plans = [(plan(View(scratch=scratch, **p)), bool(p.get("gpus")), bool(p.get("host_network")))
+             for p in (parts, other)]
+    return plans[0] == plans[1]
+
+
 def _resolve_links(path: Path) -> tuple[list[tuple[str, str]], Path]:
     """The symlinks met walking ``path`` from ``/`` (as (link, target) pairs), and where it ends."""
     links: list[tuple[str, str]] = []

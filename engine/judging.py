@@ -72,8 +72,13 @@ class Judging(Executor):
         return getattr(self.executor, name)
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def launch(self) -> None:
-        self.executor.launch()
+    def launch(self, speculative: bool = False) -> None:
+        self.executor.launch(speculative)
+
+    def confirm(self, fitness_spec: Any = None, plugins: Iterable[Any] = ()) -> bool:
+        if fitness_spec is not None:  # the stages known once the driver has loaded the plug-ins
+            self.stages = stage_specs(fitness_spec)
+        return self.executor.confirm(fitness_spec, plugins)
 
     def start(self) -> None:
         self.executor.start()

@@ -593,6 +593,26 @@ def hidden_from_genome(stages) -> tuple[str, ...]:
 
 
 # -- the warm worker's loop -------------------------------------------------------------------------------
+def _load_stages(specs: list, torch) -> list:
+    """Build the plug-ins of ``specs`` (``[spec, options]`` pairs); none may initialise CUDA here."""
+    from engine.plugins import load_fitness
+
+    stages = [load_fitness(spec, options) for spec, options in specs]
+    if torch.cuda.is_initialized():
+        names = ", ".join(repr(getattr(stage, "name", stage)) for stage in stages)
+        raise RuntimeError(f"loading fitness {names} initialised CUDA in the warm worker, which forks one "
+                           "process per genome (CUDA does not survive a fork): initialise CUDA in train() "
+                           "or score(), not in __init__")
+    return stages
+
+
+def _fatal(exc: BaseException) -> dict[str, str]:
+    """The message that tells the driver this worker cannot serve (it stops the run cleanly)."""
+    from engine.plugins import PluginError
+
+    return {"type": "fatal", "error": str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -624,20 +644,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-        from engine.plugins import load_fitness
-
-        stages = [load_fitness(spec, options) for spec, options in json.loads(args.stages)]
+        stages = _load_stages(json.loads(args.stages), torch)
         _warm_up(torch)
-        if torch.cuda.is_initialized():
-            names = ", ".join(repr(getattr(stage, "name", stage)) for stage in stages)
-            raise RuntimeError(f"loading fitness {names} initialised CUDA in the warm worker, which forks one "
-                               "process per genome (CUDA does not survive a fork): initialise CUDA in train() "
-                               "or score(), not in __init__")
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops cleanly
-        from engine.plugins import PluginError
-
-        message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-        conn.send({"type": "fatal", "error": message})
+        conn.send(_fatal(exc))
         return 1
     conn.send({"type": "ready", "pid": os.getpid()})
 
@@ -654,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if task is None:
             return 0
+        if task.get("type") == "stages":  # stages the driver named after starting this worker
+            try:
+                stages += _load_stages(task["stages"], torch)
+            except BaseException as exc:  # noqa: BLE001 - reported to the driver, which stops cleanly
+                conn.send(_fatal(exc))
+                return 1
+            conn.send({"type": "ready", "pid": os.getpid()})
+            continue
         stage = stages[task.get("stage", 0)]
         result = evaluate_in_child(stage, stages, task, decide, inherited=[conn], output=output)
         conn.send({"type": "result", "result": result.to_dict()})
