@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -112,13 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "jail_only", False):
         raise UsageError("--jail-only is for 'evaluate' only (testing the OS jail and the fresh process alone): a run "
                          "never turns the static check and the restricted namespaces off")
-    from archives.replay import render_summary, summarize
     from archives.store import RunStore
-    from engine.assembly import build_operators, build_stages
-    from engine.engine import Engine
-    from engine.executor import plugin_resources
-    from engine.executors import make_executor
-    from engine.ladder import check_compatible
 
     if args.resume:
         store = RunStore.open(args.resume)
@@ -137,14 +131,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = config.run_dir()
         config.out = str(run_dir)
         store = None
-    stages = build_stages(config)
-    try:
-        check_compatible(stages)
-        resources = plugin_resources(stages)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    fitness = stages[0]
-    seeds = _checked_seeds(fitness)
     if not [spec for spec in config.operator.split(",") if spec.strip()]:
         raise UsageError("--operator names no operator")
     if config.executor == "ray":
@@ -155,17 +141,61 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     jail.mark_not_dumpable()  # no process of this user reads the driver's environment (API keys)
     sandbox = jail.choose(config.sandbox)  # an explicit sandbox that cannot run here stops the run (exit 2)
+    run_dir = Path(config.out)
+    with ExitStack() as cleanup:  # the workers and the operators, closed on every way out
+        executor = _launch_workers(config, run_dir, sandbox, cleanup)
+        code = _run(args, config, store, run_dir, sandbox, executor, cleanup)
+    return code
+
+
+def _launch_workers(config, run_dir: Path, sandbox, cleanup: ExitStack):
+    """The process executor's workers, started before anything else: they boot (torch, the
+    plug-ins) while the driver imports the plug-ins itself and prepares the run. Their jail's
+    view is a guess until the driver knows the plug-ins' needs (:meth:`ProcessExecutor.confirm`
+    keeps them only if it was right). None for the other executors."""
+    if config.executor != "process":
+        return None
+    from engine.executors import make_executor
+
+    executor = make_executor(config, log_path=run_dir / "workers.log", sandbox=sandbox)
+    cleanup.callback(executor.close)
+    executor.launch(speculative=True)
+    return executor
+
+
+def _run(args, config, store, run_dir: Path, sandbox, executor, cleanup: ExitStack) -> int:
+    """``run`` once the workers are booting: the plug-ins, the operators, the run store, the
+    search and the end-of-run validation."""
+    # Imported here: they import torch (about a second), which the workers import meanwhile.
+    from archives.replay import render_summary, summarize
+    from archives.store import RunStore
+    from engine.assembly import build_operators, build_stages
+    from engine.engine import Engine
+    from engine.executor import plugin_resources
+    from engine.executors import make_executor
+    from engine.ladder import check_compatible
+
+    stages = build_stages(config)
+    try:
+        check_compatible(stages)
+        resources = plugin_resources(stages)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    fitness = stages[0]
+    seeds = _checked_seeds(fitness)
     # LLM operators are checked here (key, server, model folder), before the run folder is made.
     operators, close_operators = build_operators(config, fitness.interface)
-    run_dir = Path(config.out)
-    # The workers start now and boot (torch, the plug-ins) while the driver prepares the run. They
-    # serve every fidelity stage and, last, the end-of-run validation's held-out stage.
+    cleanup.callback(close_operators)
+    # The workers serve every fidelity stage and, last, the end-of-run validation's held-out stage.
     validation = _validation_stage(config, fitness)
-    executor = make_executor(config, fitness_spec=[(s.spec, s.options) for s in config.stages()] + validation,
-                             log_path=run_dir / "workers.log", resources=resources, sandbox=sandbox)
+    fitness_spec = [(s.spec, s.options) for s in config.stages()] + validation
+    if executor is None:
+        executor = make_executor(config, fitness_spec=fitness_spec, log_path=run_dir / "workers.log",
+                                 resources=resources, sandbox=sandbox)
+        cleanup.callback(executor.close)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        executor.launch()
+        executor.confirm(fitness_spec, plugins=stages)  # the plug-ins' real needs: workers kept or started again
         if not args.quiet:
             print(sandbox.describe(), file=sys.stderr)
         if store is None:
@@ -191,8 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"python -m engine run --resume {run_dir}", file=sys.stderr)
         return 130
     finally:
-        executor.close()
-        close_operators()
+        cleanup.close()  # the workers exit now, before the summary is written
     if engine.stop_reason:
         print(f"stopped after generation {engine.generation - 1}: {engine.stop_reason}. Everything is saved in "
               f"{run_dir}; to go on, raise the budget and resume: python -m engine run --resume {run_dir} "
