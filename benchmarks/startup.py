@@ -8,12 +8,15 @@ symbolic operator and 2 workers, and measures from outside the driver:
 - the driver's peak resident memory (polled; its workers are separate processes);
 - the whole wall time and the number of evaluations.
 
-    python benchmarks/startup.py [--repeat 3] [--pop 8 --gens 6] [--sandbox auto] [-- more run flags]
+    python benchmarks/startup.py [--repeat 3] [--pop 8 --gens 6] [--sandbox auto] [--fitness SPEC] [-- more run flags]
+
+``--fitness`` measures another plug-in (e.g. the default, ``pref-suite``, whose evaluations train).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -39,9 +42,9 @@ def evaluation_times(store: Path) -> list[float]:
         return []
 
 
-def measure(pop: int, gens: int, sandbox: str, extra: list[str]) -> dict:
+def measure(pop: int, gens: int, sandbox: str, extra: list[str], fitness: str = INSTANT) -> dict:
     out = Path(tempfile.mkdtemp(prefix="evoloss-startup-")) / "run"
-    command = [sys.executable, "-m", "engine", "run", "--fitness", INSTANT, "--pop", str(pop), "--gens", str(gens),
+    command = [sys.executable, "-m", "engine", "run", "--fitness", fitness, "--pop", str(pop), "--gens", str(gens),
                "--workers", "2", "--sandbox", sandbox, "--out", str(out), "--quiet", *extra]
     started = time.time()
     process = subprocess.Popen(command, cwd=ROOT)
@@ -57,6 +60,7 @@ def measure(pop: int, gens: int, sandbox: str, extra: list[str]) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"the run failed with exit code {process.returncode}")
     finished = evaluation_times(out / "run.sqlite")
+    shutil.rmtree(out.parent, ignore_errors=True)
     return {"first_evaluation_s": finished[0] - started, "exit_after_last_s": ended - finished[-1],
             "wall_s": ended - started, "evaluations": len(finished), "driver_peak_rss_mb": peak / 2**20}
 
@@ -67,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop", type=int, default=8)
     parser.add_argument("--gens", type=int, default=6)
     parser.add_argument("--sandbox", default="auto")
+    parser.add_argument("--fitness", default=INSTANT, help="the plug-in run (default: an instant evaluator)")
     args, extra = parser.parse_known_args(argv)
     extra = [e for e in extra if e != "--"] or ["--validate-top", "0", "--race-seeds", "0"]
-    runs = [measure(args.pop, args.gens, args.sandbox, extra) for _ in range(args.repeat)]
+    runs = [measure(args.pop, args.gens, args.sandbox, extra, args.fitness) for _ in range(args.repeat)]
     for run in runs:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()}))
     summary = {key: {"median": statistics.median(r[key] for r in runs), "min": min(r[key] for r in runs),
