@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from engine import jail
+from fitness.base import SandboxNeeds
+from fitness.synthetic_pref import SyntheticPreference
 
 #: Seconds a probe may run.
 PROBE_TIMEOUT = 20.0
@@ -357,6 +359,75 @@ def forge_probe(sandbox: jail.Sandbox) -> ProbeResult:
                        f"scored {forged.fitness} ({forged.status}); the same loss, honest, scored {honest.fitness}")
 
 
+#: Plain Python in a genome's own process: every way it knows to read a file the plug-in hides from
+#: genomes (``SandboxNeeds.hidden_from_genome``) or to get the power to uncover it.
+UNCOVER = """def dpo(a, b, c, d):
+    import ctypes, os
+    import torch.nn.functional as F2
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = PATH
+    found = []
+    def grab(where):
+        try:
+            found.append(open(where).read())
+        except OSError:
+            pass
+    grab(path)
+    libc.umount2(path.encode(), 2)
+    grab(path)
+    if libc.unshare(0x10000000 | 0x00020000) == 0:
+        found.append("made a user namespace")
+        libc.umount2(path.encode(), 2)
+        grab(path)
+    grab(f"/proc/{os.getppid()}/root{path}")
+    if any(found):
+        raise ValueError("UNCOVERED " + repr(found))
+    return -F2.logsigmoid(0.1 * ((a - c) - (b - d)))
+"""
+
+
+class TrustedFilesProbe(SyntheticPreference):
+    """synthetic-pref with one file that only its trusted phase may read (for :func:`hidden_probe`)."""
+
+    def __init__(self, path: str = "", **options: Any) -> None:
+        super().__init__(**options)
+        self.path = path
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return SandboxNeeds(hidden_from_genome=(self.path,))
+
+
+def hidden_probe(sandbox: jail.Sandbox) -> ProbeResult:
+    """A genome (plain Python, static check off, in a real worker) that tries to read a file the
+    plug-in hides from genomes, to unmount its cover, to make a user namespace and to read it
+    through its parent's root: held if the evaluation scores as plain DPO and nothing came back."""
+    import warnings
+
+    from engine.executor import ProcessExecutor
+
+    title = "read a file only the trusted phase may read"
+    if not sandbox.jailed:
+        return ProbeResult("hidden_file", title, False, "no OS jail: nothing is hidden")
+    folder = Path(tempfile.mkdtemp(prefix="evoloss-doctor-trusted-"))
+    secret = f"TRUSTED-{secrets.token_hex(8)}"
+    try:
+        (folder / "questions.jsonl").write_text(secret)
+        path = str(folder / "questions.jsonl")
+        results = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ProcessExecutor(f"{__name__}:TrustedFilesProbe", {"path": path}, workers=1, timeout=120,
+                                 sandbox=sandbox, jail_only=True) as executor:
+                executor.run([(0, UNCOVER.replace("PATH", repr(path)))], 0, None, results.append)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    (result,) = results
+    leaked = secret in (result.error or "") or "UNCOVERED" in (result.error or "")
+    held = result.ok and not leaked
+    return ProbeResult("hidden_file", title, held, "covered, and no way found to uncover it" if held else
+                       f"{result.status}: {result.error}"[:300])
+
+
 def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | None = None) -> int:
     """Print the sandbox ``mode`` gives here and the probes' verdicts; 0 if all held, else 1.
 
@@ -380,6 +451,8 @@ def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | No
         bait.remove()
     if probes is None or "forge_score" in probes:
         results.append(forge_probe(sandbox))
+    if probes is None or "hidden_file" in probes:
+        results.append(hidden_probe(sandbox))
     held = all(r.held for r in results)
     if as_json:
         print(json.dumps({"sandbox": sandbox.kind, "reason": sandbox.reason, "requested": mode,

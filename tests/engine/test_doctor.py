@@ -16,9 +16,10 @@ def test_doctor_says_auto_picks_bwrap_and_every_probe_holds(capsys):
     out = capsys.readouterr().out
     assert out.startswith("sandbox: bwrap (bubblewrap works here)")
     assert "NOT HELD" not in out
-    total = len(doctor.PROBES) + 1  # and the forging probe, through a real worker
+    total = len(doctor.PROBES) + 2  # and the forging and hidden-file probes, through a real worker
     assert f"{total} of {total} probes held" in out
     assert "held      forge its own score" in out
+    assert "held      read a file only the trusted phase may read" in out
 
 
 def test_doctor_without_a_jail_reports_each_probe_not_held_and_exits_1(capsys):
@@ -26,7 +27,8 @@ def test_doctor_without_a_jail_reports_each_probe_not_held_and_exits_1(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["sandbox"] == "none" and report["held"] is False
     assert {p["name"] for p in report["probes"] if not p["held"]} >= {"read_home", "read_workdir", "write_outside",
-                                                                      "connect", "detach", "kill_parent"}
+                                                                      "connect", "detach", "kill_parent",
+                                                                      "hidden_file"}
 
 
 def test_doctor_with_an_unavailable_sandbox_exits_2(monkeypatch, capsys):
