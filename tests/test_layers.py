@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("engine.worker", 2, "runtime"), ("engine.evaluation", 2, "runtime"), ("engine.plugins", 2, "runtime"),
     ("engine.reply_checker", 2, "runtime"), ("engine.jail", 2, "runtime"), ("engine.sandbox", 2, "runtime"),
     ("engine.child", 2, "runtime"), ("engine.artefacts", 2, "runtime"), ("engine.judging", 2, "runtime"),
+    ("engine.confine", 2, "runtime"),
     # the search: population, elites, breeder, drivers, ladder, config, assembly
     ("engine.search", 3, "search"), ("engine.search.*", 3, "search"), ("engine.engine", 3, "search"),
     ("engine.steady", 3, "search"), ("engine.ladder", 3, "search"), ("engine.config", 3, "search"),
