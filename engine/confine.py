@@ -26,7 +26,7 @@ from collections.abc import Iterable
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND = 32, 4096
+_MS_REMOUNT, _MS_BIND, _MS_REC = 32, 4096, 16384
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
 _ST_RELATIME = 4096
 
@@ -35,22 +35,28 @@ class ConfineError(OSError):
     """A cover could not be put in place (the reason names the step)."""
 
 
-def confine(paths: Iterable[str]) -> list[str]:
-    """Cover every existing path of ``paths`` in this process, for good, and leave it unable to
-    create user namespaces (see the module docstring). Returns the paths covered.
+def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
+    """Cover every existing path of ``paths`` and make every folder of ``read_only`` read-only
+    in this process, for good, and leave it unable to create user namespaces or regain a
+    capability (see the module docstring). Returns the paths covered or made read-only.
 
     Raises:
         ConfineError: naming the step that failed (the caller must not run genome code in this
             process then, unless nothing was to be hidden and no namespace could be made at all).
     """
     targets = sorted({os.path.realpath(path) for path in paths if path and os.path.lexists(path)})
+    frozen = sorted({os.path.realpath(path) for path in read_only if path and os.path.isdir(path)} - set(targets))
     if not sys.platform.startswith("linux"):
         raise ConfineError("confining a genome's process needs Linux namespaces")
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
     # A mount namespace only when there is something to cover. Made in a less privileged user
     # namespace, its mounts are slaves of the warm worker's: the covers never propagate back.
-    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | (_CLONE_NEWNS if targets else 0))
+    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | (_CLONE_NEWNS if targets or frozen else 0))
+    for folder in frozen:
+        _call(libc.mount(folder.encode(), folder.encode(), None, _MS_BIND | _MS_REC, None), f"binding {folder}")
+        _call(libc.mount(None, folder.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _kept_flags(folder), None),
+              f"making {folder} read-only")
     for target in targets:
         if os.path.isdir(target):
             _call(libc.mount(b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY,
@@ -66,7 +72,7 @@ def confine(paths: Iterable[str]) -> list[str]:
     except OSError as exc:
         raise ConfineError(f"forbidding nested user namespaces: {exc}") from exc
     _drop_capabilities(libc)
-    return targets
+    return targets + frozen
 
 
 class _CapHeader(ctypes.Structure):

@@ -326,7 +326,7 @@ def _become_evaluation_child(parent_pid: int, connection: Connection, output_wri
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(kind, (value, value))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _confine(limits.get("hidden") or ())
+    _confine(limits.get("hidden") or (), limits.get("frozen") or ())
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if scratch:
@@ -335,9 +335,10 @@ def _become_evaluation_child(parent_pid: int, connection: Connection, output_wri
         tempfile.tempdir = scratch
 
 
-def _confine(paths) -> None:
+def _confine(paths, frozen=()) -> None:
     """Inside a jail: cover what only the trusted phase may read (``SandboxNeeds.hidden_from_genome``)
-    and forbid new user namespaces in this genome's process (:mod:`engine.confine`).
+    and make what only trusted code writes (``SandboxNeeds.trusted_writable``) read-only, and
+    forbid new user namespaces in this genome's process (:mod:`engine.confine`).
     ``--sandbox none`` confines nothing.
 
     Raises:
@@ -348,9 +349,9 @@ def _confine(paths) -> None:
     from engine.confine import NoNamespaces, confine
 
     try:
-        confine(paths)
+        confine(paths, frozen)
     except NoNamespaces:
-        if paths:
+        if paths or frozen:
             raise
         # No user namespace can be made here at all: none by the genome either.
 
@@ -467,7 +468,8 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     if output is not None:
         output.begin(f"candidate {candidate_id}")
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
-              "open_files": int(getattr(fitness, "max_open_files", 0) or 0), "hidden": hidden_from_genome(stages)}
+              "open_files": int(getattr(fitness, "max_open_files", 0) or 0), "hidden": hidden_from_genome(stages),
+              "frozen": hidden_from_genome(stages, "trusted_writable")}
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
         limits, scratch=scratch, inherited=list(inherited), output=output,
@@ -576,19 +578,19 @@ def _score_in_child(fitness, artefacts, seed, trusted_score):
     return float(message["fitness"]), message["metrics"], message.get("to_judge")
 
 
-def hidden_from_genome(stages) -> tuple[str, ...]:
-    """The paths every stage's plug-in hides from genomes' processes (worked out once per plug-in)."""
+def hidden_from_genome(stages, kind: str = "hidden_from_genome") -> tuple[str, ...]:
+    """The paths every stage's plug-in hides from genomes' processes (``kind``
+    ``trusted_writable``: those it makes read-only there), worked out once per plug-in."""
     paths: list[str] = []
     for stage in stages:
-        hidden = stage.__dict__.get("_evoloss_hidden")
-        if hidden is None:
+        needs = stage.__dict__.get("_evoloss_needs")
+        if needs is None:
             needs = stage.sandbox_needs() if hasattr(stage, "sandbox_needs") else None
-            hidden = tuple(getattr(needs, "hidden_from_genome", ()) or ())
             try:
-                stage.__dict__["_evoloss_hidden"] = hidden
+                stage.__dict__["_evoloss_needs"] = needs
             except (AttributeError, TypeError):  # pragma: no cover - a plug-in without a __dict__
                 pass
-        paths.extend(hidden)
+        paths.extend(getattr(needs, kind, ()) or ())
     return tuple(paths)
 
 

@@ -80,17 +80,26 @@ class SandboxNeeds:
     ``hidden_from_genome``: paths only the trusted phase reads (the test split, a judge's
     questions, a reward model). They are shown read-only in the worker's jail and covered (an
     empty folder or file) in each genome's process before any genome code runs
-    (:mod:`engine.confine`); they are added to ``read_only`` here."""
+    (:mod:`engine.confine`); they are added to ``read_only`` here.
+
+    ``trusted_writable``: folders only trusted code writes (``prepare``, ``score``: a cache
+    filled before any genome runs). Writable in the worker's jail, read-only in each genome's
+    process, so no genome can plant an entry that later evaluations would trust; they are
+    added to ``writable`` here."""
 
     read_only: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
     host_network: bool = False
     hidden_from_genome: tuple[str, ...] = ()
+    trusted_writable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         hidden = tuple(str(path) for path in self.hidden_from_genome)
+        trusted = tuple(str(path) for path in self.trusted_writable)
         object.__setattr__(self, "hidden_from_genome", hidden)
+        object.__setattr__(self, "trusted_writable", trusted)
         object.__setattr__(self, "read_only", tuple(dict.fromkeys((*map(str, self.read_only), *hidden))))
+        object.__setattr__(self, "writable", tuple(dict.fromkeys((*map(str, self.writable), *trusted))))
 
 
 @dataclass

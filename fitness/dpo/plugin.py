@@ -142,6 +142,7 @@ class DPOFitness(Fitness):
         self._tokenizer = None
         self._reference_cache = None
         self._prepared = None  # tokenised training data, kept across the trainers of one process
+        self._reference_ready: set[int] = set()  # seeds whose training reference prepare() made sure of
         self._spec = None
 
     def seeds(self) -> list[Seed]:
@@ -163,8 +164,11 @@ class DPOFitness(Fitness):
             local(s.mtbench_questions) if s.scorer == "mtbench" else ()
         cache = s.resolved_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
+        # In-process training finds the training pairs' reference in the cache :meth:`prepare`
+        # filled, so genomes' processes only read it; accelerate's ranks compute it themselves.
+        where = {"trusted_writable": (str(cache),)} if s.launcher == "inprocess" else {"writable": (str(cache),)}
         return SandboxNeeds(read_only=local(s.model, s.tokenizer, s.dataset, s.accelerate_config),
-                            writable=(str(cache),), hidden_from_genome=scorer_files)
+                            hidden_from_genome=scorer_files, **where)
 
     def resources(self) -> dict[str, float]:
         """One evaluation's reservation: every GPU its training processes use (8 for the
@@ -283,12 +287,23 @@ class DPOFitness(Fitness):
     # -- the two phases -----------------------------------------------------------------------
     def prepare(self, seed: int) -> None:
         """In the warm worker, before each genome's process is forked: the data (held-out pairs
-        into :attr:`held_out`), the tokenizer and the shapes of the model's weights."""
+        into :attr:`held_out`), the tokenizer, the shapes of the model's weights and, for
+        in-process training, the tokenised training pairs and their reference log-probabilities
+        (in the on-disk cache, which genomes' processes can only read)."""
         _require_packages()
         _quiet_libraries()
         self.data()
         self.tokenizer()
         self._model_spec()
+        if self.settings.launcher == "inprocess" and seed not in self._reference_ready:
+            trainer = None
+            try:
+                with tempfile.TemporaryDirectory(prefix="evoloss-dpo-prepare-") as output_dir:
+                    trainer = self.build_trainer(_no_training, seed, output_dir)  # computes or loads them
+                self._reference_ready.add(seed)
+            finally:
+                trainer = None
+                self._release_memory()
 
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         """The trained model's state dict (``model.<name>``, the shapes and dtypes of a fresh

@@ -75,7 +75,9 @@ def _sandboxes():
 @pytest.mark.parametrize("sandbox", _sandboxes())
 def test_the_trusted_phase_reads_what_the_genomes_process_cannot(secrets, tmp_path, sandbox):
     folder, file = secrets
-    options = {"folder": str(folder), "file": str(file)}
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    options = {"folder": str(folder), "file": str(file), "cache": str(cache)}
     results = []
     with ProcessExecutor(SPEC, options, workers=1, timeout=60, sandbox=sandbox,
                          log_path=tmp_path / "workers.log") as executor:
@@ -84,16 +86,22 @@ def test_the_trusted_phase_reads_what_the_genomes_process_cannot(secrets, tmp_pa
         assert result.ok, result.error
         assert result.metrics["genome_saw"] == [0.0, 0.0]
         assert result.metrics["trusted_read"] == [True, True]
-    assert "could not hide" not in (tmp_path / "workers.log").read_text()
+        # The cache prepare() wrote is read by the genome's process, never written.
+        assert result.metrics["genome_read_cache"] is True and result.metrics["genome_wrote_cache"] is False
+    assert not (cache / "forged").exists() and (cache / "prepared-0").exists()
 
 
 def test_without_a_jail_nothing_is_hidden(secrets, tmp_path):
     folder, file = secrets
     results = []
-    with pytest.warns(RuntimeWarning), ProcessExecutor(SPEC, {"folder": str(folder), "file": str(file)}, workers=1,
-                                                       timeout=60, sandbox="none") as executor:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    options = {"folder": str(folder), "file": str(file), "cache": str(cache)}
+    with pytest.warns(RuntimeWarning), ProcessExecutor(SPEC, options, workers=1, timeout=60,
+                                                       sandbox="none") as executor:
         executor.run([(1, MSE)], 0, None, results.append)
     assert results[0].ok and results[0].metrics["genome_saw"] == [1.0, 1.0]
+    assert results[0].metrics["genome_wrote_cache"] is True
 
 
 @pytest.mark.parametrize("sandbox", _sandboxes())

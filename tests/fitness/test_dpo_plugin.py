@@ -234,3 +234,33 @@ def test_cli_evaluates_a_loss_file_on_the_tiny_preset(tmp_path, capsys):
     assert status == 0, payload
     assert payload["status"] == "ok" and payload["fitness_name"] == "dpo"
     assert payload["fitness"] == payload["metrics"]["heldout_accuracy"] > 0.6
+
+
+def test_in_jailed_workers_the_reference_cache_is_filled_before_any_genome_and_only_read_by_them(tmp_path):
+    """prepare() (the warm worker) computes the training pairs' reference log-probabilities; each
+    genome's process finds them in the cache, which it can read but not write."""
+    from engine import jail
+    from engine.executor import ProcessExecutor
+
+    sandbox = jail.choose("auto")
+    if not sandbox.jailed:
+        pytest.skip("needs an OS jail")
+    cache = tmp_path / "cache"
+    options = {"cache_dir": str(cache), "train_size": 64, "heldout_size": 32}
+    needs = DPOFitness(**options).sandbox_needs()
+    assert needs.trusted_writable == (str(cache),) and str(cache) in needs.writable
+    results = []
+    with ProcessExecutor("dpo", options, workers=1, timeout=300, sandbox=sandbox,
+                         log_path=tmp_path / "workers.log") as executor:
+        before = None
+        executor.run([(0, preference_seeds()[0].code)], 0, None, results.append)
+        before = sorted(p.name for p in cache.rglob("*"))
+        executor.run([(1, preference_seeds()[1].code)], 0, None, results.append)
+    for result in results:
+        assert result.ok, result.error
+        assert (result.metrics["reference_cache_hits"], result.metrics["reference_cache_misses"]) == (1, 0)
+        assert result.metrics["reference_forwards"] == 0
+    assert before and sorted(p.name for p in cache.rglob("*")) == before
+    # The same score as in one process (which computes the reference itself).
+    local = DPOFitness(**{**options, "cache_dir": str(tmp_path / "local")}).evaluate(seed_fn("dpo"), 0)
+    assert results[0].fitness == local.fitness
