@@ -296,13 +296,11 @@ class DPOFitness(Fitness):
         self.tokenizer()
         self._model_spec()
         if self.settings.launcher == "inprocess" and seed not in self._reference_ready:
-            trainer = None
             try:
                 with tempfile.TemporaryDirectory(prefix="evoloss-dpo-prepare-") as output_dir:
-                    trainer = self.build_trainer(_no_training, seed, output_dir)  # computes or loads them
+                    self.build_trainer(_no_training, seed, output_dir)  # computes or loads them; then dropped
                 self._reference_ready.add(seed)
             finally:
-                trainer = None
                 self._release_memory()
 
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
