@@ -99,6 +99,8 @@ def scaling(n: int = 16) -> None:
     timings = {}
     for workers in (1, 2):
         with ProcessExecutor("synthetic-pref", workers=workers, timeout=600) as executor:
+            for worker in executor.workers:  # start() returns once one is ready: time evaluations only
+                executor.await_ready(worker)
             results = []
             start = time.perf_counter()
             executor.run(codes, seed=0, decide=None, on_result=results.append)
