@@ -33,6 +33,7 @@ from typing import Any
 from collections.abc import Callable, Iterable
 
 from engine import jail
+from engine.processes import JsonConnection
 from engine.candidate import EvalResult
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
@@ -522,7 +523,7 @@ class ProcessExecutor(Executor):
         if self._log is not None:
             threading.Thread(target=_pump_output, args=(process.stdout, self._log, self._log_lock, process.pid),
                              daemon=True, name=f"evoloss-log-{process.pid}").start()
-        return _Worker(process=process, conn=Connection(parent.detach()), scratch=scratch)
+        return _Worker(process=process, conn=JsonConnection(parent.detach()), scratch=scratch)
 
     @staticmethod
     def _absolute_stages(given: list[tuple[str, dict[str, Any]]]) -> list:

@@ -539,6 +539,11 @@ def _bwrap_args(mount_plan: MountPlan, view: View, env: dict[str, str]) -> list[
             args += ["--size", str(TMPFS_BYTES), "--tmpfs", str(path)]
         else:
             args += ["--ro-bind" if kind == "ro" else "--bind", str(path), str(path)]
+    # The stand-ins for hidden folders and the working folder are empty and stay so: a writable one
+    # on the import path (the working folder is) would let a genome plant modules the warm worker imports.
+    for kind, path in mount_plan.mounts:
+        if kind == "tmpfs" and path != Path("/tmp"):
+            args += ["--remount-ro", str(path)]
     shm = GPU_SHM_BYTES if view.gpus else TMPFS_BYTES
     args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(shm), "--tmpfs", "/dev/shm"]
     if view.gpus:

@@ -105,6 +105,11 @@ def build_root(spec: dict) -> None:
             tmpfs(inside(path), size, "1777" if path == "/tmp" else "0755")
         else:
             bind(path, inside(path), read_only=kind == "ro")
+    # The stand-ins for hidden folders and the working folder stay empty: read-only (the working
+    # folder is on the worker's import path).
+    for kind, path in spec["mounts"]:
+        if kind == "tmpfs" and path != "/tmp":
+            mount(None, inside(path), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     tmpfs(inside("/dev"), 1 << 20)
     for name in DEVICES:
         if os.path.exists(f"/dev/{name}"):

@@ -6,11 +6,13 @@ A leaf module: it imports nothing of the project's but the genome records.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 import traceback
+from multiprocessing.connection import Connection
 
 from engine.genome import GenomeError, is_out_of_memory
 
@@ -65,3 +67,18 @@ def in_worker() -> bool:
     the worker's sandbox in ``EVOLOSS_SANDBOX``. Plug-ins use it to leave driver-only work (a
     judge's API key) to the driver."""
     return "EVOLOSS_SANDBOX" in os.environ
+
+
+class JsonConnection(Connection):
+    """A ``multiprocessing`` connection whose ``send``/``recv`` carry JSON, never pickle: what a
+    jailed worker sends the driver is data, so a worker that a genome took over cannot run code
+    in the driver by sending it a crafted pickle. Messages are dicts, lists, strings, numbers,
+    booleans and None (tuples arrive as lists); at most ``MAX_BYTES`` each."""
+
+    MAX_BYTES = 256 << 20
+
+    def send(self, obj) -> None:
+        self.send_bytes(json.dumps(obj).encode())
+
+    def recv(self):
+        return json.loads(self.recv_bytes(self.MAX_BYTES))

@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 from collections.abc import Callable
 
-from engine.processes import end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
+from engine.processes import JsonConnection, end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
 
 #: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
 CHECK_TIMEOUT = 10.0
@@ -82,6 +82,10 @@ def _warm_up(torch) -> None:
     from engine import genome
 
     getattr(genome, "warm_up", lambda: None)()
+    # What the trusted phase and the sweep import later: imported now, before any genome's process
+    # exists, so nothing a genome could have written is ever imported here.
+    import psutil  # noqa: F401
+    import safetensors.torch  # noqa: F401
 
 
 # -- output of the genomes' processes ----------------------------------------------------------------
@@ -542,6 +546,58 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
         if output is not None:
             output.end()
         shutil.rmtree(scratch, ignore_errors=True)
+        _clean_shared_folders()
+
+
+def _clean_shared_folders() -> None:
+    """Inside a jail, after a genome's process and everything it started are gone: empty the
+    folders every genome's process can write besides its own scratch (the jail's ``/tmp`` and
+    ``/dev/shm``, the worker's scratch), so nothing one genome leaves there reaches the next. Mount
+    points (the worker's scratch, a plug-in's folders) and what lies in them are never touched:
+    only what the jail's own in-memory folders hold is removed. ``--sandbox none``: nothing (those
+    are the machine's own folders then)."""
+    if os.environ.get("EVOLOSS_SANDBOX", "none") == "none":
+        return
+    points = set(_mount_points())
+
+    def clean(folder: str) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            path = entry.path
+            if path in points:
+                if path == tempfile.gettempdir():  # the worker's scratch: a mount, but ours to clean
+                    clean(path)
+                continue
+            if any(point.startswith(path + "/") for point in points):
+                clean(path)  # a folder on the way to a mount point: clean around it
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    for folder in ("/tmp", "/dev/shm", tempfile.gettempdir()):
+        clean(folder)
+
+
+def _mount_points() -> list[str]:
+    """This process's mount points (``/proc/self/mountinfo``, octal escapes decoded)."""
+    import re
+
+    points = []
+    try:
+        with open("/proc/self/mountinfo") as stream:
+            for line in stream:
+                field = line.split(" ")[4]
+                points.append(re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field))
+    except OSError:
+        pass
+    return points
 
 
 def _score(fitness, artefacts, seed, trusted_score):
@@ -628,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     for entry in reversed(json.loads(args.sys_path)):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    if os.environ.get("EVOLOSS_SANDBOX", "none") != "none":
+        # Inside a jail nothing writable is ever imported from: a genome could write there.
+        sys.path[:] = [entry for entry in sys.path if not (entry == "" or os.access(entry or ".", os.W_OK))]
     if args.memory_limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     # A worker never needs core dumps, and a crashing genome should not write one.
@@ -638,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     _prctl(4, 0)  # PR_SET_DUMPABLE
 
     watch_parent()
-    conn = Connection(args.fd)
+    conn = JsonConnection(args.fd)  # JSON both ways: the driver never unpickles what a worker sends
     # torch.cuda.is_available() through NVML: it does not initialise CUDA, so forking stays safe.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from multiprocessing.connection import Connection
+from engine.processes import JsonConnection
 from pathlib import Path
 
 import psutil
@@ -47,7 +47,7 @@ class Worker:
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         child.close()
-        self.conn = Connection(parent.detach())
+        self.conn = JsonConnection(parent.detach())
         assert self.conn.poll(120), "the worker did not start"
         message = self.conn.recv()
         assert message["type"] == "ready", message

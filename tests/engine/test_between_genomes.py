@@ -1,0 +1,91 @@
+"""What one genome could leave for the warm worker or for the next genome: nothing.
+
+Plain-Python genomes (the static check off) through real jailed workers: no folder the worker
+imports from is writable, what a genome writes in /tmp, /dev/shm or the worker's scratch is gone
+before the next genome runs, and the driver reads workers' messages as JSON, never pickle."""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+
+import pytest
+
+from engine import jail
+from engine.executor import ProcessExecutor
+from engine.processes import JsonConnection
+
+DPO = "    import torch.nn.functional as F\n    return -F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+
+PLANT = '''def plant(a, b, c, d):
+    import os, sys
+    planted = []
+    for folder in sys.path + [WORKDIR]:  # the worker's import path and the jail's working folder
+        try:
+            with open(os.path.join(folder or ".", "evoloss_planted.py"), "w") as stream:
+                stream.write("PLANTED = True\\n")
+            planted.append(folder)
+        except OSError:
+            pass
+    if planted:
+        raise ValueError("PLANTED " + repr(planted))
+''' + DPO
+
+LEAVE = '''def leave(a, b, c, d):
+    import os
+    for folder in ("/tmp", "/dev/shm", os.path.dirname(os.getcwd()), os.environ["HOME"]):
+        try:
+            with open(os.path.join(folder, "left-behind"), "w") as stream:
+                stream.write("x")
+        except OSError:
+            pass
+''' + DPO
+
+FIND = '''def find(a, b, c, d):
+    import os
+    found = [folder for folder in ("/tmp", "/dev/shm", os.path.dirname(os.getcwd()))
+             if os.path.exists(os.path.join(folder, "left-behind"))]
+    if found:
+        raise ValueError("FOUND " + repr(found))
+''' + DPO
+
+
+def _sandboxes():
+    kinds = []
+    for kind in ("bwrap", "unshare"):
+        try:
+            jail.choose(kind)
+            kinds.append(kind)
+        except Exception:  # noqa: BLE001 - not available here
+            pass
+    return kinds
+
+
+@pytest.mark.parametrize("sandbox", _sandboxes())
+def test_nothing_a_genome_writes_is_imported_or_seen_by_the_next(tmp_path, sandbox):
+    results = {}
+    with ProcessExecutor("synthetic-pref", workers=1, timeout=120, sandbox=sandbox, jail_only=True,
+                         log_path=tmp_path / "workers.log") as executor:
+        executor.run([(1, PLANT.replace("WORKDIR", repr(os.getcwd()))), (2, LEAVE), (3, FIND)], 0, None,
+                     lambda result: results.__setitem__(result.candidate_id, result))
+    for candidate_id in (1, 2, 3):
+        assert results[candidate_id].ok, results[candidate_id].error
+    assert results[1].fitness == results[2].fitness == results[3].fitness
+
+
+def test_the_driver_reads_json_and_refuses_a_pickle():
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo should-never-run",))
+
+    ours, theirs = socket.socketpair()
+    driver, worker = JsonConnection(ours.detach()), JsonConnection(theirs.detach())
+    try:
+        worker.send({"type": "result", "result": {"fitness": 0.5, "values": (1, 2)}})
+        assert driver.recv() == {"type": "result", "result": {"fitness": 0.5, "values": [1, 2]}}
+        worker.send_bytes(pickle.dumps(Boom()))
+        with pytest.raises(ValueError):
+            driver.recv()
+    finally:
+        driver.close()
+        worker.close()
