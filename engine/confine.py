@@ -15,6 +15,11 @@ namespace the genome can neither unmount nor remount a cover, and it can make no
 (so no mount namespace) in which it would have one. Linux only; the jail lets each genome's
 process make that one user namespace (bubblewrap allows nesting; ``--sandbox unshare`` allows
 exactly one level).
+
+A seccomp filter then refuses the genome's process (and all it starts) every call that signals
+or tunes the warm worker, its threads, the jail's init or the worker's process group
+(``kill``, ``tkill``, ``tgkill``, ``prlimit64``, scheduling and priority calls, ``pidfd_open``;
+``kill(-1)`` and ``pidfd_send_signal`` always): a genome ends or stops nothing but itself.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
         raise ConfineError("confining a genome's process needs Linux namespaces")
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
+    protected, groups = warm_worker_ids()
     # A mount namespace only when there is something to cover. Made in a less privileged user
     # namespace, its mounts are slaves of the warm worker's: the covers never propagate back.
     _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | (_CLONE_NEWNS if targets or frozen else 0))
@@ -72,7 +78,24 @@ def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
     except OSError as exc:
         raise ConfineError(f"forbidding nested user namespaces: {exc}") from exc
     _drop_capabilities(libc)
+    protect_from_genome(protected, groups)
     return targets + frozen
+
+
+def warm_worker_ids() -> tuple[set[int], set[int]]:
+    """What a genome may not signal: the warm worker (this process's parent), its threads and the
+    jail's init (pid 1 of the jail's PID namespace); and the worker's process group."""
+    parent = os.getppid()
+    protected = {1, parent}
+    try:
+        protected.update(int(tid) for tid in os.listdir(f"/proc/{parent}/task"))
+    except (OSError, ValueError):
+        pass
+    try:
+        groups = {os.getpgid(parent)}
+    except OSError:
+        groups = set()
+    return protected, groups
 
 
 class _CapHeader(ctypes.Structure):
@@ -130,3 +153,123 @@ def _call(result: int, step: str) -> None:
     if result != 0:
         error = ctypes.get_errno()
         raise ConfineError(error, f"{step}: {os.strerror(error)}")
+
+
+# -- signals and other calls aimed at the warm worker ---------------------------------------------------
+#: System call numbers per architecture (``AUDIT_ARCH_*``): those that take a process id as their
+#: first argument, those that take it as their second, and those refused outright.
+_SYSCALLS = {
+    0xC000003E: {  # x86_64
+        "pid_first": {"kill": 62, "tkill": 200, "tgkill": 234, "prlimit64": 302, "sched_setaffinity": 203,
+                      "sched_setparam": 142, "sched_setscheduler": 144, "sched_setattr": 314, "pidfd_open": 434,
+                      "migrate_pages": 256, "move_pages": 279},
+        "pid_second": {"setpriority": 141, "ioprio_set": 251},
+        "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "x32": True,
+    },
+    0xC00000B7: {  # aarch64
+        "pid_first": {"kill": 129, "tkill": 130, "tgkill": 131, "prlimit64": 261, "sched_setaffinity": 122,
+                      "sched_setparam": 118, "sched_setscheduler": 119, "sched_setattr": 274, "pidfd_open": 434,
+                      "migrate_pages": 238, "move_pages": 239},
+        "pid_second": {"setpriority": 140, "ioprio_set": 30},
+        "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "x32": False,
+    },
+}
+_LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] = ()) -> list[tuple[int, int, int, int]]:
+    """A seccomp filter (classic BPF, as ``(code, jt, jf, k)``) for architecture ``arch`` that
+    refuses (EPERM) signalling or tuning the ``protected`` processes (the warm worker, its
+    threads, the jail's init), signalling every process (``kill(-1)``) or the ``groups``, and
+    ``pidfd_send_signal``; everything else is allowed."""
+    table = _SYSCALLS[arch]
+    targets = sorted({pid & 0xFFFFFFFF for pid in protected} | {(-pid) & 0xFFFFFFFF for pid in groups})
+    kill_only = [0xFFFFFFFF] + [(-pid) & 0xFFFFFFFF for pid in protected]  # kill(-1), kill(-pgid)
+    code: list[tuple] = [("ld", 4), ("jeq", arch, None, "allow")]
+    code.append(("ld", 0))
+    if table["x32"]:
+        code.append(("jge", 0x40000000, "deny", None))
+    for number in table["refused"].values():
+        code.append(("jeq", number, "deny", None))
+    code.append(("jeq", table["pid_first"]["kill"], "kill", None))
+    for name, number in table["pid_first"].items():
+        if name != "kill":
+            code.append(("jeq", number, "first", None))
+    for number in table["pid_second"].values():
+        code.append(("jeq", number, "second", None))
+    code.append(("ret", _RET_ALLOW))
+    code.append(("label", "kill"))
+    code.append(("ld", 16))
+    code.extend(("jeq", value, "deny", None) for value in sorted(set(kill_only)))
+    # kill's other forbidden targets are those of the calls below: fall through to them.
+    code.append(("label", "first"))
+    code.append(("ld", 16))
+    code.extend(("jeq", value, "deny", None) for value in targets)
+    code.append(("ret", _RET_ALLOW))
+    code.append(("label", "second"))
+    code.append(("ld", 24))
+    code.extend(("jeq", value, "deny", None) for value in targets)
+    code.append(("ret", _RET_ALLOW))
+    code.append(("label", "deny"))
+    code.append(("ret", _RET_EPERM))
+    code.append(("label", "allow"))
+    code.append(("ret", _RET_ALLOW))
+    return _assemble(code)
+
+
+def _assemble(code: list[tuple]) -> list[tuple[int, int, int, int]]:
+    labels, position = {}, 0
+    for item in code:
+        if item[0] == "label":
+            labels[item[1]] = position
+        else:
+            position += 1
+    program, position = [], 0
+    for item in code:
+        if item[0] == "label":
+            continue
+        if item[0] == "ld":
+            program.append((_LD_ABS, 0, 0, item[1]))
+        elif item[0] == "ret":
+            program.append((_RET, 0, 0, item[1]))
+        else:
+            kind, value, if_true, if_false = item
+            jt, jf = (0 if label is None else labels[label] - position - 1 for label in (if_true, if_false))
+            if not (0 <= jt < 256 and 0 <= jf < 256):
+                raise ValueError("seccomp program too long")
+            program.append((_JEQ if kind == "jeq" else _JGE, jt, jf, value & 0xFFFFFFFF))
+        position += 1
+    return program
+
+
+def protect_from_genome(protected: Iterable[int], groups: Iterable[int] = ()) -> bool:
+    """Install :func:`seccomp_program` in this process (after ``no_new_privs``); it holds for
+    everything it starts. Returns False on an architecture it does not know (nothing installed).
+
+    Raises:
+        ConfineError: when the kernel refuses the filter.
+    """
+    import platform
+
+    arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
+    if arch is None:
+        return False
+    program = seccomp_program(arch, protected, groups)
+    filters = (_SockFilter * len(program))(*[_SockFilter(*instruction) for instruction in program])
+    prog = _SockFprog(len(program), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    _call(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "setting no_new_privs")
+    _call(libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0), "installing the seccomp filter")
+    return True

@@ -350,14 +350,16 @@ def _confine(paths, frozen=()) -> None:
     """
     if os.environ.get("EVOLOSS_SANDBOX", "none") == "none":
         return
-    from engine.confine import NoNamespaces, confine
+    from engine.confine import NoNamespaces, confine, protect_from_genome, warm_worker_ids
 
     try:
         confine(paths, frozen)
     except NoNamespaces:
         if paths or frozen:
             raise
-        # No user namespace can be made here at all: none by the genome either.
+        # No user namespace can be made here at all (none by the genome either); the seccomp
+        # filter that keeps it off the warm worker needs none.
+        protect_from_genome(*warm_worker_ids())
 
 
 def _max_fd() -> int:

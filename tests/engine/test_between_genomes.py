@@ -16,6 +16,7 @@ from engine.executor import ProcessExecutor
 from engine.processes import JsonConnection
 
 DPO = "    import torch.nn.functional as F\n    return -F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
+DPO_GENOME = "def dpo(a, b, c, d):\n" + DPO
 
 PLANT = '''def plant(a, b, c, d):
     import os, sys
@@ -89,3 +90,36 @@ def test_the_driver_reads_json_and_refuses_a_pickle():
     finally:
         driver.close()
         worker.close()
+
+
+SIGNAL = '''def stop_them(a, b, c, d):
+    import os, signal
+    done = []
+    for target in (os.getppid(), 1):
+        for number in (signal.SIGSTOP, signal.SIGKILL):
+            try:
+                os.kill(target, number)
+                done.append((target, number))
+            except OSError:
+                pass
+    try:
+        os.kill(-1, signal.SIGKILL)
+        done.append("everyone")
+    except OSError:
+        pass
+    if done:
+        raise ValueError("SIGNALLED " + repr(done))
+''' + DPO
+
+
+@pytest.mark.parametrize("sandbox", _sandboxes())
+def test_a_genome_signals_neither_its_worker_nor_the_jail(tmp_path, sandbox):
+    results = {}
+    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
+                         log_path=tmp_path / "workers.log") as executor:
+        executor.run([(1, SIGNAL), (2, DPO_GENOME)], 0, None,
+                     lambda result: results.__setitem__(result.candidate_id, result))
+        restarts = executor.restarts
+    assert results[1].ok, results[1].error
+    assert results[2].ok and results[2].fitness == results[1].fitness
+    assert restarts == 0
