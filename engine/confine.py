@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from collections.abc import Iterable
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC = 32, 4096, 16384
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
@@ -56,9 +58,15 @@ def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
     protected, groups = warm_worker_ids()
-    # A mount namespace only when there is something to cover. Made in a less privileged user
-    # namespace, its mounts are slaves of the warm worker's: the covers never propagate back.
-    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | (_CLONE_NEWNS if targets or frozen else 0))
+    # Made in a less privileged user namespace, the new mount namespace's mounts are slaves of the
+    # warm worker's: nothing mounted here propagates back. An IPC namespace of its own: System V
+    # shared memory, semaphores and message queues die with the process.
+    _enter_user_namespace(libc, uid, gid, _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWIPC)
+    for folder in _ways_to_mounts():
+        # A folder in a writable place that leads to a mount point (the worker's scratch, a
+        # plug-in's folder under /tmp) becomes a mount point itself here: it cannot be renamed
+        # or removed, so no genome moves a mount from under the worker.
+        _call(libc.mount(folder.encode(), folder.encode(), None, _MS_BIND | _MS_REC, None), f"pinning {folder}")
     for folder in frozen:
         _call(libc.mount(folder.encode(), folder.encode(), None, _MS_BIND | _MS_REC, None), f"binding {folder}")
         _call(libc.mount(None, folder.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _kept_flags(folder), None),
@@ -80,6 +88,33 @@ def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
     _drop_capabilities(libc)
     protect_from_genome(protected, groups)
     return targets + frozen
+
+
+#: Writable places of the jail, where a genome could rename a folder leading to a mount point.
+WRITABLE_PLACES = ("/tmp", "/dev/shm")
+
+
+def _ways_to_mounts() -> list[str]:
+    """Folders inside :data:`WRITABLE_PLACES` on the way to a mount point (not mount points
+    themselves), outermost first."""
+    points = set()
+    try:
+        with open("/proc/self/mountinfo") as stream:
+            for line in stream:
+                field = line.split(" ")[4]
+                points.add(re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field))
+    except OSError:
+        return []
+    ways = set()
+    for point in points:
+        for place in WRITABLE_PLACES:
+            if point.startswith(place + "/"):
+                parts = point[len(place) + 1:].split("/")
+                for depth in range(1, len(parts)):
+                    folder = place + "/" + "/".join(parts[:depth])
+                    if folder not in points and os.path.isdir(folder):
+                        ways.add(folder)
+    return sorted(ways, key=lambda folder: (folder.count("/"), folder))
 
 
 def warm_worker_ids() -> tuple[set[int], set[int]]:

@@ -551,6 +551,9 @@ def _bwrap_args(mount_plan: MountPlan, view: View, env: dict[str, str]) -> list[
             args += ["--dev-bind", device, device]
         if os.path.isdir("/sys"):
             args += ["--ro-bind", "/sys", "/sys"]
+    # The root bwrap builds (and the folders it makes on the way to each mount) and /dev are
+    # read-only: only /tmp, /dev/shm, the scratch and declared folders can be written.
+    args += ["--remount-ro", "/dev", "--remount-ro", "/"]
     args += ["--chdir", str(mount_plan.workdir), "--clearenv"]
     for key, value in sorted(env.items()):
         args += ["--setenv", key, value]

@@ -120,6 +120,7 @@ def build_root(spec: dict) -> None:
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, inside(f"/dev/{name}"))
     tmpfs(inside("/dev/shm"), int(spec.get("shm_bytes", size)), "1777")
+    mount(None, inside("/dev"), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)  # /dev/shm stays writable
     os.makedirs(inside("/proc"), exist_ok=True)
     mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if spec["sys"] and os.path.isdir("/sys"):
