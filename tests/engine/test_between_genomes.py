@@ -1,8 +1,10 @@
 """What one genome could leave for the warm worker or for the next genome: nothing.
 
 Plain-Python genomes (the static check off) through real jailed workers: no folder the worker
-imports from is writable, what a genome writes in /tmp, /dev/shm or the worker's scratch is gone
-before the next genome runs, and the driver reads workers' messages as JSON, never pickle."""
+imports from is writable, what a genome writes in /tmp, /dev/shm or the worker's scratch (or
+tries to write in / and /dev, or in System V shared memory) is gone before the next genome runs,
+a genome cannot move a folder the worker's mounts hang from, it signals neither its worker nor
+the jail, and the driver reads workers' messages as JSON, never pickle."""
 from __future__ import annotations
 
 import os
@@ -33,8 +35,13 @@ PLANT = '''def plant(a, b, c, d):
 ''' + DPO
 
 LEAVE = '''def leave(a, b, c, d):
-    import os
-    for folder in ("/tmp", "/dev/shm", os.path.dirname(os.getcwd()), os.environ["HOME"]):
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    segment = libc.shmget(0x5EED, 4096, 0o1000 | 0o666)  # System V shared memory, key 0x5EED
+    if segment >= 0:
+        libc.shmat.restype = ctypes.c_void_p
+        ctypes.memmove(libc.shmat(segment, None, 0), b"LEFT", 4)
+    for folder in ("/", "/dev", "/tmp", "/dev/shm", os.path.dirname(os.getcwd()), os.environ["HOME"]):
         try:
             with open(os.path.join(folder, "left-behind"), "w") as stream:
                 stream.write("x")
@@ -43,9 +50,11 @@ LEAVE = '''def leave(a, b, c, d):
 ''' + DPO
 
 FIND = '''def find(a, b, c, d):
-    import os
-    found = [folder for folder in ("/tmp", "/dev/shm", os.path.dirname(os.getcwd()))
+    import ctypes, os
+    found = [folder for folder in ("/", "/dev", "/tmp", "/dev/shm", os.path.dirname(os.getcwd()))
              if os.path.exists(os.path.join(folder, "left-behind"))]
+    if ctypes.CDLL(None).shmget(0x5EED, 0, 0) >= 0:
+        found.append("shared memory")
     if found:
         raise ValueError("FOUND " + repr(found))
 ''' + DPO
@@ -123,3 +132,30 @@ def test_a_genome_signals_neither_its_worker_nor_the_jail(tmp_path, sandbox):
     assert results[1].ok, results[1].error
     assert results[2].ok and results[2].fitness == results[1].fitness
     assert restarts == 0
+
+
+MOVE = '''def move(a, b, c, d):
+    import os
+    moved = []
+    scratch = os.path.dirname(os.getcwd())  # the worker's scratch, a mount below /tmp
+    for folder in (os.path.dirname(scratch), scratch):
+        try:
+            os.rename(folder, folder + "-moved")
+            moved.append(folder)
+        except OSError:
+            pass
+    if moved:
+        raise ValueError("MOVED " + repr(moved))
+''' + DPO
+
+
+@pytest.mark.parametrize("sandbox", _sandboxes())
+def test_a_genome_cannot_move_the_workers_folders(tmp_path, sandbox):
+    results = {}
+    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
+                         log_path=tmp_path / "workers.log") as executor:
+        executor.run([(1, MOVE), (2, DPO_GENOME)], 0, None,
+                     lambda result: results.__setitem__(result.candidate_id, result))
+        restarts = executor.restarts
+    assert results[1].ok, results[1].error
+    assert results[2].ok and restarts == 0
