@@ -11,6 +11,7 @@ from typing import Any
 from archives.reading import RunData, cell_label, error_kind, llm_usage, read_run, spearman
 from archives.store import RunStore
 from engine.candidate import FAILED, EvalResult
+from engine.helpers import finite
 
 
 def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: RunData | None = None) -> dict[str, Any]:
@@ -244,15 +245,7 @@ def _transfer(data: RunData, labels: list[str]) -> dict[str, Any]:
             "how": {label: data.reevaluations.get(label) for label in labels}}
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: non-finite floats become None."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+_finite = finite  # JSON has no NaN: non-finite floats become None
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

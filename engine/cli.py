@@ -362,7 +362,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                "file": str(path), "fitness_name": fitness.name, "sandbox": sandbox.kind,
                "static_check": not args.jail_only}
     if args.json:
-        print(json.dumps(payload))
+        from engine.helpers import finite
+
+        print(json.dumps(finite(payload)))  # one valid JSON line, even with non-finite metrics
     else:
         print(f"{path}: {result.status}" + (f"  fitness {result.fitness:.4f}" if result.ok else f"  {result.error}"))
         for key, value in sorted(result.metrics.items()):

@@ -57,3 +57,14 @@ def fitness_label(name: str, options: dict[str, Any], seed: int | None = None) -
     if seed is not None:
         parts.append(f"seed={seed}")
     return f"{name}[{','.join(parts)}]" if parts else name
+
+
+def finite(value: Any) -> Any:
+    """``value`` (dicts and lists of JSON values) with non-finite floats as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

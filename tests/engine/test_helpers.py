@@ -41,3 +41,14 @@ def test_identifier_makes_safe_short_names(text, limit, expected):
 def test_field_help_carries_the_text_and_extra_keys():
     assert field_help("offspring per generation") == {"help": "offspring per generation"}
     assert field_help("x", group="search", negative="--no-x") == {"help": "x", "group": "search", "negative": "--no-x"}
+
+
+def test_finite_makes_any_metrics_valid_json():
+    import json
+    import math
+
+    from engine.helpers import finite
+
+    value = {"a": math.nan, "b": [1.0, math.inf, (-math.inf, 2)], "c": {"d": "x", "e": None}}
+    assert finite(value) == {"a": None, "b": [1.0, None, [None, 2]], "c": {"d": "x", "e": None}}
+    json.loads(json.dumps(finite(value), allow_nan=False))
