@@ -687,8 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     if os.environ.get("EVOLOSS_SANDBOX", "none") != "none":
-        # Inside a jail nothing writable is ever imported from: a genome could write there.
-        sys.path[:] = [entry for entry in sys.path if not (entry == "" or os.access(entry or ".", os.W_OK))]
+        # Inside a jail nothing writable (or missing: a genome could make it) is ever imported from.
+        sys.path[:] = [entry for entry in sys.path
+                       if entry and os.path.exists(entry) and not os.access(entry, os.W_OK)]
     if args.memory_limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     # A worker never needs core dumps, and a crashing genome should not write one.
