@@ -94,17 +94,24 @@ def confine(paths: Iterable[str], read_only: Iterable[str] = ()) -> list[str]:
 WRITABLE_PLACES = ("/tmp", "/dev/shm")
 
 
-def _ways_to_mounts() -> list[str]:
-    """Folders inside :data:`WRITABLE_PLACES` on the way to a mount point (not mount points
-    themselves), outermost first."""
-    points = set()
+def mount_points() -> list[str]:
+    """This process's mount points (``/proc/self/mountinfo``, octal escapes decoded); none if
+    it cannot be read."""
+    points = []
     try:
         with open("/proc/self/mountinfo") as stream:
             for line in stream:
                 field = line.split(" ")[4]
-                points.add(re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field))
+                points.append(re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field))
     except OSError:
-        return []
+        pass
+    return points
+
+
+def _ways_to_mounts() -> list[str]:
+    """Folders inside :data:`WRITABLE_PLACES` on the way to a mount point (not mount points
+    themselves), outermost first."""
+    points = set(mount_points())
     ways = set()
     for point in points:
         for place in WRITABLE_PLACES:

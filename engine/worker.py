@@ -560,7 +560,9 @@ def _clean_shared_folders() -> None:
     are the machine's own folders then)."""
     if os.environ.get("EVOLOSS_SANDBOX", "none") == "none":
         return
-    points = set(_mount_points())
+    from engine.confine import mount_points
+
+    points = set(mount_points())
 
     def clean(folder: str) -> None:
         try:
@@ -585,21 +587,6 @@ def _clean_shared_folders() -> None:
 
     for folder in ("/tmp", "/dev/shm", tempfile.gettempdir()):
         clean(folder)
-
-
-def _mount_points() -> list[str]:
-    """This process's mount points (``/proc/self/mountinfo``, octal escapes decoded)."""
-    import re
-
-    points = []
-    try:
-        with open("/proc/self/mountinfo") as stream:
-            for line in stream:
-                field = line.split(" ")[4]
-                points.append(re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field))
-    except OSError:
-        pass
-    return points
 
 
 def _score(fitness, artefacts, seed, trusted_score):
