@@ -53,3 +53,17 @@ def wait_for_evaluations(run_dir, count: int, timeout: float = 120.0) -> int:
     while (done := evaluations_so_far(run_dir)) < count and time.time() < deadline:
         time.sleep(0.05)
     return done
+
+
+def available_sandboxes() -> list[str]:
+    """The OS jails that run on this machine (bwrap, unshare), for tests that try each."""
+    from engine import jail
+
+    kinds = []
+    for kind in ("bwrap", "unshare"):
+        try:
+            jail.choose(kind)
+            kinds.append(kind)
+        except Exception:  # noqa: BLE001 - not available here
+            pass
+    return kinds

@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from engine import jail
 from engine.executor import ProcessExecutor
+from tests.conftest import available_sandboxes
 from engine.processes import JsonConnection
 
 DPO = "    import torch.nn.functional as F\n    return -F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
@@ -60,18 +60,7 @@ FIND = '''def find(a, b, c, d):
 ''' + DPO
 
 
-def _sandboxes():
-    kinds = []
-    for kind in ("bwrap", "unshare"):
-        try:
-            jail.choose(kind)
-            kinds.append(kind)
-        except Exception:  # noqa: BLE001 - not available here
-            pass
-    return kinds
-
-
-@pytest.mark.parametrize("sandbox", _sandboxes())
+@pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_nothing_a_genome_writes_is_imported_or_seen_by_the_next(tmp_path, sandbox):
     results = {}
     with ProcessExecutor("synthetic-pref", workers=1, timeout=120, sandbox=sandbox, jail_only=True,
@@ -121,17 +110,21 @@ SIGNAL = '''def stop_them(a, b, c, d):
 ''' + DPO
 
 
-@pytest.mark.parametrize("sandbox", _sandboxes())
-def test_a_genome_signals_neither_its_worker_nor_the_jail(tmp_path, sandbox):
+def run_then_dpo(tmp_path, sandbox: str, hostile: str) -> tuple:
+    """``hostile``, then plain DPO, through one jailed worker: both results and the restarts."""
     results = {}
     with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
                          log_path=tmp_path / "workers.log") as executor:
-        executor.run([(1, SIGNAL), (2, DPO_GENOME)], 0, None,
+        executor.run([(1, hostile), (2, DPO_GENOME)], 0, None,
                      lambda result: results.__setitem__(result.candidate_id, result))
-        restarts = executor.restarts
-    assert results[1].ok, results[1].error
-    assert results[2].ok and results[2].fitness == results[1].fitness
-    assert restarts == 0
+        return results[1], results[2], executor.restarts
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_a_genome_signals_neither_its_worker_nor_the_jail(tmp_path, sandbox):
+    hostile, after, restarts = run_then_dpo(tmp_path, sandbox, SIGNAL)
+    assert hostile.ok, hostile.error
+    assert after.ok and after.fitness == hostile.fitness and restarts == 0
 
 
 MOVE = '''def move(a, b, c, d):
@@ -149,13 +142,8 @@ MOVE = '''def move(a, b, c, d):
 ''' + DPO
 
 
-@pytest.mark.parametrize("sandbox", _sandboxes())
+@pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_a_genome_cannot_move_the_workers_folders(tmp_path, sandbox):
-    results = {}
-    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
-                         log_path=tmp_path / "workers.log") as executor:
-        executor.run([(1, MOVE), (2, DPO_GENOME)], 0, None,
-                     lambda result: results.__setitem__(result.candidate_id, result))
-        restarts = executor.restarts
-    assert results[1].ok, results[1].error
-    assert results[2].ok and restarts == 0
+    hostile, after, restarts = run_then_dpo(tmp_path, sandbox, MOVE)
+    assert hostile.ok, hostile.error
+    assert after.ok and restarts == 0

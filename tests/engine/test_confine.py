@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import jail
 from engine.executor import ProcessExecutor
+from tests.conftest import available_sandboxes
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = f"{ROOT / 'tests' / 'fixtures' / 'hidden.py'}:HiddenData"
@@ -61,18 +61,7 @@ def secrets(tmp_path):
     return folder, file
 
 
-def _sandboxes():
-    kinds = []
-    for kind in ("bwrap", "unshare"):
-        try:
-            jail.choose(kind)
-            kinds.append(kind)
-        except Exception:  # noqa: BLE001 - not available on this machine
-            pass
-    return kinds
-
-
-@pytest.mark.parametrize("sandbox", _sandboxes())
+@pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_the_trusted_phase_reads_what_the_genomes_process_cannot(secrets, tmp_path, sandbox):
     folder, file = secrets
     cache = tmp_path / "cache"
@@ -104,7 +93,7 @@ def test_without_a_jail_nothing_is_hidden(secrets, tmp_path):
     assert results[0].metrics["genome_wrote_cache"] is True
 
 
-@pytest.mark.parametrize("sandbox", _sandboxes())
+@pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_a_hostile_genome_cannot_uncover_them(secrets, tmp_path, sandbox):
     folder, file = secrets
     genome = tmp_path / "attack.py"
@@ -131,7 +120,7 @@ def nest(pred, target):
 '''
 
 
-@pytest.mark.parametrize("sandbox", _sandboxes())
+@pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_a_genome_makes_no_user_namespace_and_holds_no_capability(tmp_path, sandbox):
     genome = tmp_path / "nest.py"
     genome.write_text(NESTING)
