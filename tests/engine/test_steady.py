@@ -142,7 +142,8 @@ def test_ctrl_c_drains_or_cancels_running_evaluations(tmp_path, capsys, mode):
     out, log = tmp_path / "run", tmp_path / "evaluations.jsonl"
     command = [sys.executable, "-m", "engine", "run", "--fitness", TIMED, "--fitness-opt", "low=1.5",
                "--fitness-opt", "high=2.0", "--fitness-opt", f"log={str(log)!r}", "--operator", JITTER_SPEC,
-               "--pop", "4", "--gens", "3", "--workers", "2", "--async", "--interrupt", mode, "--out", str(out)]
+               "--pop", "4", "--gens", "3", "--workers", "2", "--async", "--interrupt", mode, "--out", str(out),
+               "--race-seeds", "0", "--validate-top", "0"]  # Ctrl-C is what is tested: no re-measuring, no validation
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_evaluations(out, 2)
     time.sleep(0.3)  # both workers are busy with their next evaluations
