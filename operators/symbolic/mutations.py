@@ -182,13 +182,8 @@ def reweight(work: ast.FunctionDef, rng: random.Random, grad: set[str],
     terms = flatten_sum(root)
     index = rng.randrange(len(terms))
     sign, term = terms[index]
-    low, high = factor_range
-    for _ in range(10):
-        factor = round_significant(log_uniform(rng, low, high), 2)
-        if abs(math.log(factor)) >= math.log(1.15):
-            break
-    else:
-        raise Skip("reweight_factor range is too narrow to change a term noticeably")
+    factor = _noticeable_factor(rng, factor_range, 1.15,
+                                "reweight_factor range is too narrow to change a term noticeably")
     text, term_text = snippet(root), snippet(term)
     constant = weight_constant(term)
     if constant is not None:
@@ -239,13 +234,7 @@ def tune_argument(work: ast.FunctionDef, rng: random.Random, grad: set[str],
     before = snippet(node)
     scale, inner, offset = _affine_parts(argument)
     if rng.random() < 0.5:
-        low, high = scale_range
-        for _ in range(10):
-            factor = round_significant(log_uniform(rng, low, high), 2)
-            if abs(math.log(factor)) >= math.log(1.05):
-                break
-        else:
-            raise Skip("tune_scale is too narrow to change an argument noticeably")
+        factor = _noticeable_factor(rng, scale_range, 1.05, "tune_scale is too narrow to change an argument noticeably")
         scale, offset = round_significant(scale * factor, 3), round_significant(offset * factor, 3)
         tag, what = f"s{tag_number(factor)}", f"scaled its argument by {factor:g}"
     else:
@@ -257,3 +246,14 @@ def tune_argument(work: ast.FunctionDef, rng: random.Random, grad: set[str],
     replace_node(work, argument, _affine(scale, inner, offset))
     thought = f"Tuned `{before}`: {what}, a small move to test whether a nearby loss does better."
     return tag, thought
+
+
+def _noticeable_factor(rng: random.Random, factor_range: tuple[float, float], at_least: float, narrow: str) -> float:
+    """A log-uniform factor from ``factor_range`` (two significant digits) that moves a value by
+    at least the ratio ``at_least`` either way; ten draws, then :class:`Skip` with ``narrow``."""
+    low, high = factor_range
+    for _ in range(10):
+        factor = round_significant(log_uniform(rng, low, high), 2)
+        if abs(math.log(factor)) >= math.log(at_least):
+            return factor
+    raise Skip(narrow)
