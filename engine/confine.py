@@ -170,8 +170,7 @@ class NoNamespaces(ConfineError):
 def _enter_user_namespace(libc, uid: int, gid: int, flags: int) -> None:
     if libc.unshare(flags) != 0:
         error = ctypes.get_errno()
-        kind = NoNamespaces
-        raise kind(error, f"entering a user namespace: {os.strerror(error)}")
+        raise NoNamespaces(error, f"entering a user namespace: {os.strerror(error)}")
     # The same ids inside, where the kernel lets this process map itself. It does not when they are
     # root's in the outer namespace (mapping root takes CAP_SETFCAP there, as under --sandbox
     # unshare): the process then runs as the overflow id inside, and the kernel still checks files

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.candidate import EvalResult
-from engine.evaluation import Decide, judged
+from engine.evaluation import Decide, judged, short_error
 from engine.executor import Executor, OnResult, Task, TaskSource, as_source, stage_specs
 from engine.plugins import load_fitness
 
@@ -136,7 +136,7 @@ class Judging(Executor):
         except BaseException as exc:  # noqa: BLE001 - a plug-in that cannot be built here
             outcome = EvalResult(result.candidate_id, "error", fingerprint=result.fingerprint,
                                  descriptors=result.descriptors, seconds=result.seconds,
-                                 error=f"the judge phase failed: {type(exc).__name__}: {exc}"[:300])
+                                 error=f"the judge phase failed: {short_error(exc)[1]}")
         self._done.put(outcome)
 
     def _plugin(self, stage: int) -> Any:

@@ -474,8 +474,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     if output is not None:
         output.begin(f"candidate {candidate_id}")
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
-              "open_files": int(getattr(fitness, "max_open_files", 0) or 0), "hidden": hidden_from_genome(stages),
-              "frozen": hidden_from_genome(stages, "trusted_writable")}
+              "open_files": int(getattr(fitness, "max_open_files", 0) or 0), **genome_view(stages)}
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
         limits, scratch=scratch, inherited=list(inherited), output=output,
@@ -623,10 +622,11 @@ def _score_in_child(fitness, artefacts, seed, trusted_score):
     return float(message["fitness"]), message["metrics"], message.get("to_judge")
 
 
-def hidden_from_genome(stages, kind: str = "hidden_from_genome") -> tuple[str, ...]:
-    """The paths every stage's plug-in hides from genomes' processes (``kind``
-    ``trusted_writable``: those it makes read-only there), worked out once per plug-in."""
-    paths: list[str] = []
+def genome_view(stages) -> dict[str, tuple[str, ...]]:
+    """What each genome's process gives up of the jail (:mod:`engine.confine`), from every
+    stage's ``sandbox_needs()`` (worked out once per plug-in): ``hidden`` (its
+    ``hidden_from_genome``) and ``frozen`` (its ``trusted_writable``, read-only there)."""
+    view: dict[str, list[str]] = {"hidden": [], "frozen": []}
     for stage in stages:
         needs = stage.__dict__.get("_evoloss_needs")
         if needs is None:
@@ -635,8 +635,9 @@ def hidden_from_genome(stages, kind: str = "hidden_from_genome") -> tuple[str, .
                 stage.__dict__["_evoloss_needs"] = needs
             except (AttributeError, TypeError):  # pragma: no cover - a plug-in without a __dict__
                 pass
-        paths.extend(getattr(needs, kind, ()) or ())
-    return tuple(paths)
+        view["hidden"].extend(getattr(needs, "hidden_from_genome", ()) or ())
+        view["frozen"].extend(getattr(needs, "trusted_writable", ()) or ())
+    return {key: tuple(paths) for key, paths in view.items()}
 
 
 # -- the warm worker's loop -------------------------------------------------------------------------------
