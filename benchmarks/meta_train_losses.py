@@ -22,6 +22,7 @@ hinge, smoothed hinges, clamped margins.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(100, 106)))
     parser.add_argument("--only", default=None, help="comma-separated loss names (default: all)")
     parser.add_argument("--synthetic", action="store_true", help="also the paired gain on synthetic-pref")
+    parser.add_argument("--dump", default=None, metavar="FILE",
+                        help="write every (loss, task, seed) result as JSON lines, to re-aggregate without re-running")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     names = args.only.split(",") if args.only else list(LOSSES)
@@ -140,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         fn = compile_loss(name)
         start = time.perf_counter()
         results = suite.evaluate_many(fn, args.seeds)
-        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight) for s in args.seeds]
+        if args.dump:
+            with open(args.dump, "a") as out:
+                for r in results:
+                    out.write(json.dumps({"loss": name, **r.as_record()}) + "\n")
+        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight, suite.worst_tolerance) for s in args.seeds]
         mean_gain = mean_se([p["mean_gain"] for p in per_seed])
         robust = mean_se([p["fitness"] for p in per_seed])
         per_task = " ".join(f"{e['gain']:+.3f}" for e in aggregate(results)["per_task"].values())

@@ -226,7 +226,7 @@ class ClassificationSuite(TaskSuite):
     """Classification losses scored over small synthetic tasks and the digits data (module doc).
 
     Options: those of :class:`fitness.suites.base.TaskSuite` (``split``, ``tasks``, ``seeds``,
-    ``worst_weight``, ``suite_seed``, ``train_tasks`` 6, ``test_tasks`` 8).
+    ``worst_weight``, ``worst_tolerance``, ``suite_seed``, ``train_tasks`` 6, ``test_tasks`` 8).
     """
 
     name = "cls-suite"

@@ -33,8 +33,9 @@ beat DPO by handling finite, noisy data and a misspecified policy better, not be
 score favours another objective.
 
 The fitness of a candidate is the robust aggregate of its gain over DPO on the same task and
-evaluation seed (:func:`fitness.suites.base.aggregate`): ``0.5 * mean gain + 0.5 * worst-task
-gain`` by default, so DPO scores exactly 0. Per-(task, seed) scores and DPO's scores are in
+evaluation seed (:func:`fitness.suites.base.aggregate`): by default the mean gain over tasks,
+pulled down by any task where the loss falls more than 0.05 below DPO (``0.5 * mean + 0.5 *
+min(mean, worst + 0.05)``), so DPO scores exactly 0 and a collapse on one task costs. Per-(task, seed) scores and DPO's scores are in
 the metrics. Training: full-batch Adam (``eps`` 1e-12, so the loss's positive scale does not
 matter) from the reference, in float32, 100 steps at learning rate 0.05; problems and scores
 are float64.
@@ -365,12 +366,18 @@ class PreferenceSuite(TaskSuite):
     """Preference losses scored over synthetic DPO settings (see the module doc).
 
     Options: those of :class:`fitness.suites.base.TaskSuite` (``split``, ``tasks``, ``seeds``,
-    ``worst_weight``, ``suite_seed``, ``train_tasks`` 8, ``test_tasks`` 12). The metrics also
+    ``worst_weight``, ``worst_tolerance``, ``suite_seed``, ``train_tasks`` 8, ``test_tasks`` 12).
+    The default draw of tasks is ``suite_seed`` 2: the draw of ``suite_seed`` 0 was used while
+    the search was designed, so its meta-test split is no longer held out; the draw of 1 has two
+    tasks (an MLP policy, beta near 0.3, long sequences) where the best policy gains so little
+    over the reference that DPO's normalised score is -2.7 and -2.0, so their gains would be
+    noise of a larger scale than every other task's. The metrics also
     carry the loss-shape profile (:data:`fitness.preference.SHAPE_PROFILE`), measured in the
     training phase and sent back as an artefact.
     """
 
     name = "pref-suite"
+    default_suite_seed = 2
     interface = PreferenceInterface()
     baseline = "dpo"
     #: The same grid as ``synthetic-pref``: the loss's shape as a function of beta * logits.
