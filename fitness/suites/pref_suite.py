@@ -35,10 +35,10 @@ score favours another objective.
 The fitness of a candidate is the robust aggregate of its gain over DPO on the same task and
 evaluation seed (:func:`fitness.suites.base.aggregate`): by default the mean gain over tasks,
 pulled down by any task where the loss falls more than 0.05 below DPO (``0.5 * mean + 0.5 *
-min(mean, worst + 0.05)``), so DPO scores exactly 0 and a collapse on one task costs. Per-(task, seed) scores and DPO's scores are in
-the metrics. Training: full-batch Adam (``eps`` 1e-12, so the loss's positive scale does not
-matter) from the reference, in float32, 100 steps at learning rate 0.05; problems and scores
-are float64.
+min(mean, worst + 0.05)``), so DPO scores exactly 0 and a collapse on one task costs.
+Per-(task, seed) scores and DPO's scores are in the metrics. Training: full-batch Adam (``eps``
+1e-12, so the loss's positive scale does not matter) from the reference, in float32, 100 steps
+at learning rate 0.05; problems and scores are float64.
 
 Trust boundary: the training phase (:func:`train_policy`) receives a :class:`PreferenceData`:
 the pairs, the reference policy on the training prompts and the policy's inputs; the reward,
