@@ -16,7 +16,7 @@ What is compared is the held-out gain over the baseline of each run's reported b
 own rank 1 other than the baseline, chosen before the validation looked at anything:
 ``--validate-top 1``), measured by the end-of-run validation on the plug-in's held-out tasks
 (pref-suite: the meta-test split) and fresh seeds: the validation's own number (for a suite, its
-robust fitness, ``0.5 * mean gain + 0.5 * worst task``) and, for a suite, the mean gain over
+robust fitness: the mean gain, pulled down by a collapse on any task) and, for a suite, the mean gain over
 tasks alone, from the same evaluations. Per variant: mean ± standard error over run seeds, the
 evaluations each run used, and how many candidates it had made when its reported best appeared;
 and the paired differences, evolution minus each other variant, by run seed.
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,17 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (give each run --workers 1 to keep one core per run)")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evoloss-ablation-"))
     chosen = variants(args.pop, args.gens, args.plugin_seeds)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only}
-    results: dict[str, list[dict]] = {}
-    for name, flags in chosen.items():
-        for seed in args.seeds:
-            record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", extra)
-            results.setdefault(name, []).append(record)
-            print(json.dumps({"variant": name, **record}), flush=True)
+    results: dict[str, list[dict]] = {name: [] for name in chosen}
+    jobs = [(name, flags, seed) for seed in args.seeds for name, flags in chosen.items()]
+
+    def one(job: tuple[str, list[str], int]) -> tuple[str, dict]:
+        name, flags, seed = job
+        record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", extra)
+        print(json.dumps({"variant": name, **record}), flush=True)
+        return name, record
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for name, record in pool.map(one, jobs):  # in job order: records stay paired by run seed
+            results[name].append(record)
     print(f"\n{args.fitness}: held-out gain over the baseline of each run's reported best "
           f"(mean ± standard error over run seeds {args.seeds}; budget {max(args.plugin_seeds, args.pop) + args.pop * args.gens} candidates)\n")
     print("| variant | held-out gain | held-out mean gain over tasks | runs | evaluations per run | "

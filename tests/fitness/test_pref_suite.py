@@ -71,6 +71,13 @@ def test_each_split_covers_every_policy_reference_and_the_beta_range(suite_seed,
     assert all(128 <= s.pairs <= 1024 and 2 <= s.positions <= 24 for s in specs)
 
 
+def test_the_default_draw_has_no_task_where_normalised_scores_are_noise():
+    for split in ("train", "test"):
+        suite = PreferenceSuite(split=split)
+        scores = {task.name: suite.baseline_score(task, 0) for task in suite.tasks}
+        assert all(-1.0 < value < 1.0 for value in scores.values()), scores
+
+
 def test_training_sees_pairs_and_reference_but_no_reward_and_scoring_needs_held_out_data():
     fields = {f.name for f in dataclasses.fields(PreferenceData)}
     assert fields == {"policy", "beta", "steps", "learning_rate", "reference_logits", "context", "chosen",
@@ -89,7 +96,7 @@ def test_training_sees_pairs_and_reference_but_no_reward_and_scoring_needs_held_
 def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
     dpo = ranking["dpo"]
     assert dpo.fitness == 0.0
-    assert 0.2 < dpo.metrics["mean_score"] < 0.9  # DPO gains, and leaves room on the tasks
+    assert 0.1 < dpo.metrics["mean_score"] < 0.9  # DPO gains, and leaves room on the tasks
     assert ranking["constant"].fitness < -0.3
     assert all(r["score"] == pytest.approx(0.0, abs=1e-9) for r in ranking["constant"].metrics["results"])
     assert ranking["sign_flipped"].fitness < ranking["constant"].fitness - 0.3
@@ -98,10 +105,10 @@ def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
 
 def test_a_loss_that_wins_one_task_and_collapses_on_another_does_not_beat_dpo(suite, ranking):
     # IPO on the meta-train task where it beats DPO most, sign-flipped DPO on the task with the
-    # smallest beta, DPO elsewhere: the loss reads beta to tell the tasks apart.
+    # smallest beta of the others, DPO elsewhere: the loss reads beta to tell the tasks apart.
     ipo_gains = {task.spec.beta: suite.evaluate_task(SEEDS["ipo"], task, 0).gain for task in suite.tasks}
     win_beta = max(ipo_gains, key=ipo_gains.get)
-    lose_beta = min(ipo_gains)
+    lose_beta = min(beta for beta in ipo_gains if beta != win_beta)
     assert ipo_gains[win_beta] > 0.05 and win_beta != lose_beta
 
     def gaming(self, pc, pr, rc, rr):
