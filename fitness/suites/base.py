@@ -114,9 +114,8 @@ def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5,
     of several tasks is below zero even for a loss whose true gain is zero everywhere; the
     plain worst-task term then ranks the baseline above every real improvement.
 
-    The standard error ``gain_se`` is over evaluation seeds of the per-seed mean gain over
-    tasks (paired with the baseline); it is ``None`` with fewer than two seeds, or when some
-    seed lacks some task.
+    The standard error ``gain_se`` is over evaluation seeds of the per-seed mean gain over that
+    seed's tasks (paired with the baseline); it is ``None`` with fewer than two seeds.
 
     Returns:
         ``fitness``, ``mean_gain``, ``worst_gain``, ``worst_task``, ``gain_se``, ``seeds``
@@ -148,15 +147,8 @@ def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5,
     seeds = sorted({r.seed for r in results})
     gain_se = None
     if len(seeds) > 1:
-        per_seed = []
-        for seed in seeds:
-            row = {r.task: r.gain for r in results if r.seed == seed}
-            if set(row) != set(by_task):
-                per_seed = []
-                break
-            per_seed.append(float(np.mean(list(row.values()))))
-        if per_seed:
-            gain_se = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
+        per_seed = [float(np.mean([r.gain for r in results if r.seed == seed])) for seed in seeds]
+        gain_se = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
     return {
         "fitness": (1.0 - worst_weight) * mean_gain + worst_weight * min(mean_gain, worst_gain + worst_tolerance),
         "mean_gain": mean_gain,
@@ -216,13 +208,21 @@ class TaskSuite(Fitness):
             (see :func:`aggregate`; 0 gives the plain ``mean``/``worst`` blend).
         suite_seed: Seed of the task generator; the same value gives the same tasks (default:
             the suite's :attr:`default_suite_seed`).
-        train_tasks: Number of meta-train tasks.
-        test_tasks: Number of meta-test tasks.
+        train_tasks: Number of meta-train tasks (default :attr:`default_train_tasks`).
+        test_tasks: Number of meta-test tasks (default :attr:`default_test_tasks`).
+        tasks_per_seed: Meta-train tasks scored per evaluation seed, drawn from all of them by
+            the seed (:meth:`tasks_for`); by default :attr:`default_tasks_per_seed` on the
+            meta-train split when ``tasks`` is not given, else every task.
     """
 
     fitness_floor = -1.0
     #: The draw of tasks a suite uses unless told otherwise.
     default_suite_seed = 0
+    #: Tasks in each split unless told otherwise.
+    default_train_tasks = 8
+    default_test_tasks = 12
+    #: Meta-train tasks scored per evaluation seed (``None``: all of them).
+    default_tasks_per_seed: int | None = None
 
     def __init__(
         self,
@@ -232,8 +232,9 @@ class TaskSuite(Fitness):
         worst_weight: float = 0.5,
         worst_tolerance: float = WORST_TOLERANCE,
         suite_seed: int | None = None,
-        train_tasks: int = 8,
-        test_tasks: int = 12,
+        train_tasks: int | None = None,
+        test_tasks: int | None = None,
+        tasks_per_seed: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"{self.name} option split must be train or test, got {split!r}")
@@ -249,6 +250,8 @@ class TaskSuite(Fitness):
         self.worst_tolerance = float(worst_tolerance)
         self.suite_seed = check_int(self.name, "suite_seed",
                                     self.default_suite_seed if suite_seed is None else suite_seed, 0)
+        train_tasks = self.default_train_tasks if train_tasks is None else train_tasks
+        test_tasks = self.default_test_tasks if test_tasks is None else test_tasks
         self.counts = {"train": check_int(self.name, "train_tasks", train_tasks, 1),
                        "test": check_int(self.name, "test_tasks", test_tasks, 1)}
         all_tasks = self.split_tasks(split)
@@ -261,16 +264,23 @@ class TaskSuite(Fitness):
                 raise ValueError(f"{self.name} option tasks must be indices in [0, {len(all_tasks)}) of the "
                                  f"{split} split, got {tasks!r}")
             self.tasks = [all_tasks[i] for i in dict.fromkeys(indices)]
+        if tasks_per_seed is None:
+            tasks_per_seed = self.default_tasks_per_seed if tasks is None and split == "train" else None
+        self.tasks_per_seed = (None if tasks_per_seed is None
+                               else check_int(self.name, "tasks_per_seed", tasks_per_seed, 1))
+        if self.tasks_per_seed is not None and self.tasks_per_seed >= len(self.tasks):
+            self.tasks_per_seed = None  # every task on every seed
         self._baseline_fn: Callable | None = None
         self._baseline_scores: dict[tuple[str, int], float] = {}
         self._training: OrderedDict[tuple[str, int], Any] = OrderedDict()
         # Room for every problem of a few evaluation-seed sets (the last ones used are kept).
-        self.held_out.capacity = max(self.held_out.capacity, 4 * len(self.tasks) * self.seeds_per_evaluation)
+        per_seed = self.tasks_per_seed or len(self.tasks)
+        self.held_out.capacity = max(self.held_out.capacity, 4 * per_seed * self.seeds_per_evaluation)
 
     def validation_options(self) -> dict[str, Any]:
         """Options for the end-of-run validation: the meta-test split, every task of it (the
         engine scores validation on fresh evaluation seeds)."""
-        return {"split": "test", "tasks": None}
+        return {"split": "test", "tasks": None, "tasks_per_seed": None}
 
     # -- tasks ------------------------------------------------------------------------------
     def split_tasks(self, split: str) -> list[Task]:
@@ -352,19 +362,32 @@ class TaskSuite(Fitness):
         """The evaluation seeds one evaluation uses."""
         return [int(seed) + k for k in range(self.seeds_per_evaluation)]
 
+    def tasks_for(self, seed: int) -> list[Task]:
+        """The tasks scored on evaluation ``seed``: every task of the suite, or, with
+        ``tasks_per_seed``, that many drawn from them by the seed (the same for every candidate
+        and the baseline on that seed, so gains stay paired; other seeds draw other tasks, so a
+        candidate re-measured on fresh seeds is also measured on other tasks)."""
+        if self.tasks_per_seed is None:
+            return list(self.tasks)
+        seed = int(seed)
+        rng = np.random.default_rng([self.suite_seed, _SPLIT_CODES[self.split], 0x7A5C,
+                                     seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF])
+        chosen = sorted(rng.choice(len(self.tasks), size=self.tasks_per_seed, replace=False).tolist())
+        return [self.tasks[i] for i in chosen]
+
     def prepare(self, seed: int) -> None:
         """Build every problem of this evaluation (training data and held-out truth) before a
         genome's process is forked from this one: it inherits the training data and its copy
         of the held-out store is wiped."""
         for s in self.evaluation_seeds(seed):
-            for task in self.tasks:
+            for task in self.tasks_for(s):
                 self.training_data(task, s)
                 self.truth(task, s)
 
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         spec = {}
         for s in self.evaluation_seeds(seed):
-            for task in self.tasks:
+            for task in self.tasks_for(s):
                 for name, tensor in self.parameter_spec(task).items():
                     spec[f"{task.index}:{s}:{name}"] = tensor
         return spec
@@ -372,7 +395,7 @@ class TaskSuite(Fitness):
     def train(self, fn: Callable, seed: int) -> Artefacts:
         artefacts: Artefacts = {}
         for s in self.evaluation_seeds(seed):
-            for task in self.tasks:
+            for task in self.tasks_for(s):
                 for name, tensor in self.train_task(fn, task, s).items():
                     artefacts[f"{task.index}:{s}:{name}"] = tensor
         return artefacts
@@ -381,7 +404,7 @@ class TaskSuite(Fitness):
         start = time.perf_counter()
         results = []
         for s in self.evaluation_seeds(seed):
-            for task in self.tasks:
+            for task in self.tasks_for(s):
                 prefix = f"{task.index}:{s}:"
                 parameters = {name[len(prefix):]: value for name, value in artefacts.items() if name.startswith(prefix)}
                 results.append(TaskResult(task.name, s, self.score_task(parameters, task, s),

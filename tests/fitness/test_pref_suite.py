@@ -47,9 +47,9 @@ def ranking(suite):
 
 # -- the split -----------------------------------------------------------------------------
 def test_meta_train_and_meta_test_are_disjoint_and_deterministic_for_a_suite_seed():
-    first, again, other = PreferenceSuite(), PreferenceSuite(), PreferenceSuite(suite_seed=5)
+    first, again, other = PreferenceSuite(), PreferenceSuite(), PreferenceSuite(suite_seed=3)
     train, test = first.split_tasks("train"), first.split_tasks("test")
-    assert len(train) == 8 and len(test) == 12
+    assert len(train) == 32 and len(test) == 12
     assert not {t.name for t in train} & {t.name for t in test}
     assert not {t.key for t in train} & {t.key for t in test}
     assert not {t.spec for t in train} & {t.spec for t in test}
@@ -69,6 +69,22 @@ def test_each_split_covers_every_policy_reference_and_the_beta_range(suite_seed,
     assert max(s.beta for s in specs) > 0.25
     assert all(0 <= s.label_noise <= 0.3 and 0 <= s.misspecification <= 0.5 for s in specs)
     assert all(128 <= s.pairs <= 1024 and 2 <= s.positions <= 24 for s in specs)
+
+
+def test_each_seed_scores_its_own_draw_of_meta_train_tasks_and_meta_test_scores_all():
+    suite = PreferenceSuite()
+    first, again, other = suite.tasks_for(0), PreferenceSuite().tasks_for(0), suite.tasks_for(7919)
+    assert len(first) == 8 and first == again and first != other
+    assert len({t.name for s in range(40) for t in suite.tasks_for(s)}) == 32  # every task gets its turn
+    assert PreferenceSuite(split="test").tasks_for(3) == PreferenceSuite(split="test").tasks
+    assert PreferenceSuite(tasks=[0, 1, 2]).tasks_for(3) == PreferenceSuite(tasks=[0, 1, 2]).tasks
+    assert load_fitness("pref-suite", PreferenceSuite().validation_options()).tasks_for(3) == \
+        PreferenceSuite(split="test").tasks
+    # Two seeds of one evaluation: each seed's own tasks, paired with DPO on that seed.
+    score = PreferenceSuite(seeds=2).evaluate(SEEDS["dpo"], 0)
+    assert {(r["task"], r["seed"]) for r in score.metrics["results"]} == \
+        {(t.name, s) for s in (0, 1) for t in suite.tasks_for(s)}
+    assert score.fitness == 0.0 and score.metrics["gain_se"] == 0.0
 
 
 def test_the_default_draw_has_no_task_where_normalised_scores_are_noise():
@@ -106,7 +122,7 @@ def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
 def test_a_loss_that_wins_one_task_and_collapses_on_another_does_not_beat_dpo(suite, ranking):
     # IPO on the meta-train task where it beats DPO most, sign-flipped DPO on the task with the
     # smallest beta of the others, DPO elsewhere: the loss reads beta to tell the tasks apart.
-    ipo_gains = {task.spec.beta: suite.evaluate_task(SEEDS["ipo"], task, 0).gain for task in suite.tasks}
+    ipo_gains = {task.spec.beta: suite.evaluate_task(SEEDS["ipo"], task, 0).gain for task in suite.tasks_for(0)}
     win_beta = max(ipo_gains, key=ipo_gains.get)
     lose_beta = min(beta for beta in ipo_gains if beta != win_beta)
     assert ipo_gains[win_beta] > 0.05 and win_beta != lose_beta
@@ -200,7 +216,8 @@ def test_plugin_contract_through_the_registry():
 
 @pytest.mark.parametrize("options,fragment", [
     ({"split": "val"}, "split must be train or test"),
-    ({"tasks": [8]}, r"indices in \[0, 8\)"),
+    ({"tasks": [32]}, r"indices in \[0, 32\)"),
+    ({"tasks_per_seed": 0}, "tasks_per_seed must be an integer >= 1"),
     ({"seeds": 0}, "seeds must be an integer >= 1"),
     ({"worst_weight": 1.5}, "worst_weight"),
     ({"worst_tolerance": -1}, "worst_tolerance"),
