@@ -76,6 +76,9 @@ class LiveProgress:
             if payload.ok:
                 self.gen_scores.append(payload.fitness)
                 self.best = payload.fitness if math.isnan(self.best) else max(self.best, payload.fitness)
+        elif kind == "confirm":
+            if not self.quiet:
+                self.out.print(f"confirming the best on fresh seeds: {payload['evaluations']} evaluations")
         elif kind == "promote":
             self.promoted += len(payload["candidates"])
         elif kind == "stage_result":

@@ -171,6 +171,10 @@ class RunConfig:
         "docs/trust.md)", group=SEARCH))
     race_top: int = field(default=5, metadata=_help(
         "how many of the best the re-measurements try to make sure of", group=SEARCH))
+    confirm_seeds: int = field(default=4, metadata=_help(
+        "at the end of a raced run, measure its --race-top best and the baseline on this many more fresh seeds, "
+        "which chose nothing, before its best is reported (racing chooses on the seeds it measures on, so the "
+        "best bounds are partly luck there; 0: off)", group=SEARCH))
     validate_top: int = field(default=5, metadata=_help(
         "at the end of the run, re-score this many of the best distinct losses and the baseline seed on the "
         "plug-in's held-out tasks (a task suite's meta-test split; else the same task) and fresh seeds, and "
@@ -186,7 +190,7 @@ class RunConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
-        for name in ("validate_top", "validate_seeds"):
+        for name in ("validate_top", "validate_seeds", "confirm_seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -256,6 +256,29 @@ class Engine:
             executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
         return len(plan)
 
+    def confirm(self, executor) -> int:
+        """At the end of a raced run, measure its ``race_top`` best and the baseline once more on
+        ``--confirm-seeds`` seeds no candidate was chosen on (:meth:`Racing.confirmation`), then
+        re-rank the elites and rewrite the archive. Returns the evaluations run."""
+        if self.draining:
+            return 0
+        eligible = {cid for cid, r in self.results.items() if r.ok}
+        plan = self.racing.confirmation(eligible)
+        if not plan:
+            return 0
+        self.on_event("confirm", {"evaluations": len(plan)})
+        by_seed: dict[int, list[int]] = {}
+        for cid, seed in plan:
+            by_seed.setdefault(seed, []).append(cid)
+        for seed, ids in sorted(by_seed.items()):
+            if self.draining:
+                return len(plan)
+            tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
+            executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
+        self.elites.rebuild()
+        self.elites.write(self.run_dir, self.generation)
+        return len(plan)
+
     def credit(self, members: list[Candidate]) -> None:
         """Credit the operators with how their offspring among ``members`` did."""
         self.breeder.credit(members, [e.fitness for e in self.elites.archives[0].elites()])
@@ -380,6 +403,7 @@ class Engine:
             SteadyState(self).run(executor)
             return
         self.generational.run(executor)
+        self.confirm(executor)
 
 
 def _tuple_state(state: Any) -> Any:

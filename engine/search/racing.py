@@ -20,6 +20,9 @@ from collections.abc import Callable
 #: Fresh evaluation seeds for re-measurements are ``eval_seed + SEED_STRIDE * k`` (k = 1, 2, ...),
 #: far from the consecutive seeds a plug-in may use inside one evaluation.
 SEED_STRIDE = 7919
+#: Confirmation seeds are ``eval_seed + CONFIRM_SEEDS + k``: apart from racing's seeds and from
+#: the end-of-run validation's (``eval_seed + 1_000_003 + k``).
+CONFIRM_SEEDS = 500_009
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class RacingSettings:
     race_budget: int = 6
     race_top: int = 5
     confidence: float = 1.0
+    confirm_seeds: int = 4
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,34 @@ class Racing:
 
     def fresh_seed(self, k: int) -> int:
         return self.eval_seed + SEED_STRIDE * k
+
+    def confirmation_seeds(self) -> list[int]:
+        return [self.eval_seed + CONFIRM_SEEDS + k for k in range(self.settings.confirm_seeds)]
+
+    def confirmation(self, eligible: set[int]) -> list[tuple[int, int]]:
+        """The last re-measurements of a run, ``(candidate id, seed)`` not yet scored: the
+        ``race_top`` best of ``eligible`` by lower bound and the baseline, each on
+        ``confirm_seeds`` fresh seeds.
+
+        Racing chooses whom to re-measure on the seeds it measures on, and every candidate is
+        raced on the same few seeds, so the best bounds among many candidates are partly luck on
+        those seeds (the winner's curse; with a suite that draws tasks by seed, luck on those
+        tasks). Seeds that chose nothing make the final ranking less lucky. The best are picked
+        on the other seeds only, so a resumed run confirms the same ones."""
+        if not self.enabled or self.settings.confirm_seeds < 1:
+            return []
+        seeds = self.confirmation_seeds()
+        chosen_on = Racing(self.settings, self.eval_seed, self.baseline, self.floor)
+        chosen_on.samples = {cid: {s: v for s, v in by_seed.items() if s not in seeds}
+                             for cid, by_seed in self.samples.items()}
+        base_id = self.baseline()
+        estimates = {cid: e for cid, e in chosen_on.estimates().items()
+                     if cid in eligible and cid != base_id and e is not None}
+        top = sorted(estimates, key=lambda cid: (-estimates[cid].lower, cid))[:self.settings.race_top]
+        if not top:
+            return []
+        everyone = top + ([base_id] if base_id is not None else [])
+        return [(cid, seed) for seed in seeds for cid in everyone if seed not in self.samples.get(cid, {})]
 
     def add(self, candidate_id: int, seed: int, fitness: float | None) -> None:
         """One score (None: the evaluation failed on that seed and counts as the floor)."""

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engine.search.racing import SEED_STRIDE, Racing, RacingSettings
+from engine.search.racing import CONFIRM_SEEDS, SEED_STRIDE, Racing, RacingSettings
 
 
 def racing(**settings):
@@ -67,3 +67,38 @@ def test_racing_off_asks_for_nothing():
     race.add(0, 0, 0.5)
     race.add(1, 0, 0.9)
     assert race.due({0, 1}) == []
+
+
+def test_confirmation_measures_the_best_and_the_baseline_on_seeds_that_chose_nothing():
+    race = racing(race_top=2, confirm_seeds=3)
+    for cid, value in ((0, 0.5), (1, 0.7), (2, 0.6), (3, 0.1)):
+        race.add(cid, 0, value)
+    plan = race.confirmation({0, 1, 2, 3})
+    seeds = [CONFIRM_SEEDS + k for k in range(3)]
+    assert race.confirmation_seeds() == seeds
+    assert sorted(plan) == sorted((cid, seed) for cid in (1, 2, 0) for seed in seeds)
+    # Confirmation scores do not change whom it confirms (a resumed run confirms the same ones),
+    # and nothing already measured is measured again.
+    race.add(3, seeds[0], 5.0)
+    for cid, seed in plan[:4]:
+        race.add(cid, seed, 0.0)
+    rest = race.confirmation({0, 1, 2, 3})
+    assert rest == plan[4:]
+    for cid, seed in rest:
+        race.add(cid, seed, 0.0)
+    assert race.confirmation({0, 1, 2, 3}) == []
+    # The confirmed scores count in the final ranking: the lucky first draw of 1 falls behind 2.
+    race2 = racing(race_top=2, confirm_seeds=2)
+    for cid, value in ((0, 0.5), (1, 0.7), (2, 0.6)):
+        race2.add(cid, 0, value)
+    for cid, seed in race2.confirmation({0, 1, 2}):
+        race2.add(cid, seed, {0: 0.5, 1: 0.5, 2: 0.6}[cid])
+    assert race2.estimate(2).lower > race2.estimate(1).lower
+
+
+def test_no_confirmation_without_racing_or_with_zero_seeds():
+    for settings in ({"race_seeds": 0}, {"confirm_seeds": 0}):
+        race = racing(**settings)
+        race.add(0, 0, 0.5)
+        race.add(1, 0, 0.9)
+        assert race.confirmation({0, 1}) == []

@@ -9,7 +9,7 @@ import pytest
 from archives.reading import read_run
 from archives.store import RunStore
 from engine.cli import main
-from engine.search.racing import SEED_STRIDE
+from engine.search.racing import CONFIRM_SEEDS, SEED_STRIDE
 from engine.validation import VALIDATION_SEEDS, summarise
 from engine.candidate import Candidate, EvalResult
 from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC
@@ -40,7 +40,11 @@ def test_a_run_re_measures_on_fresh_seeds_paired_with_the_baseline(finished_run)
     baseline = next(c.id for c in data.candidates.values() if c.is_seed and c.name == data.baseline)
     reseeded = {cid: set(scores) - {0} for cid, scores in data.seed_scores.items() if len(scores) > 1}
     assert reseeded, "racing re-measured nothing"
-    assert all(seed % SEED_STRIDE == 0 for seeds in reseeded.values() for seed in seeds)
+    confirmation = {CONFIRM_SEEDS + k for k in range(4)}
+    assert all(seed % SEED_STRIDE == 0 or seed in confirmation for seeds in reseeded.values() for seed in seeds)
+    # At the end, the race_top best (5) and the baseline on the 4 confirmation seeds.
+    confirmed = {cid for cid, seeds in reseeded.items() if confirmation <= seeds}
+    assert baseline in confirmed and 2 <= len(confirmed) <= 6
     # Every seed a contender got, the baseline got too: the scores stay paired.
     assert set().union(*reseeded.values()) <= set(data.seed_scores[baseline])
     # No (candidate, seed) was measured twice.
