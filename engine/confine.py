@@ -18,8 +18,12 @@ exactly one level).
 
 A seccomp filter then refuses the genome's process (and all it starts) every call that signals
 or tunes the warm worker, its threads, the jail's init or the worker's process group
-(``kill``, ``tkill``, ``tgkill``, ``prlimit64``, scheduling and priority calls, ``pidfd_open``;
-``kill(-1)`` and ``pidfd_send_signal`` always): a genome ends or stops nothing but itself.
+(``kill``, ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``, ``prlimit64``,
+scheduling and priority calls, ``pidfd_open``; ``kill(-1)`` and ``pidfd_send_signal`` always),
+and every way of naming another process as the one a file's I/O signals go to (``fcntl``
+``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``, which the kernel would let
+it aim at the worker with any signal through ``F_SETSIG``): a genome ends or stops nothing but
+itself.
 """
 from __future__ import annotations
 
@@ -203,20 +207,26 @@ _SYSCALLS = {
     0xC000003E: {  # x86_64
         "pid_first": {"kill": 62, "tkill": 200, "tgkill": 234, "prlimit64": 302, "sched_setaffinity": 203,
                       "sched_setparam": 142, "sched_setscheduler": 144, "sched_setattr": 314, "pidfd_open": 434,
-                      "migrate_pages": 256, "move_pages": 279},
+                      "migrate_pages": 256, "move_pages": 279, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297},
         "pid_second": {"setpriority": 141, "ioprio_set": 251},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "fcntl": 72, "ioctl": 16,
         "x32": True,
     },
     0xC00000B7: {  # aarch64
         "pid_first": {"kill": 129, "tkill": 130, "tgkill": 131, "prlimit64": 261, "sched_setaffinity": 122,
                       "sched_setparam": 118, "sched_setscheduler": 119, "sched_setattr": 274, "pidfd_open": 434,
-                      "migrate_pages": 238, "move_pages": 239},
+                      "migrate_pages": 238, "move_pages": 239, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240},
         "pid_second": {"setpriority": 140, "ioprio_set": 30},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "fcntl": 25, "ioctl": 29,
         "x32": False,
     },
 }
+#: Commands (second argument) that name the process a file's I/O signals (``SIGIO``, or any
+#: signal chosen with ``F_SETSIG``) go to: ``fcntl`` F_SETOWN and F_SETOWN_EX, ``ioctl`` FIOSETOWN
+#: and SIOCSPGRP. The kernel compares only their low 32 bits, as the filter does.
+_SET_OWNER = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
 _LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
 _RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
 
@@ -232,8 +242,9 @@ class _SockFprog(ctypes.Structure):
 def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] = ()) -> list[tuple[int, int, int, int]]:
     """A seccomp filter (classic BPF, as ``(code, jt, jf, k)``) for architecture ``arch`` that
     refuses (EPERM) signalling or tuning the ``protected`` processes (the warm worker, its
-    threads, the jail's init), signalling every process (``kill(-1)``) or the ``groups``, and
-    ``pidfd_send_signal``; everything else is allowed."""
+    threads, the jail's init), signalling every process (``kill(-1)``) or the ``groups``,
+    ``pidfd_send_signal``, and naming any process as the owner of a file's I/O signals
+    (:data:`_SET_OWNER`); everything else is allowed."""
     table = _SYSCALLS[arch]
     targets = sorted({pid & 0xFFFFFFFF for pid in protected} | {(-pid) & 0xFFFFFFFF for pid in groups})
     kill_only = [0xFFFFFFFF] + [(-pid) & 0xFFFFFFFF for pid in protected]  # kill(-1), kill(-pgid)
@@ -249,7 +260,14 @@ def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] =
             code.append(("jeq", number, "first", None))
     for number in table["pid_second"].values():
         code.append(("jeq", number, "second", None))
+    for call in _SET_OWNER:
+        code.append(("jeq", table[call], call, None))
     code.append(("ret", _RET_ALLOW))
+    for call, commands in _SET_OWNER.items():
+        code.append(("label", call))
+        code.append(("ld", 24))
+        code.extend(("jeq", command, "deny", None) for command in commands)
+        code.append(("ret", _RET_ALLOW))
     code.append(("label", "kill"))
     code.append(("ld", 16))
     code.extend(("jeq", value, "deny", None) for value in sorted(set(kill_only)))
