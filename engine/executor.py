@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from typing import Any
 from collections.abc import Callable, Iterable
 
 from engine import jail
-from engine.processes import JsonConnection
+from engine.processes import JsonConnection, remove_tree
 from engine.candidate import EvalResult
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
@@ -63,7 +62,7 @@ def _remove_stale_scratch() -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(folder)
         except PermissionError:  # another user's live process
             continue
 
@@ -448,7 +447,7 @@ class ProcessExecutor(Executor):
         _remove_stale_scratch()
         self._scratch_root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         # Removed by close(); also when this executor is collected or the interpreter exits without it.
-        weakref.finalize(self, shutil.rmtree, str(self._scratch_root), True)
+        weakref.finalize(self, remove_tree, str(self._scratch_root))
 
     def _open_log(self) -> None:
         if self._log is not None and self._log.file is None:
@@ -496,7 +495,7 @@ class ProcessExecutor(Executor):
                 self._log.close()
             self._log = None
         if self._scratch_root is not None:
-            shutil.rmtree(self._scratch_root, ignore_errors=True)
+            remove_tree(self._scratch_root)  # however deep and locked a genome left it
             self._scratch_root = None
 
     def _spawn(self) -> _Worker:
@@ -581,10 +580,10 @@ class ProcessExecutor(Executor):
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             pass
         if worker.scratch is not None:
-            shutil.rmtree(worker.scratch, ignore_errors=True)
+            remove_tree(worker.scratch)
             root = worker.scratch.parent / f".{worker.scratch.name}.root"  # the unshare jail's mount point
             if root.exists():
-                shutil.rmtree(root, ignore_errors=True)
+                remove_tree(root)
 
     def _replace(self, worker: _Worker) -> _Worker:
         """Kill ``worker`` and start a fresh one in its place without waiting for it: the run

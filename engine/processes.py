@@ -1,14 +1,17 @@
 """Process helpers shared by evaluation workers and plug-ins that start processes of their own
-(the DPO launcher's ranks): a parent watchdog, ending a process group, and classifying a failure
-the way every evaluation path records it.
+(the DPO launcher's ranks): a parent watchdog, ending a process group, removing the folders a
+process wrote (:func:`remove_tree`), and classifying a failure the way every evaluation path
+records it.
 
 A leaf module: it imports nothing of the project's but the genome records.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import stat
 import threading
 import time
 import traceback
@@ -23,6 +26,163 @@ def end_process_group() -> None:
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: How many folders deep :func:`remove_tree` descends before it moves deeper ones up.
+_REMOVE_DEPTH = 32
+
+
+def remove_tree(path: str | os.PathLike) -> bool:
+    """Remove ``path`` and everything in it, as a genome may have left it: folders nested far
+    deeper than Python's recursion limit (``shutil.rmtree`` raises ``RecursionError`` there),
+    folders it made unreadable or unwritable (their mode is restored first), symlinks (removed,
+    never followed). Mount points inside it (another device) are left alone, with the folders
+    holding them. Never raises; returns True when ``path`` is gone.
+
+    At most ``_REMOVE_DEPTH`` folders are open at once: a folder deeper than that is moved to the
+    top of the tree (a rename, on the same file system) and emptied from there."""
+    path = os.fspath(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        return _remove_entry(path, None)
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except PermissionError:
+        try:
+            os.chmod(path, 0o700)
+            top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+    except OSError:
+        return False
+    try:
+        _empty_folder(top, info.st_dev)
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _remove_entry(name: str, folder: int | None) -> bool:
+    """Unlink one non-folder ``name`` (in the folder open as ``folder``), making the folder
+    writable if it was not."""
+    for attempt in range(2):
+        try:
+            os.unlink(name, dir_fd=folder)
+            return True
+        except FileNotFoundError:
+            return True
+        except PermissionError:
+            if attempt or folder is None:
+                return False
+            try:
+                os.fchmod(folder, 0o700)
+            except OSError:
+                return False
+        except OSError:
+            return False
+    return False
+
+
+def _open_folder(name: str, folder: int) -> int | None:
+    """``name`` in ``folder``, opened and made readable, writable and searchable for its owner."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        child = os.open(name, flags, dir_fd=folder)
+    except PermissionError:
+        try:
+            os.chmod(name, 0o700, dir_fd=folder)
+            child = os.open(name, flags, dir_fd=folder)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    try:
+        os.fchmod(child, 0o700)
+    except OSError:
+        pass
+    return child
+
+
+def _empty_folder(top: int, device: int) -> None:
+    """Remove everything in the folder open as ``top`` that lies on ``device`` (see
+    :func:`remove_tree`): depth first, with an explicit stack of open folders."""
+    try:
+        os.fchmod(top, 0o700)
+    except OSError:
+        pass
+    moved = itertools.count()
+    # (open folder, its name in the folder below it on the stack, names in it that could not be removed)
+    stack: list[tuple[int, str, set[str]]] = [(top, "", set())]
+    while stack:
+        folder, _, stuck = stack[-1]
+        child = None
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.name in stuck:
+                continue
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                same_device = entry.stat(follow_symlinks=False).st_dev == device
+            except OSError:
+                stuck.add(entry.name)
+                continue
+            if not is_folder:
+                if not _remove_entry(entry.name, folder):
+                    stuck.add(entry.name)
+                continue
+            if not same_device:  # a mount point: never ours to remove
+                stuck.add(entry.name)
+                continue
+            if len(stack) >= _REMOVE_DEPTH:
+                # Too deep to hold open: move it up to the top and empty it from there.
+                try:
+                    os.chmod(entry.name, 0o700, dir_fd=folder)
+                    os.fchmod(folder, 0o700)
+                    name = f".evoloss-removing-{os.getpid()}-{next(moved)}"
+                    while os.path.lexists(f"/proc/self/fd/{top}/{name}"):
+                        name = f".evoloss-removing-{os.getpid()}-{next(moved)}"
+                    os.rename(entry.name, name, src_dir_fd=folder, dst_dir_fd=top)
+                except OSError:
+                    stuck.add(entry.name)
+                continue
+            opened = _open_folder(entry.name, folder)
+            if opened is None:
+                stuck.add(entry.name)
+                continue
+            child = (opened, entry.name, set())
+            break
+        if child is not None:
+            stack.append(child)
+            continue
+        folder, name, stuck = stack.pop()
+        if not stack:
+            return  # the top: emptied as far as it could be
+        os.close(folder)
+        parent, _, parent_stuck = stack[-1]
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except PermissionError:
+            try:
+                os.fchmod(parent, 0o700)
+                os.rmdir(name, dir_fd=parent)
+            except OSError:
+                parent_stuck.add(name)
+        except OSError:
+            parent_stuck.add(name)
 
 
 def watch_parent(interval: float = 1.0, also_gone=None) -> None:

@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import resource
-import shutil
 import signal
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 from collections.abc import Callable
 
-from engine.processes import JsonConnection, end_process_group, watch_parent  # noqa: F401 - re-exported for old imports
+from engine.processes import JsonConnection, end_process_group, remove_tree, watch_parent  # noqa: F401 - re-exported for old imports
 
 #: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
 CHECK_TIMEOUT = 10.0
@@ -546,7 +545,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
         child.finish()
         if output is not None:
             output.end()
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
         _clean_shared_folders()
 
 
@@ -576,13 +575,8 @@ def _clean_shared_folders() -> None:
                 continue
             if any(point.startswith(path + "/") for point in points):
                 clean(path)  # a folder on the way to a mount point: clean around it
-            elif entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
             else:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                remove_tree(path)  # however deep, whatever modes the genome gave it
 
     for folder in ("/tmp", "/dev/shm", tempfile.gettempdir()):
         clean(folder)

@@ -4,12 +4,21 @@ real jailed workers.
 * A genome names its warm worker as the owner of a file's I/O signals (``fcntl F_SETOWN`` with
   ``F_SETSIG``, ``ioctl FIOSETOWN``) or queues it a signal (``sigqueue``): the seccomp filter of
   :mod:`engine.confine` refuses each, so the worker is neither killed nor stopped.
+* A genome leaves folders nested deeper than Python's recursion limit, and folders it made
+  unwritable, wherever it can write: the worker empties them before the next genome, and the
+  driver removes its scratch without crashing (``shutil.rmtree`` raised ``RecursionError``
+  there, and every later run on the machine raised it again on the stale scratch).
 """
 from __future__ import annotations
+
+import os
+import stat
+import subprocess
 
 import pytest
 
 from engine.executor import ProcessExecutor
+from engine.processes import remove_tree
 from tests.conftest import available_sandboxes
 
 DPO = "    import torch.nn.functional as F\n    return -F.logsigmoid(0.1 * ((a - c) - (b - d)))\n"
@@ -53,6 +62,40 @@ OWN_SIGNALS = '''def own():
 own()  # once, at module level (--jail-only runs it)
 ''' + DPO_GENOME
 
+LEAVE_DEEP = '''def leave():
+    import os
+    start = os.getcwd()
+    scratch = os.environ["HOME"]
+    for base in ("/tmp", "/dev/shm", scratch, os.path.dirname(scratch)):
+        os.chdir(base)
+        os.mkdir("left-deep")
+        os.chdir("left-deep")
+        for _ in range(1500):  # deeper than the recursion limit of shutil.rmtree
+            os.mkdir("d")
+            os.chdir("d")
+        os.chdir(base)
+        os.makedirs("left-locked/inner")
+        open("left-locked/inner/f", "w").close()
+        os.chmod("left-locked/inner", 0)
+        os.chmod("left-locked", 0o500)
+    os.chdir(start)
+
+
+leave()
+''' + DPO_GENOME
+
+FIND = '''def find():
+    import os
+    found = [os.path.join(folder, name) for folder in ("/tmp", "/dev/shm", os.path.dirname(os.environ["HOME"]))
+             for name in os.listdir(folder) if name.startswith("left-")]
+    if found:
+        raise ValueError("FOUND " + repr(found))
+
+
+find()
+''' + DPO_GENOME
+
+
 def run_genomes(tmp_path, sandbox: str, *genomes: str) -> tuple[list, int, str]:
     """``genomes`` in order through one jailed worker: their results, the worker restarts and
     the executor's scratch folder (gone once the executor is closed)."""
@@ -69,3 +112,45 @@ def test_a_genome_cannot_aim_io_signals_or_queued_signals_at_its_worker(tmp_path
     (hostile, after), restarts, _ = run_genomes(tmp_path, sandbox, OWN_SIGNALS, DPO_GENOME)
     assert hostile.ok, hostile.error
     assert after.ok and after.fitness == hostile.fitness and restarts == 0
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_deep_and_locked_folders_are_gone_before_the_next_genome_and_after_the_run(tmp_path, sandbox):
+    (hostile, after, dpo), restarts, scratch = run_genomes(tmp_path, sandbox, LEAVE_DEEP, FIND, DPO_GENOME)
+    assert hostile.ok, hostile.error
+    assert after.ok, after.error
+    assert hostile.fitness == after.fitness == dpo.fitness and restarts == 0
+    assert not os.path.exists(scratch)
+
+
+def test_remove_tree_removes_any_depth_and_mode_and_follows_no_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "kept").write_text("x")
+    top = tmp_path / "top"
+    top.mkdir()
+    folder = os.open(top, os.O_RDONLY)
+    for _ in range(3000):  # far deeper than a path may be long: made one folder at a time
+        os.mkdir("d", dir_fd=folder)
+        below = os.open("d", os.O_RDONLY, dir_fd=folder)
+        os.close(folder)
+        folder = below
+    os.close(os.open("leaf", os.O_CREAT | os.O_WRONLY, dir_fd=folder))
+    os.close(folder)
+    locked = top / "locked"
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "f").write_text("x")
+    (top / "link").symlink_to(outside)
+    (top / "file-link").symlink_to(outside / "kept")
+    os.chmod(locked / "inner", 0)
+    os.chmod(locked, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert remove_tree(top)
+        assert not top.exists()
+    finally:  # pytest's own clean-up of tmp_path would raise RecursionError on what is left
+        subprocess.run(["rm", "-rf", str(top)], check=False)
+    assert (outside / "kept").read_text() == "x"
+    assert remove_tree(top)  # already gone
+    lone = tmp_path / "lone"
+    lone.write_text("x")
+    assert remove_tree(lone) and not lone.exists()
