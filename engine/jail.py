@@ -191,8 +191,11 @@ def probe(kind: str) -> str | None:
         return f"{'bwrap' if kind == 'bwrap' else 'unshare'} is not installed; install {package}"
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="evoloss-probe-") as scratch:
-        view = View(scratch=Path(scratch), read_only=interpreter_paths())
+    with tempfile.TemporaryDirectory(prefix="evoloss-probe-") as folder:
+        # The scratch one level down: the unshare jail's root is made beside it, and goes with it.
+        scratch = Path(folder) / "scratch"
+        scratch.mkdir()
+        view = View(scratch=scratch, read_only=interpreter_paths())
         argv, env = wrap(Sandbox(kind, "probe"), [sys.executable, "-I", "-S", "-c", "pass"], view,
                          {"PATH": "/usr/bin:/bin"}, Limits())
         try:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tempfile
 
 import pytest
 
+from engine import jail
 from engine.executor import ProcessExecutor
 from engine.processes import remove_tree
 from tests.conftest import available_sandboxes
@@ -154,3 +156,10 @@ def test_remove_tree_removes_any_depth_and_mode_and_follows_no_link(tmp_path):
     lone = tmp_path / "lone"
     lone.write_text("x")
     assert remove_tree(lone) and not lone.exists()
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_probing_a_sandbox_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch, sandbox):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert jail.probe.__wrapped__(sandbox) is None
+    assert not list(tmp_path.iterdir())
