@@ -23,7 +23,13 @@ scheduling and priority calls, ``pidfd_open``; ``kill(-1)`` and ``pidfd_send_sig
 and every way of naming another process as the one a file's I/O signals go to (``fcntl``
 ``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``, which the kernel would let
 it aim at the worker with any signal through ``F_SETSIG``): a genome ends or stops nothing but
-itself.
+itself. The filter refuses every system call made through another architecture's entry (the
+i386 ``int 0x80`` and x32 calls of an x86_64 process, numbered differently) rather than let it
+through unchecked.
+
+Kernel keyrings are the driver's: a forked process keeps its parent's session keyring, and with
+it the keys (tokens, credentials) the driver's session holds. The genome's process joins a new,
+empty session keyring, and the filter refuses it ``keyctl``, ``add_key`` and ``request_key``.
 """
 from __future__ import annotations
 
@@ -211,6 +217,7 @@ _SYSCALLS = {
         "pid_second": {"setpriority": 141, "ioprio_set": 251},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
         "fcntl": 72, "ioctl": 16,
+        "keyrings": {"add_key": 248, "request_key": 249, "keyctl": 250},
         "x32": True,
     },
     0xC00000B7: {  # aarch64
@@ -220,6 +227,7 @@ _SYSCALLS = {
         "pid_second": {"setpriority": 140, "ioprio_set": 30},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
         "fcntl": 25, "ioctl": 29,
+        "keyrings": {"add_key": 217, "request_key": 218, "keyctl": 219},
         "x32": False,
     },
 }
@@ -243,16 +251,17 @@ def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] =
     """A seccomp filter (classic BPF, as ``(code, jt, jf, k)``) for architecture ``arch`` that
     refuses (EPERM) signalling or tuning the ``protected`` processes (the warm worker, its
     threads, the jail's init), signalling every process (``kill(-1)``) or the ``groups``,
-    ``pidfd_send_signal``, and naming any process as the owner of a file's I/O signals
-    (:data:`_SET_OWNER`); everything else is allowed."""
+    ``pidfd_send_signal``, naming any process as the owner of a file's I/O signals
+    (:data:`_SET_OWNER`), the kernel keyrings, and every call through another architecture's
+    entry; everything else is allowed."""
     table = _SYSCALLS[arch]
     targets = sorted({pid & 0xFFFFFFFF for pid in protected} | {(-pid) & 0xFFFFFFFF for pid in groups})
     kill_only = [0xFFFFFFFF] + [(-pid) & 0xFFFFFFFF for pid in protected]  # kill(-1), kill(-pgid)
-    code: list[tuple] = [("ld", 4), ("jeq", arch, None, "allow")]
+    code: list[tuple] = [("ld", 4), ("jeq", arch, None, "deny")]  # i386 int 0x80 has other numbers
     code.append(("ld", 0))
     if table["x32"]:
         code.append(("jge", 0x40000000, "deny", None))
-    for number in table["refused"].values():
+    for number in [*table["refused"].values(), *table["keyrings"].values()]:
         code.append(("jeq", number, "deny", None))
     code.append(("jeq", table["pid_first"]["kill"], "kill", None))
     for name, number in table["pid_first"].items():
@@ -328,6 +337,10 @@ def protect_from_genome(protected: Iterable[int], groups: Iterable[int] = ()) ->
     filters = (_SockFilter * len(program))(*[_SockFilter(*instruction) for instruction in program])
     prog = _SockFprog(len(program), filters)
     libc = ctypes.CDLL(None, use_errno=True)
+    # A new, empty session keyring: the driver's (inherited through every fork) is no longer ours.
+    # Fails only on a kernel without keyrings, where there is nothing to leave.
+    keyctl_join_session_keyring = 1
+    libc.syscall(_SYSCALLS[arch]["keyrings"]["keyctl"], keyctl_join_session_keyring, None)
     pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
     _call(libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0), "setting no_new_privs")
     _call(libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0), "installing the seccomp filter")

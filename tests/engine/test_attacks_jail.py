@@ -4,6 +4,10 @@ real jailed workers.
 * A genome names its warm worker as the owner of a file's I/O signals (``fcntl F_SETOWN`` with
   ``F_SETSIG``, ``ioctl FIOSETOWN``) or queues it a signal (``sigqueue``): the seccomp filter of
   :mod:`engine.confine` refuses each, so the worker is neither killed nor stopped.
+* A genome makes its system calls through the i386 entry (``int 0x80``), where the numbers
+  differ: the filter refuses every call of another architecture.
+* A genome reads the kernel keyrings its process possesses: the driver's session keyring (and
+  the tokens in it) is not among them, and ``keyctl`` is refused.
 * A genome leaves folders nested deeper than Python's recursion limit, and folders it made
   unwritable, wherever it can write: the worker empties them before the next genome, and the
   driver removes its scratch without crashing (``shutil.rmtree`` raised ``RecursionError``
@@ -11,10 +15,16 @@ real jailed workers.
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import platform
+import secrets
 import stat
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +72,40 @@ OWN_SIGNALS = '''def own():
 
 
 own()  # once, at module level (--jail-only runs it)
+''' + DPO_GENOME
+
+INT80 = '''def int80():
+    import ctypes, mmap, os, signal, struct
+    code = (b"\\x53\\xb8" + struct.pack("<I", 37)  # push rbx; mov eax, 37 (i386 kill)
+            + b"\\xbb" + struct.pack("<I", os.getppid()) + b"\\xb9" + struct.pack("<I", signal.SIGKILL)
+            + b"\\xcd\\x80\\x5b\\xc3")  # int 0x80; pop rbx; ret
+    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    if ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))() == 0:
+        raise ValueError("SIGNALLED through int 0x80")
+
+
+int80()
+''' + DPO_GENOME
+
+KEYRINGS = '''def keys():
+    import ctypes
+    libc, found = ctypes.CDLL(None, use_errno=True), []
+    number = {"x86_64": 250, "aarch64": 219}[__import__("platform").machine()]
+    for special in (-1, -2, -3, -4, -5):  # thread, process, session, user, user-session keyrings
+        keyring = libc.syscall(number, 0, special, 0)  # KEYCTL_GET_KEYRING_ID
+        listing = ctypes.create_string_buffer(4096)
+        size = libc.syscall(number, 11, keyring, listing, 4096) if keyring > 0 else -1  # KEYCTL_READ
+        for start in range(0, max(size, 0), 4):
+            payload = ctypes.create_string_buffer(4096)
+            length = libc.syscall(number, 11, int.from_bytes(listing.raw[start:start + 4], "little"), payload, 4096)
+            if length > 0:
+                found.append(payload.raw[:length].decode())
+    if found:
+        raise ValueError("KEYS " + " ".join(found))
+
+
+keys()
 ''' + DPO_GENOME
 
 LEAVE_DEEP = '''def leave():
@@ -114,6 +158,44 @@ def test_a_genome_cannot_aim_io_signals_or_queued_signals_at_its_worker(tmp_path
     (hostile, after), restarts, _ = run_genomes(tmp_path, sandbox, OWN_SIGNALS, DPO_GENOME)
     assert hostile.ok, hostile.error
     assert after.ok and after.fitness == hostile.fitness and restarts == 0
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the i386 entry exists on x86_64 only")
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_a_genome_cannot_signal_its_worker_through_the_i386_entry(tmp_path, sandbox):
+    (hostile, after), restarts, _ = run_genomes(tmp_path, sandbox, INT80, DPO_GENOME)
+    assert hostile.ok, hostile.error
+    assert after.ok and after.fitness == hostile.fitness and restarts == 0
+
+
+def _session_keyring_holding(secret: str):
+    """A ``preexec_fn``: the child joins a new session keyring holding ``secret`` as a user key."""
+    def plant() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        number = {"x86_64": (250, 248), "aarch64": (219, 217)}[platform.machine()]
+        libc.syscall(number[0], 1, b"evoloss-test")  # KEYCTL_JOIN_SESSION_KEYRING
+        data = secret.encode()
+        if libc.syscall(number[1], b"user", b"evoloss-test-token", data, len(data), -3) < 0:  # add_key, @s
+            os._exit(3)
+    return plant
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="system call numbers known here")
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_a_genome_reads_no_key_of_the_drivers_session_keyring(tmp_path, sandbox):
+    secret = "sk-keyring-" + secrets.token_hex(8)
+    genome = tmp_path / "keys.py"
+    genome.write_text(KEYRINGS)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", "--fitness", "synthetic-pref", "--sandbox", sandbox,
+         "--jail-only", "--json", "--code", str(genome)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_session_keyring_holding(secret),
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
+    assert done.returncode != 3, "could not plant a key here"
+    assert secret not in done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "ok", result["error"]
 
 
 @pytest.mark.parametrize("sandbox", available_sandboxes())
