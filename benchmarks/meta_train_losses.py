@@ -1,11 +1,12 @@
 """Is a loss that beats DPO within reach? Published losses and DPO's near neighbours scored on
 pref-suite's meta-train tasks only (the meta-test split is refused: it is for validation).
 
-Each loss is trained and scored in this process (trusted code, one thread) on every meta-train
-task for ``--seeds`` evaluation seeds (default 100-105, seeds no run uses for selection), paired
-with DPO on the same task and seed. Printed per loss: the mean gain over tasks and the suite's
-robust fitness (``0.5 * mean gain + 0.5 * worst task``, what a run selects on and what the
-end-of-run validation reports), each as mean ± standard error over seeds, and the gain per task.
+Each loss is trained and scored in this process (trusted code, one thread) on every task of the
+meta-train pool for ``--seeds`` evaluation seeds (default 100-105, seeds no run uses for
+selection), paired with DPO on the same task and seed. Printed per loss: the mean gain over tasks
+and the suite's fitness rule over all of them (the mean gain, pulled down by a task more than
+``worst_tolerance`` below DPO: what a run selects on, there over the tasks of each seed, and what
+the end-of-run validation reports), each as mean ± standard error over seeds, and the gain per task.
 With ``--synthetic`` also the paired gain on ``synthetic-pref`` (seeds 100-103) and the Spearman
 rank correlation of the two, over all losses and over DPO's near neighbours.
 
