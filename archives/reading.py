@@ -103,7 +103,10 @@ class RunData:
             elites = list(data.get("elites", {}).values())
         except (OSError, ValueError, AttributeError):
             return None
-        if summary.get("generation") != wanted["generation"] or len(elites) != wanted["record"].get("elites"):
+        if summary.get("generation") != wanted["generation"]:
+            return None
+        # After the last generation's confirmation the grid was re-ranked: its size may differ.
+        if len(elites) != wanted["record"].get("elites") and not summary.get("confirmed"):
             return None
         if any(e.get("id") not in self.results for e in elites):
             return None

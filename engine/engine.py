@@ -276,7 +276,7 @@ class Engine:
             tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
             executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
         self.elites.rebuild()
-        self.elites.write(self.run_dir, self.generation)
+        self.elites.write(self.run_dir, self.generation - 1, confirmed=True)
         return len(plan)
 
     def credit(self, members: list[Candidate]) -> None:

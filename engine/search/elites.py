@@ -256,12 +256,13 @@ class ElitePool:
             })
         return records
 
-    def write(self, run_dir, generation: int) -> None:
-        """Rewrite the elite archive (``archive.json``) atomically."""
+    def write(self, run_dir, generation: int, confirmed: bool = False) -> None:
+        """Rewrite the elite archive (``archive.json``) atomically (``confirmed``: after the
+        run's last generation, re-ranked by its confirmation seeds)."""
         best = self.best()
         level, archive = self.reached()
         write_elites(run_dir, self.records(), {
-            "generation": generation, "fitness": self.labels[level],
+            "generation": generation, **({"confirmed": True} if confirmed else {}), "fitness": self.labels[level],
             "best_id": best[0].id if best else None, "best_fitness": best[1] if best else None,
             **({"fidelity_ladder": self.labels} if self.ladder else {}),
             **archive.stats(),
