@@ -432,6 +432,7 @@ class Check:
                    *fitness_options({**self.sizes.ray_fast, "data_dir": self.inputs["data_dir"]}),
                    "--executor", "ray", "--gpus-per-eval", f"{self.sizes.gpus_per_eval:g}", "--workers", "1",
                    "--pop", str(self.sizes.pop), "--gens", str(self.sizes.gens), "--seed", "0",
+                   "--confirm-seeds", "0",  # what is checked is Ray on the GPU, not the ranking
                    "--timeout", f"{max(left - 10, 10):.0f}", "--memory-limit-gb", f"{self.sizes.memory_limit_gb:g}",
                    "--out", str(run_dir), "--quiet", *self.sandbox_flags(self.run_flags)]
         outcome = run_command(command, self.env, left, self.work / "ray-run.log")
