@@ -243,17 +243,8 @@ class Engine:
         ``--race-budget``), then re-rank the elites. Returns the evaluations run."""
         if not self.racing.enabled or self.draining:
             return 0
-        eligible = {cid for cid, r in self.results.items() if r.ok}
-        plan = self.racing.due(eligible)
-        by_seed: dict[int, list[int]] = {}
-        for cid, seed in plan:
-            by_seed.setdefault(seed, []).append(cid)
-        for seed, ids in sorted(by_seed.items()):
-            if self.draining:
-                break
-            # One candidate at most once per executor call: a result names its candidate, not its seed.
-            tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
-            executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
+        plan = self.racing.due({cid for cid, r in self.results.items() if r.ok})
+        self._measure(executor, plan)
         return len(plan)
 
     def confirm(self, executor) -> int:
@@ -262,22 +253,28 @@ class Engine:
         re-rank the elites and rewrite the archive. Returns the evaluations run."""
         if self.draining:
             return 0
-        eligible = {cid for cid, r in self.results.items() if r.ok}
-        plan = self.racing.confirmation(eligible)
+        plan = self.racing.confirmation({cid for cid, r in self.results.items() if r.ok})
         if not plan:
             return 0
         self.on_event("confirm", {"evaluations": len(plan)})
+        if self._measure(executor, plan):
+            self.elites.rebuild()
+            self.elites.write(self.run_dir, self.generation - 1, confirmed=True)
+        return len(plan)
+
+    def _measure(self, executor, plan: list[tuple[int, int]]) -> bool:
+        """Score each ``(candidate id, seed)`` of ``plan`` (first stage), one seed at a time, each
+        score saved as it comes; False when the run started draining before the end."""
         by_seed: dict[int, list[int]] = {}
         for cid, seed in plan:
             by_seed.setdefault(seed, []).append(cid)
         for seed, ids in sorted(by_seed.items()):
             if self.draining:
-                return len(plan)
+                return False
+            # One candidate at most once per executor call: a result names its candidate, not its seed.
             tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
             executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
-        self.elites.rebuild()
-        self.elites.write(self.run_dir, self.generation - 1, confirmed=True)
-        return len(plan)
+        return True
 
     def credit(self, members: list[Candidate]) -> None:
         """Credit the operators with how their offspring among ``members`` did."""
