@@ -59,7 +59,9 @@ def test_a_dead_worker_is_replaced_while_the_others_go_on(write_plugin):
     # The other worker's results kept arriving (every 0.3 s) while the replacement imported torch
     # and the plug-in, which takes as long as a start-up.
     assert len(after_kill) >= 3
-    assert after_kill[0] - events["killed"] < max(1.0, 0.5 * startup), (after_kill[0] - events["killed"], startup)
+    # A loop that waited for the replacement would see nothing for a whole start-up; the bound
+    # leaves room for a loaded machine (1.04 s against a 2.03 s start-up was seen in CI).
+    assert after_kill[0] - events["killed"] < max(1.0, 0.75 * startup), (after_kill[0] - events["killed"], startup)
 
 
 def test_scratch_folders_of_a_killed_driver_are_removed_by_the_next_start(tmp_path, monkeypatch):
