@@ -210,9 +210,14 @@ class TaskSuite(Fitness):
             the suite's :attr:`default_suite_seed`).
         train_tasks: Number of meta-train tasks (default :attr:`default_train_tasks`).
         test_tasks: Number of meta-test tasks (default :attr:`default_test_tasks`).
-        tasks_per_seed: Meta-train tasks scored per evaluation seed, drawn from all of them by
-            the seed (:meth:`tasks_for`); by default :attr:`default_tasks_per_seed` on the
-            meta-train split when ``tasks`` is not given, else every task.
+        tasks_per_seed: Meta-train tasks scored per evaluation seed, drawn by the seed
+            (:meth:`tasks_for`); by default :attr:`default_tasks_per_seed` on the meta-train
+            split when ``tasks`` is not given, else every task.
+        fresh_tasks: On the meta-train split (``tasks`` not given): draw each evaluation seed's
+            tasks afresh from the task generator instead of from the fixed pool of
+            ``train_tasks`` (default :attr:`default_fresh_tasks`). Selection then climbs the
+            family's expected gain, not the quirks of a fixed pool it can learn; a drawn task
+            that :meth:`usable` rejects is replaced by the next draw.
     """
 
     fitness_floor = -1.0
@@ -223,6 +228,10 @@ class TaskSuite(Fitness):
     default_test_tasks = 12
     #: Meta-train tasks scored per evaluation seed (``None``: all of them).
     default_tasks_per_seed: int | None = None
+    #: Whether meta-train tasks are drawn afresh for each evaluation seed.
+    default_fresh_tasks = False
+    #: Drawn tasks per evaluation seed kept in memory (a few evaluations' worth).
+    _SEED_TASKS_KEPT = 64
 
     def __init__(
         self,
@@ -235,6 +244,7 @@ class TaskSuite(Fitness):
         train_tasks: int | None = None,
         test_tasks: int | None = None,
         tasks_per_seed: int | None = None,
+        fresh_tasks: bool | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"{self.name} option split must be train or test, got {split!r}")
@@ -264,12 +274,20 @@ class TaskSuite(Fitness):
                 raise ValueError(f"{self.name} option tasks must be indices in [0, {len(all_tasks)}) of the "
                                  f"{split} split, got {tasks!r}")
             self.tasks = [all_tasks[i] for i in dict.fromkeys(indices)]
+        fresh_tasks = self.default_fresh_tasks if fresh_tasks is None else fresh_tasks
+        if not isinstance(fresh_tasks, bool):
+            raise ValueError(f"{self.name} option fresh_tasks must be true or false, got {fresh_tasks!r}")
+        # Fresh draws replace the pool only where the pool would be used: the whole meta-train split.
+        self.fresh_tasks = fresh_tasks and split == "train" and tasks is None
         if tasks_per_seed is None:
             tasks_per_seed = self.default_tasks_per_seed if tasks is None and split == "train" else None
         self.tasks_per_seed = (None if tasks_per_seed is None
                                else check_int(self.name, "tasks_per_seed", tasks_per_seed, 1))
-        if self.tasks_per_seed is not None and self.tasks_per_seed >= len(self.tasks):
+        if self.fresh_tasks and self.tasks_per_seed is None:
+            self.tasks_per_seed = len(self.tasks)
+        if not self.fresh_tasks and self.tasks_per_seed is not None and self.tasks_per_seed >= len(self.tasks):
             self.tasks_per_seed = None  # every task on every seed
+        self._seed_tasks: OrderedDict[int, list[Task]] = OrderedDict()
         self._baseline_fn: Callable | None = None
         self._baseline_scores: dict[tuple[str, int], float] = {}
         self._training: OrderedDict[tuple[str, int], Any] = OrderedDict()
@@ -364,16 +382,60 @@ class TaskSuite(Fitness):
 
     def tasks_for(self, seed: int) -> list[Task]:
         """The tasks scored on evaluation ``seed``: every task of the suite, or, with
-        ``tasks_per_seed``, that many drawn from them by the seed (the same for every candidate
-        and the baseline on that seed, so gains stay paired; other seeds draw other tasks, so a
-        candidate re-measured on fresh seeds is also measured on other tasks)."""
+        ``tasks_per_seed``, that many drawn by the seed: from the suite's tasks, or, with
+        ``fresh_tasks``, new tasks from the generator (:meth:`fresh_tasks_for`). The same for
+        every candidate and the baseline on that seed, so gains stay paired; other seeds draw
+        other tasks, so a candidate re-measured on fresh seeds is also measured on other tasks."""
         if self.tasks_per_seed is None:
             return list(self.tasks)
         seed = int(seed)
+        if self.fresh_tasks:
+            return self.fresh_tasks_for(seed)
         rng = np.random.default_rng([self.suite_seed, _SPLIT_CODES[self.split], 0x7A5C,
                                      seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF])
         chosen = sorted(rng.choice(len(self.tasks), size=self.tasks_per_seed, replace=False).tolist())
         return [self.tasks[i] for i in chosen]
+
+    def fresh_tasks_for(self, seed: int) -> list[Task]:
+        """``tasks_per_seed`` meta-train tasks drawn from the generator for evaluation ``seed``
+        alone (keyed apart from the pool and from every other seed's), each kept only if
+        :meth:`usable`; a rejected draw is replaced by the next one.
+
+        Runs in the trusted process (:meth:`prepare` draws them before a genome's process is
+        forked, which inherits the list): :meth:`usable` may score the baseline on held-out data.
+        """
+        seed = int(seed)
+        if seed in self._seed_tasks:
+            self._seed_tasks.move_to_end(seed)
+            return list(self._seed_tasks[seed])
+        if self.held_out.wiped:
+            raise RuntimeError(f"{self.name}: the tasks of evaluation seed {seed} are drawn in the trusted "
+                               "process (prepare()), not in a genome's process")
+        code = _SPLIT_CODES["train"]
+        words = [seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF]
+        rng = np.random.default_rng([self.suite_seed, code, 0xF2E5, *words])
+        wanted, drawn, chosen = self.tasks_per_seed, 0, []
+        while len(chosen) < wanted:
+            if drawn >= 8 * wanted:
+                raise RuntimeError(f"{self.name}: only {len(chosen)} of {drawn} tasks drawn for evaluation seed "
+                                   f"{seed} are usable; the task family is mostly unusable")
+            for spec in self.make_tasks(wanted, "train", rng):
+                task = Task(name=f"train@{seed}.{drawn}:{self.describe(spec)}", split="train", index=drawn,
+                            spec=spec, key=(self.suite_seed, code, 0xF2E5, *words, drawn))
+                drawn += 1
+                if self.usable(task, seed):
+                    chosen.append(task)
+                    if len(chosen) == wanted:
+                        break
+        self._seed_tasks[seed] = chosen
+        while len(self._seed_tasks) > self._SEED_TASKS_KEPT:
+            self._seed_tasks.popitem(last=False)
+        return list(chosen)
+
+    def usable(self, task: Task, seed: int) -> bool:
+        """Whether a freshly drawn ``task`` is kept for evaluation ``seed`` (trusted; default:
+        every task). A suite rejects tasks on which its normalised scores mean nothing."""
+        return True
 
     def prepare(self, seed: int) -> None:
         """Build every problem of this evaluation (training data and held-out truth) before a
