@@ -7,6 +7,9 @@ the same noise-aware ranking and validation, over several run seeds:
   crossovers);
 - ``best-of-n``: offspring of the seed losses only, no selection (``--gens 0`` and a population of
   the whole budget);
+- ``best-of-2n``: the same with twice the candidates, so that its evaluations (candidates plus
+  re-measurements) are about as many as evolution's: racing re-measures up to ``--race-budget``
+  per generation, and best-of-N has one generation;
 - ``random``: the same generations, parents drawn from every scored candidate, fitness unused
   (``--selection random``);
 - ``no-archive``: plain truncation selection, parents from the ``--pop`` best (``--selection
@@ -45,6 +48,7 @@ def variants(pop: int, gens: int, seeds: int) -> dict[str, list[str]]:
     return {
         "evolution": ["--pop", str(pop), "--gens", str(gens)],
         "best-of-n": ["--pop", str(budget), "--gens", "0"],
+        "best-of-2n": ["--pop", str(2 * budget), "--gens", "0"],
         "random": ["--pop", str(pop), "--gens", str(gens), "--selection", "random"],
         "no-archive": ["--pop", str(pop), "--gens", str(gens), "--selection", "truncation"],
     }
