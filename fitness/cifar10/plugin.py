@@ -106,11 +106,12 @@ class Cifar10(Fitness):
         return classification_seeds()
 
     def sandbox_needs(self) -> SandboxNeeds:
-        """The CIFAR-10 folder, read-only: the worker's jail shows nothing else of the user's.
-        With ``split=test`` the test batch is hidden from each genome's process (only the trusted
-        phase scores on it)."""
-        hidden = (str(Path(self.folder) / TEST_FILE),) if self.split == "test" else ()
-        return SandboxNeeds(read_only=(str(self.folder),), hidden_from_genome=hidden)
+        """The CIFAR-10 folder, read-only in the worker's jail (which shows nothing else of the
+        user's) and hidden from each genome's process: :meth:`prepare` reads the images before
+        the fork, so training needs no file, and a genome that reads the training batches could
+        rebuild the evaluation split (``split=train`` carves it from them with the seed) or read
+        the test batch (``split=test``), and train on what it is scored on."""
+        return SandboxNeeds(read_only=(str(self.folder),), hidden_from_genome=(str(self.folder),))
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         return classification_descriptors(fn, classes=self.interface.classes)

@@ -305,10 +305,9 @@ def test_the_test_batch_is_hidden_from_genomes_and_scored_by_the_trusted_phase(d
     from engine import jail
     from engine.executor import ProcessExecutor
 
-    assert tiny(data_dir).sandbox_needs().hidden_from_genome == ()
-    needs = tiny(data_dir, split="test").sandbox_needs()
-    (hidden,) = needs.hidden_from_genome
-    assert Path(hidden).name == "test_batch" and hidden in needs.read_only
+    plugin = tiny(data_dir, split="test")
+    needs = plugin.sandbox_needs()
+    assert needs.hidden_from_genome == (str(plugin.folder),) and str(plugin.folder) in needs.read_only
     sandbox = jail.choose("auto")
     if not sandbox.jailed:
         pytest.skip("needs an OS jail")
@@ -319,3 +318,32 @@ def test_the_test_batch_is_hidden_from_genomes_and_scored_by_the_trusted_phase(d
     assert results[0].ok, results[0].error
     local = tiny(data_dir, split="test").evaluate(compile_genome(SEEDS["cross_entropy"].code, (2,)), seed=0)
     assert results[0].fitness == local.fitness and results[0].metrics["split"] == "test"
+
+
+def test_a_genome_cannot_read_the_images_it_is_scored_on(data_dir):
+    """The whole data folder is hidden from each genome's process (the worker reads the images
+    before the fork): a genome that reads the training batches to rebuild the evaluation split
+    finds nothing, and the evaluation still trains and scores as in-process."""
+    from engine import jail
+    from engine.executor import ProcessExecutor
+
+    sandbox = jail.choose("auto")
+    if not sandbox.jailed:
+        pytest.skip("needs an OS jail")
+    folder = tiny(data_dir).folder
+    probe = (
+        "def peeking(logits, targets):\n"
+        "    import os\n"
+        f"    seen = os.listdir({str(folder)!r})\n"
+        "    if seen:\n"
+        "        raise ValueError('saw ' + ','.join(sorted(seen)))\n"
+        "    return F.cross_entropy(logits, targets, reduction='none')\n"
+    )
+    results = []
+    options = {"preset": "cpu", "data_dir": data_dir, **TINY}
+    with ProcessExecutor("cifar10", options, workers=1, timeout=120, sandbox=sandbox, jail_only=True) as executor:
+        executor.run([(0, probe), (1, SEEDS["cross_entropy"].code)], 0, None, results.append)
+    by_id = {r.candidate_id: r for r in results}
+    assert by_id[0].ok, by_id[0].error  # the folder is there, and empty
+    local = tiny(data_dir).evaluate(compile_genome(SEEDS["cross_entropy"].code, (2,)), seed=0)
+    assert by_id[1].fitness == local.fitness
