@@ -403,8 +403,26 @@ def sweep_descendants(seconds: float = SWEEP_SECONDS) -> bool:
 
 
 # -- one evaluation, seen from the warm worker --------------------------------------------------------
-def _death_message(status: int) -> tuple[str, str]:
-    """Status and message for a genome's process that ended without its result."""
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (``oom_kill``
+    in ``/proc/vmstat``, system-wide, cgroup limits included; Linux 4.13 and later), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _death_message(status: int, oom_kills_before: int | None = None) -> tuple[str, str]:
+    """Status and message for a genome's process that ended without its result.
+
+    A SIGKILL is ``oom`` when the kernel's out-of-memory kill count grew while the process ran
+    (or cannot be read); otherwise something else killed it (the genome itself, or a user), an
+    ``error``."""
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         try:
@@ -412,8 +430,15 @@ def _death_message(status: int) -> tuple[str, str]:
         except ValueError:
             name = f"signal {number}"
         if number == signal.SIGKILL:
-            return "oom", ("the genome's process was killed (SIGKILL) before it returned its artefacts, most "
-                           "likely by the kernel's out-of-memory killer")
+            after = oom_kills() if oom_kills_before is not None else None
+            if after is None:
+                return "oom", ("the genome's process was killed (SIGKILL) before it returned its artefacts, most "
+                               "likely by the kernel's out-of-memory killer")
+            if after > oom_kills_before:
+                return "oom", ("the genome's process was killed (SIGKILL) by the kernel's out-of-memory killer "
+                               "before it returned its artefacts")
+            return "error", ("the genome's process was killed (SIGKILL) before it returned its artefacts, not by "
+                             "the kernel's out-of-memory killer (its kill count did not change)")
         if number == signal.SIGXFSZ:
             return "error", "the genome's process wrote a file larger than the limit (SIGXFSZ)"
         return "error", f"the genome's process crashed with {name}"
@@ -474,6 +499,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
         output.begin(f"candidate {candidate_id}")
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
               "open_files": int(getattr(fitness, "max_open_files", 0) or 0), **genome_view(stages)}
+    oom_kills_before = oom_kills()
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
         limits, scratch=scratch, inherited=list(inherited), output=output,
@@ -536,7 +562,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     except ChildExited as exc:
         status = child.exited_on_its_own()
         if status is not None and str(exc) == "exited":
-            return failed(*_death_message(status))
+            return failed(*_death_message(status, oom_kills_before))
         return failed("error", f"the genome's process {exc} during the {phase}")
     except Exception as exc:  # noqa: BLE001 - the trusted phase's own failure (a plug-in bug)
         status, message = short_error(exc)

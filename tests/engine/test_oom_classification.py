@@ -3,7 +3,9 @@ fitness plug-in wraps it as an error naming the training step (cifar10, dpo, syn
 from __future__ import annotations
 
 import json
+import signal
 
+import pytest
 import torch
 
 from engine.cli import main
@@ -45,3 +47,38 @@ def test_a_loss_that_allocates_too_much_in_training_is_recorded_oom(tmp_path, ca
     payload = json.loads(capsys.readouterr().out)
     assert status == 1 and payload["status"] == "oom", payload
     assert "at training step" in payload["error"] and "allocate" in payload["error"]
+
+
+def test_a_sigkill_is_oom_only_when_the_kernel_out_of_memory_killer_struck():
+    from engine.worker import _death_message, oom_kills
+
+    before = oom_kills()
+    if before is None:
+        pytest.skip("/proc/vmstat has no oom_kill count here")
+    killed = int(signal.SIGKILL)  # a wait status: terminated by SIGKILL
+    assert _death_message(killed, before)[0] == "error"
+    assert "not by the kernel's out-of-memory killer" in _death_message(killed, before)[1]
+    assert _death_message(killed, before - 1) == (
+        "oom", "the genome's process was killed (SIGKILL) by the kernel's out-of-memory killer before it "
+               "returned its artefacts")
+    assert _death_message(killed, None)[0] == "oom"  # count unknown: the likeliest cause
+    assert _death_message(int(signal.SIGSEGV))[0] == "error"
+
+
+KILLS_ITSELF = '''def kills_itself(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_genome_that_kills_itself_is_an_error_not_oom(tmp_path, capsys):
+    from engine.worker import oom_kills
+
+    if oom_kills() is None:
+        pytest.skip("/proc/vmstat has no oom_kill count here")
+    code = tmp_path / "kills_itself.py"
+    code.write_text(KILLS_ITSELF)
+    status = main(["evaluate", "--fitness", "synthetic-pref", "--code", str(code), "--json", "--jail-only"])
+    payload = json.loads(capsys.readouterr().out)
+    assert status == 1 and payload["status"] == "error", payload
+    assert "killed (SIGKILL)" in payload["error"] and "not by the kernel's out-of-memory killer" in payload["error"]
