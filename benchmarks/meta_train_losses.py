@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.dump, "a") as out:
                 for r in results:
                     out.write(json.dumps({"loss": name, **r.as_record()}) + "\n")
-        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight, suite.worst_tolerance) for s in args.seeds]
+        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight, suite.worst_tolerance, suite.gain_clip) for s in args.seeds]
         mean_gain = mean_se([p["mean_gain"] for p in per_seed])
         robust = mean_se([p["fitness"] for p in per_seed])
         per_task = " ".join(f"{e['gain']:+.3f}" for e in aggregate(results)["per_task"].values())

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(seeds)} seeds, mean ± standard error over seeds ==")
     for name in names:
         results = suite.evaluate_many(fns[name], seeds)
-        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight, suite.worst_tolerance) for s in seeds]
-        summary = aggregate(results, suite.worst_weight, suite.worst_tolerance)
+        per_seed = [aggregate([r for r in results if r.seed == s], suite.worst_weight, suite.worst_tolerance, suite.gain_clip) for s in seeds]
+        summary = aggregate(results, suite.worst_weight, suite.worst_tolerance, suite.gain_clip)
         print(f"{name:16s} mean gain {mean_se([p['mean_gain'] for p in per_seed])}   "
               f"robust fitness {mean_se([p['fitness'] for p in per_seed])}   "
               f"worst task {summary['worst_task'].split(':')[0]} ({summary['worst_gain']:+.3f})")

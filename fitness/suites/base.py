@@ -99,15 +99,25 @@ WORST_TOLERANCE = 0.05
 
 
 def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5,
-              worst_tolerance: float = WORST_TOLERANCE) -> dict[str, Any]:
+              worst_tolerance: float = WORST_TOLERANCE, gain_clip: float | None = None) -> dict[str, Any]:
     """Robust aggregate of paired per-task gains.
 
-    Per task, the gain is averaged over its seeds; the fitness is ``(1 - worst_weight) * mean
-    + worst_weight * min(mean, worst + worst_tolerance)`` over tasks. A loss that loses no more
+    Per task, the gain is averaged over its seeds, then, with ``gain_clip``, limited to
+    ``[-gain_clip, gain_clip]``; the fitness is ``(1 - worst_weight) * mean + worst_weight *
+    min(mean, worst + worst_tolerance)`` over tasks of those gains. A loss that loses no more
     than ``worst_tolerance`` on any task scores its mean gain; one that collapses on a task is
     pulled down by the collapse, so a high mean bought with one failed task cannot rank first.
     The baseline itself scores exactly 0. With ``worst_tolerance`` 0 this is ``(1 -
     worst_weight) * mean + worst_weight * worst``.
+
+    Why a clip: gains over tasks are heavy-tailed (on a task where the baseline overfits, a
+    cautious loss gains ten times what it gains elsewhere, by chance of the draw as much as by
+    merit), and the worst of several tasks is the noisiest statistic of all; limited gains keep
+    one task from deciding a candidate's rank. With a clip just beyond ``worst_tolerance`` a
+    task lost by more than the tolerance still counts against the loss (``gain_clip -
+    worst_tolerance`` below zero in the worst term), and a loss that wins one task and
+    collapses on another gains nothing from the win. ``mean_gain`` and ``worst_gain`` stay
+    unclipped; ``clipped_mean_gain`` is the clipped mean.
 
     Why a tolerance: with one evaluation seed, a task's gain is noisy (the seed-to-seed spread
     of a loss's paired gain reaches 0.05 on some of pref-suite's meta-train tasks), so the worst
@@ -129,6 +139,8 @@ def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5,
         raise ValueError(f"worst_weight must be in [0, 1], got {worst_weight!r}")
     if not worst_tolerance >= 0.0:
         raise ValueError(f"worst_tolerance must be >= 0, got {worst_tolerance!r}")
+    if gain_clip is not None and not gain_clip > 0.0:
+        raise ValueError(f"gain_clip must be > 0 (or None: no clip), got {gain_clip!r}")
     by_task: dict[str, list[TaskResult]] = {}
     for result in results:
         by_task.setdefault(result.task, []).append(result)
@@ -144,14 +156,19 @@ def aggregate(results: Iterable[TaskResult], worst_weight: float = 0.5,
     mean_gain = float(np.mean(list(gains.values())))
     worst_task = min(gains, key=gains.__getitem__)
     worst_gain = gains[worst_task]
+    limited = [g if gain_clip is None else min(max(g, -gain_clip), gain_clip) for g in gains.values()]
+    clipped_mean = float(np.mean(limited))
+    clipped_worst = min(limited)
     seeds = sorted({r.seed for r in results})
     gain_se = None
     if len(seeds) > 1:
         per_seed = [float(np.mean([r.gain for r in results if r.seed == seed])) for seed in seeds]
         gain_se = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
     return {
-        "fitness": (1.0 - worst_weight) * mean_gain + worst_weight * min(mean_gain, worst_gain + worst_tolerance),
+        "fitness": (1.0 - worst_weight) * clipped_mean + worst_weight * min(clipped_mean,
+                                                                          clipped_worst + worst_tolerance),
         "mean_gain": mean_gain,
+        "clipped_mean_gain": clipped_mean,
         "worst_gain": worst_gain,
         "worst_task": worst_task,
         "gain_se": gain_se,
@@ -213,6 +230,8 @@ class TaskSuite(Fitness):
         tasks_per_seed: Meta-train tasks scored per evaluation seed, drawn by the seed
             (:meth:`tasks_for`); by default :attr:`default_tasks_per_seed` on the meta-train
             split when ``tasks`` is not given, else every task.
+        gain_clip: Limit of each task's gain in the fitness (see :func:`aggregate`; default
+            :attr:`default_gain_clip`, ``None``: no limit).
         fresh_tasks: On the meta-train split (``tasks`` not given): draw each evaluation seed's
             tasks afresh from the task generator instead of from the fixed pool of
             ``train_tasks`` (default :attr:`default_fresh_tasks`). Selection then climbs the
@@ -228,6 +247,8 @@ class TaskSuite(Fitness):
     default_test_tasks = 12
     #: Meta-train tasks scored per evaluation seed (``None``: all of them).
     default_tasks_per_seed: int | None = None
+    #: Limit of each task's gain in the fitness (None: no limit).
+    default_gain_clip: float | None = None
     #: Whether meta-train tasks are drawn afresh for each evaluation seed.
     default_fresh_tasks = False
     #: Drawn tasks per evaluation seed kept in memory (a few evaluations' worth).
@@ -245,6 +266,7 @@ class TaskSuite(Fitness):
         test_tasks: int | None = None,
         tasks_per_seed: int | None = None,
         fresh_tasks: bool | None = None,
+        gain_clip: float | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"{self.name} option split must be train or test, got {split!r}")
@@ -258,6 +280,11 @@ class TaskSuite(Fitness):
                 or not 0.0 <= worst_tolerance < math.inf:
             raise ValueError(f"{self.name} option worst_tolerance must be a number >= 0, got {worst_tolerance!r}")
         self.worst_tolerance = float(worst_tolerance)
+        gain_clip = self.default_gain_clip if gain_clip is None else gain_clip
+        if gain_clip is not None and (isinstance(gain_clip, bool) or not isinstance(gain_clip, (int, float))
+                                      or not 0.0 < gain_clip < math.inf):
+            raise ValueError(f"{self.name} option gain_clip must be a number > 0, got {gain_clip!r}")
+        self.gain_clip = None if gain_clip is None else float(gain_clip)
         self.suite_seed = check_int(self.name, "suite_seed",
                                     self.default_suite_seed if suite_seed is None else suite_seed, 0)
         train_tasks = self.default_train_tasks if train_tasks is None else train_tasks
@@ -471,12 +498,13 @@ class TaskSuite(Fitness):
                 parameters = {name[len(prefix):]: value for name, value in artefacts.items() if name.startswith(prefix)}
                 results.append(TaskResult(task.name, s, self.score_task(parameters, task, s),
                                           self.baseline_score(task, s)))
-        summary = aggregate(results, self.worst_weight, self.worst_tolerance)
+        summary = aggregate(results, self.worst_weight, self.worst_tolerance, self.gain_clip)
+        clip = "" if self.gain_clip is None else f", each task's limited to +-{self.gain_clip:g}"
         metrics = {
             "split": self.split,
             "fitness_rule": f"{1 - self.worst_weight:g} * mean_gain + {self.worst_weight:g} * "
                             f"min(mean_gain, worst_gain + {self.worst_tolerance:g}) "
-                            f"(gain = score - {self.baseline} score, same task and seed)",
+                            f"(gain = score - {self.baseline} score, same task and seed{clip})",
             **{k: v for k, v in summary.items() if k != "fitness"},
             "mean_score": float(np.mean([r.score for r in results])),
             "mean_baseline": float(np.mean([r.baseline for r in results])),

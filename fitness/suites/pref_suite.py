@@ -373,7 +373,7 @@ class PreferenceSuite(TaskSuite):
 
     Options: those of :class:`fitness.suites.base.TaskSuite` (``split``, ``tasks``, ``seeds``,
     ``worst_weight``, ``worst_tolerance``, ``suite_seed``, ``train_tasks`` 32, ``test_tasks`` 12,
-    ``tasks_per_seed`` 8, ``fresh_tasks`` true).
+    ``tasks_per_seed`` 8, ``fresh_tasks`` true, ``gain_clip`` 0.06).
     Meta-train: each evaluation seed scores 8 tasks drawn afresh from the generator for that
     seed (:meth:`~fitness.suites.base.TaskSuite.fresh_tasks_for`), the same for every candidate
     and for DPO on that seed. Selection therefore sees a new sample of the family at every
@@ -398,6 +398,7 @@ class PreferenceSuite(TaskSuite):
     default_train_tasks = 32
     default_tasks_per_seed = 8
     default_fresh_tasks = True
+    default_gain_clip = 0.06
     interface = PreferenceInterface()
     baseline = "dpo"
     #: The same grid as ``synthetic-pref``: the loss's shape as a function of beta * logits.

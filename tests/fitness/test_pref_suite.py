@@ -146,9 +146,11 @@ def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
     assert dpo.fitness == 0.0
     dpo_scores = [r["score"] for r in dpo.metrics["results"]]
     assert max(dpo_scores) > 0.5 and all(score < 1.0 for score in dpo_scores)  # DPO gains, and leaves room
-    assert ranking["constant"].fitness < -0.2
+    # Each task's gain counts up to 0.06 either way in the fitness: the order is what it shows.
+    assert ranking["constant"].fitness < -0.01 and ranking["constant"].metrics["worst_gain"] < -0.3
     assert all(r["score"] == pytest.approx(0.0, abs=1e-9) for r in ranking["constant"].metrics["results"])
-    assert ranking["sign_flipped"].fitness < ranking["constant"].fitness - 0.3
+    assert ranking["sign_flipped"].fitness < ranking["constant"].fitness
+    assert ranking["sign_flipped"].metrics["mean_gain"] < ranking["constant"].metrics["mean_gain"] - 0.3
     assert ranking["sign_flipped"].metrics["mean_score"] < -0.3
 
 
@@ -184,6 +186,12 @@ def test_aggregate_ranks_a_collapse_below_the_baseline_even_with_a_higher_mean()
     assert summary["fitness"] < 0.0  # the baseline scores 0
     assert aggregate(results, worst_weight=0.0)["fitness"] > 0.0
     assert aggregate(results, worst_tolerance=0.0)["fitness"] == pytest.approx(0.5 * summary["mean_gain"] - 0.1)
+    # With gains limited to +-0.06, the win counts 0.06 and the collapse -0.06: still below the baseline.
+    clipped = aggregate(results, gain_clip=0.06)
+    assert clipped["clipped_mean_gain"] == pytest.approx(0.0) and clipped["mean_gain"] == summary["mean_gain"]
+    assert clipped["fitness"] == pytest.approx(0.5 * (-0.06 + 0.05)) and clipped["fitness"] < 0.0
+    with pytest.raises(ValueError, match="gain_clip"):
+        aggregate(results, gain_clip=0.0)
     with pytest.raises(ValueError, match="worst_weight"):
         aggregate(results, worst_weight=2)
     with pytest.raises(ValueError, match="worst_tolerance"):
@@ -200,6 +208,18 @@ def test_aggregate_scores_a_small_shortfall_within_the_tolerance_as_the_mean_gai
     assert aggregate(collapsed)["fitness"] < 0.0 < aggregate(small)["fitness"]
     # The baseline itself scores exactly 0.
     assert aggregate([TaskResult("a", 0, 0.5, 0.5), TaskResult("b", 0, 0.3, 0.3)])["fitness"] == 0.0
+    # Clipped, the same: within the limit nothing changes, and the collapse still costs.
+    assert aggregate(small, gain_clip=0.06)["fitness"] == aggregate(small)["fitness"]
+    assert aggregate(collapsed, gain_clip=0.06)["fitness"] < 0.0
+
+
+def test_a_clipped_gain_keeps_one_task_from_deciding_the_rank():
+    # One large win (a task where the baseline overfits) against small wins on every task.
+    lucky = [TaskResult("a", 0, 0.9, 0.3), TaskResult("b", 0, 0.49, 0.5), TaskResult("c", 0, 0.5, 0.5)]
+    steady = [TaskResult("a", 0, 0.32, 0.3), TaskResult("b", 0, 0.52, 0.5), TaskResult("c", 0, 0.52, 0.5)]
+    assert aggregate(lucky)["fitness"] > aggregate(steady)["fitness"]  # unclipped, the one task decides
+    assert aggregate(lucky, gain_clip=0.06)["fitness"] < aggregate(steady, gain_clip=0.06)["fitness"]
+    assert PreferenceSuite().gain_clip == 0.06 and PreferenceSuite(gain_clip=0.1).gain_clip == 0.1
 
 
 def test_standard_error_is_over_seeds_of_the_paired_mean_gain():
@@ -223,7 +243,9 @@ def test_evaluation_is_deterministic_for_a_seed_and_records_every_task_and_seed(
     assert first.metrics["gain_se"] is not None
     assert PreferenceSuite(**options).evaluate(SEEDS["slic"], 6).fitness != first.fitness
     # Stored results re-aggregate to the same fitness (no task is re-run).
-    assert aggregate(results_from_metrics(first.metrics))["fitness"] == pytest.approx(first.fitness)
+    suite = PreferenceSuite(**options)
+    assert aggregate(results_from_metrics(first.metrics), suite.worst_weight, suite.worst_tolerance,
+                     suite.gain_clip)["fitness"] == pytest.approx(first.fitness)
 
 
 def test_metrics_carry_the_loss_shape_profile(ranking):
@@ -252,6 +274,7 @@ def test_plugin_contract_through_the_registry():
     ({"tasks": [32]}, r"indices in \[0, 32\)"),
     ({"tasks_per_seed": 0}, "tasks_per_seed must be an integer >= 1"),
     ({"fresh_tasks": "yes"}, "fresh_tasks must be true or false"),
+    ({"gain_clip": 0}, "gain_clip must be a number > 0"),
     ({"seeds": 0}, "seeds must be an integer >= 1"),
     ({"worst_weight": 1.5}, "worst_weight"),
     ({"worst_tolerance": -1}, "worst_tolerance"),
