@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-import json
+import marshal
 import os
 import shutil
 import subprocess
@@ -583,7 +583,8 @@ def _unshare_args(mount_plan: MountPlan, view: View, env: dict[str, str], argv: 
             "--mount-proc", "--ipc", "--uts", "--kill-child"]
     if not view.host_network:
         args.append("--net")
-    return args + ["--", sys.executable, "-I", "-S", str(init), json.dumps(spec)]
+    # marshal (built into the interpreter, which is the same one) costs the init nothing to import.
+    return args + ["--", sys.executable, "-I", "-S", str(init), marshal.dumps(spec).hex()]
 
 
 # -- environment ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ root of a fresh user namespace. It then does what bubblewrap does:
 A failed step prints ``evoloss jail: STEP: ERROR`` and exits 125.
 """
 import ctypes
-import json
+import marshal
 import os
 import sys
 
@@ -166,7 +166,7 @@ def drop_privileges() -> None:
 
 
 def main() -> int:
-    spec = json.loads(sys.argv[1])
+    spec = marshal.loads(bytes.fromhex(sys.argv[1]))
     try:
         hostname = spec["hostname"].encode()
         _check(libc.sethostname(hostname, len(hostname)), "sethostname")
