@@ -499,11 +499,15 @@ class TaskSuite(Fitness):
                 results.append(TaskResult(task.name, s, self.score_task(parameters, task, s),
                                           self.baseline_score(task, s)))
         summary = aggregate(results, self.worst_weight, self.worst_tolerance, self.gain_clip)
-        clip = "" if self.gain_clip is None else f", each task's limited to +-{self.gain_clip:g}"
+        if self.gain_clip is None:
+            mean, worst, clip = "mean_gain", "worst_gain", ""
+        else:
+            mean, worst = "clipped_mean_gain", "clipped worst gain"
+            clip = f"; each task's gain limited to +-{self.gain_clip:g}"
         metrics = {
             "split": self.split,
-            "fitness_rule": f"{1 - self.worst_weight:g} * mean_gain + {self.worst_weight:g} * "
-                            f"min(mean_gain, worst_gain + {self.worst_tolerance:g}) "
+            "fitness_rule": f"{1 - self.worst_weight:g} * {mean} + {self.worst_weight:g} * "
+                            f"min({mean}, {worst} + {self.worst_tolerance:g}) "
                             f"(gain = score - {self.baseline} score, same task and seed{clip})",
             **{k: v for k, v in summary.items() if k != "fitness"},
             "mean_score": float(np.mean([r.score for r in results])),

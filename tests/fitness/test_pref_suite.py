@@ -144,6 +144,7 @@ def test_training_sees_pairs_and_reference_but_no_reward_and_scoring_needs_held_
 def test_dpo_ranks_well_above_constant_and_sign_flipped_losses(ranking):
     dpo = ranking["dpo"]
     assert dpo.fitness == 0.0
+    assert "clipped_mean_gain" in dpo.metrics["fitness_rule"] and "limited to +-0.06" in dpo.metrics["fitness_rule"]
     dpo_scores = [r["score"] for r in dpo.metrics["results"]]
     assert max(dpo_scores) > 0.5 and all(score < 1.0 for score in dpo_scores)  # DPO gains, and leaves room
     # Each task's gain counts up to 0.06 either way in the fitness: the order is what it shows.
