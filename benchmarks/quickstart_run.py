@@ -37,8 +37,14 @@ def main() -> int:
     best, baseline = summary["best_fitness"], summary["baseline_fitness"]
     print(f"wall time: {wall:.1f} s for {summary['evaluations']} evaluations "
           f"({summary['generations']} generations, {args.workers} workers)")
-    print(f"best: {summary['best_name']} {best:.4f}  vs  {summary['baseline']} seed {baseline:.4f}  "
-          f"({'beats' if best > baseline else 'does not beat'} it by {best - baseline:+.4f})")
+    estimate = summary.get("best_estimate") or {}
+    if estimate.get("gain") is not None:  # ranked over several seeds: the estimate, not one draw
+        print(f"best: {summary['best_name']} gain {estimate['gain']:+.4f} ± {estimate['se']:.4f} over "
+              f"{estimate['seeds']} seeds (lower bound {estimate['lower']:+.4f}) vs {summary['baseline']}, "
+              "on the tasks selection saw")
+    else:
+        print(f"best: {summary['best_name']} {best:.4f}  vs  {summary['baseline']} seed {baseline:.4f}  "
+              f"({'beats' if best > baseline else 'does not beat'} it by {best - baseline:+.4f})")
     validation = summary.get("validation") or {}
     if validation:
         print(f"held-out validation ({validation.get('fitness')}, {validation.get('seeds')} fresh seeds): "
