@@ -6,7 +6,8 @@ Two measurements, each the median of ``--repeats`` runs:
   jail exactly as a worker is (same view, environment and limits): the jail's own cost, with
   little noise.
 * ``worker``: a real evaluation worker (torch imported, the plug-in loaded and warmed up) from
-  spawn to its ready message, through :class:`engine.executor.ProcessExecutor`.
+  spawn to its ready message, through :class:`engine.executor.ProcessExecutor`, the sandboxes
+  taken in turn; it spreads by about 50 ms from run to run.
 
     python benchmarks/jail_startup.py --repeats 5
 """
@@ -45,13 +46,18 @@ def bare_seconds(sandbox: jail.Sandbox, repeats: int) -> float:
     return statistics.median(times)
 
 
-def worker_seconds(sandbox: jail.Sandbox, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with ProcessExecutor("synthetic-pref", workers=1, sandbox=sandbox):
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def worker_seconds(sandboxes: dict[str, jail.Sandbox], repeats: int) -> dict[str, float]:
+    """Median worker start-up per sandbox, the kinds taken in turn (rotating which goes first):
+    measured one kind after another, the first kind measured read about 50 ms faster than the
+    others, an order effect as large as the jail's cost."""
+    kinds = list(sandboxes)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for i in range(repeats):
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            start = time.perf_counter()
+            with ProcessExecutor("synthetic-pref", workers=1, sandbox=sandboxes[kind]):
+                times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-workers", action="store_true", help="only the bare measurement")
     args = parser.parse_args(argv)
     kinds = ["none"] + [kind for kind in ("bwrap", "unshare") if jail.probe(kind) is None]
-    rows = {}
-    for kind in kinds:
-        sandbox = jail.choose(kind)
-        bare = bare_seconds(sandbox, args.repeats)
-        worker = None if args.skip_workers else worker_seconds(sandbox, args.repeats)
-        rows[kind] = (bare, worker)
+    sandboxes = {kind: jail.choose(kind) for kind in kinds}
+    workers = {} if args.skip_workers else worker_seconds(sandboxes, args.repeats)
+    rows = {kind: (bare_seconds(sandbox, args.repeats), workers.get(kind)) for kind, sandbox in sandboxes.items()}
     print(f"{'sandbox':10} {'bare ms':>9} {'+ vs none':>10} {'worker ms':>10} {'+ vs none':>10}")
     for kind, (bare, worker) in rows.items():
         base_bare, base_worker = rows["none"]
