@@ -43,6 +43,12 @@ SPLITS = ("train", "test")
 _SPLIT_CODES = {"train": 1, "test": 2}
 
 
+def seed_words(seed: int) -> list[int]:
+    """An evaluation seed as two 32-bit words, for seeding numpy generators with it."""
+    seed = int(seed)
+    return [seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF]
+
+
 @dataclass(frozen=True)
 class Task:
     """One task of a suite.
@@ -63,7 +69,7 @@ class Task:
 
     def generator(self, seed: int) -> torch.Generator:
         """A torch generator for the problem instance of this task and evaluation ``seed``."""
-        state = np.random.SeedSequence([*self.key, int(seed) & 0xFFFF_FFFF, (int(seed) >> 32) & 0xFFFF_FFFF])
+        state = np.random.SeedSequence([*self.key, *seed_words(seed)])
         return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
@@ -419,7 +425,7 @@ class TaskSuite(Fitness):
         if self.fresh_tasks:
             return self.fresh_tasks_for(seed)
         rng = np.random.default_rng([self.suite_seed, _SPLIT_CODES[self.split], 0x7A5C,
-                                     seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF])
+                                     *seed_words(seed)])
         chosen = sorted(rng.choice(len(self.tasks), size=self.tasks_per_seed, replace=False).tolist())
         return [self.tasks[i] for i in chosen]
 
@@ -439,7 +445,7 @@ class TaskSuite(Fitness):
             raise RuntimeError(f"{self.name}: the tasks of evaluation seed {seed} are drawn in the trusted "
                                "process (prepare()), not in a genome's process")
         code = _SPLIT_CODES["train"]
-        words = [seed & 0xFFFF_FFFF, (seed >> 32) & 0xFFFF_FFFF]
+        words = seed_words(seed)
         rng = np.random.default_rng([self.suite_seed, code, 0xF2E5, *words])
         wanted, drawn, chosen = self.tasks_per_seed, 0, []
         while len(chosen) < wanted:

@@ -388,8 +388,8 @@ class PreferenceSuite(TaskSuite):
     must have none (the draws of ``suite_seed`` 1, 3, 6-9, 12, 13 have some). The default draw
     is 11, the first usable one from 10 on that no search was validated on: 0 served to design
     the search, 2, 4, 5 and 10 each validated earlier versions of it (5 then served to develop
-    this one; docs/trust.md has the order of events).
-    A test checks that it is usable. The metrics also
+    this one; docs/trust.md has the order of events); a test checks that its meta-test split
+    is usable. The metrics also
     carry the loss-shape profile (:data:`fitness.preference.SHAPE_PROFILE`), measured in the
     training phase and sent back as an artefact.
     """
