@@ -67,6 +67,7 @@ class Engine:
         self.rng = random.Random(config.seed)
         self.tally = Tally()
         self.population = Population(store, self.labels, self.tally)
+        self._baseline_seed_id: int | None = None
         racing = config.cut(RacingSettings)
         if config.asynchronous:
             racing = dataclasses.replace(racing, race_seeds=0)  # steady state ranks by first scores
@@ -169,7 +170,9 @@ class Engine:
 
     def _baseline_seed(self) -> int | None:
         """The baseline seed's candidate id (scores are paired with it), or None."""
-        return self.population.seed_named(self.fitness.baseline) if self.fitness.baseline else None
+        if self._baseline_seed_id is None and self.fitness.baseline:  # a seed's id never changes once made
+            self._baseline_seed_id = self.population.seed_named(self.fitness.baseline)
+        return self._baseline_seed_id
 
     def _objective(self, candidate_id: int, stage: int) -> float:
         """What ranks a candidate on a stage: with racing, on the first stage, the lower

@@ -153,6 +153,8 @@ def _parse(code: Any) -> ast.Module:
         raise GenomeError(f"syntax error on line {exc.lineno}: {exc.msg}") from exc
     except (ValueError, RecursionError, MemoryError) as exc:
         raise GenomeError(f"cannot parse genome: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if code in _WITHIN_BOUNDS:  # the same source parses to the same tree: bounded once is enough
+        return module
     # Iterative walk: counting must not itself recurse on a hostile tree.
     stack, count = [(module, 1)], 0
     while stack:
@@ -166,7 +168,13 @@ def _parse(code: Any) -> ast.Module:
         if count > MAX_AST_NODES:
             raise GenomeError(f"genome has over {MAX_AST_NODES} syntax nodes; the limit is {MAX_AST_NODES}")
         stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    if len(_WITHIN_BOUNDS) >= 4096:
+        _WITHIN_BOUNDS.clear()
+    _WITHIN_BOUNDS.add(code)
     return module
+
+
+_WITHIN_BOUNDS: set[str] = set()  # sources whose trees passed the size and depth bounds
 
 
 def _parse_genome(code: str) -> tuple[ast.Module, ast.FunctionDef]:

@@ -312,7 +312,7 @@ def loss_shape_profile(interface: PreferenceInterface, fn: Callable) -> dict[str
         return {}
     tolerance = 1e-3 * scale
     zero = points // 2
-    at = {round(float(v), 2): i for i, v in enumerate(z)}
+    at = {-20.0: 0, -10.0: (points - 1) // 4}  # grid indices of z = -20 and -10
     slope_zero = float(slope[zero])
     left10, left20 = abs(float(slope[at[-10.0]])), abs(float(slope[at[-20.0]]))
     tail = math.log2((left20 + tolerance) / (left10 + tolerance))

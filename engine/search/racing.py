@@ -77,6 +77,7 @@ class Racing:
         self.floor = floor
         self.samples: dict[int, dict[int, float]] = {}
         self._pooled: float | None = None
+        self._memo: dict[tuple, Estimate | None] = {}  # estimates since the last score came in
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +119,7 @@ class Racing:
         value = self.floor if fitness is None or not math.isfinite(fitness) else float(fitness)
         self.samples.setdefault(candidate_id, {})[int(seed)] = value
         self._pooled = None
+        self._memo.clear()
 
     def seeds_of(self, candidate_id: int) -> int:
         return len(self.samples.get(candidate_id, {}))
@@ -149,10 +151,16 @@ class Racing:
         return self._pooled
 
     def estimate(self, candidate_id: int, pooled: float | None = None) -> Estimate | None:
+        base_id = self.baseline()
+        key = (candidate_id, base_id, pooled)
+        if key not in self._memo:  # ranking asks for every candidate's estimate many times per score
+            self._memo[key] = self._estimate(candidate_id, base_id, pooled)
+        return self._memo[key]
+
+    def _estimate(self, candidate_id: int, base_id: int | None, pooled: float | None) -> Estimate | None:
         own = self.samples.get(candidate_id)
         if not own:
             return None
-        base_id = self.baseline()
         base = self.samples.get(base_id, {}) if base_id is not None else {}
         diffs = self._differences(candidate_id)
         paired = base_id is not None and bool(base) and bool(diffs)
