@@ -3,8 +3,8 @@
 Each variant runs ``python -m engine run`` with the same fitness, the same candidate budget and
 the same noise-aware ranking and validation, over several run seeds:
 
-- ``evolution``: the default (truncation selection: parents uniformly from the ``--pop`` best by
-  their noise-aware bound; the operator's mutations and crossovers);
+- ``evolution``: the default (MAP-Elites archive, tournaments, the operator's mutations and
+  crossovers);
 - ``best-of-n``: offspring of the seed losses only, no selection (``--gens 0`` and a population of
   the whole budget);
 - ``best-of-2n``: the same with twice the candidates, so that its evaluations (candidates plus
@@ -12,8 +12,8 @@ the same noise-aware ranking and validation, over several run seeds:
   per generation, and best-of-N has one generation;
 - ``random``: the same generations, parents drawn from every scored candidate, fitness unused
   (``--selection random``);
-- ``archive``: parents from every MAP-Elites elite by DEAP tournament (``--selection archive``,
-  the default before truncation beat it on held-out gain).
+- ``truncation``: plain truncation selection, parents uniformly from the ``--pop`` best by their
+  noise-aware bound (``--selection truncation``).
 
 What is compared is the held-out gain over the baseline of each run's reported best (the run's
 own rank 1 other than the baseline, chosen before the validation looked at anything:
@@ -50,7 +50,7 @@ def variants(pop: int, gens: int, seeds: int) -> dict[str, list[str]]:
         "best-of-n": ["--pop", str(budget), "--gens", "0"],
         "best-of-2n": ["--pop", str(2 * budget), "--gens", "0"],
         "random": ["--pop", str(pop), "--gens", str(gens), "--selection", "random"],
-        "archive": ["--pop", str(pop), "--gens", str(gens), "--selection", "archive"],
+        "truncation": ["--pop", str(pop), "--gens", str(gens), "--selection", "truncation"],
     }
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {gain:+.4f} ± {se:.4f} | {mean_gain:+.4f} ± {mean_gain_se:.4f} | {len(records)} | "
               f"{evals:.0f} | {made:.0f} |")
     if "evolution" in table:
-        for other in ("best-of-n", "best-of-2n", "random", "archive"):
+        for other in ("best-of-n", "best-of-2n", "random", "truncation"):
             if other not in table:
                 continue
             for key, label in (("held_out_gain", "held-out gain"), ("held_out_mean_gain", "mean gain over tasks")):

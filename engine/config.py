@@ -157,11 +157,11 @@ class RunConfig:
         "tries per offspring slot when operators produce invalid or duplicate genomes", group=SEARCH))
     code_size_bins: int = field(default=4, metadata=_help(
         "bins of the archive's code-size axis (0 drops the axis)", group=SEARCH))
-    selection: str = field(default="truncation", metadata=_help(
-        "where parents come from: truncation (uniformly from the --pop best by their noise-aware bound; the "
-        "default), archive (every MAP-Elites elite, DEAP tournament), or for ablations random (any scored "
-        "candidate, fitness unused); the archive is kept and shown to operators whichever is chosen",
-        group=SEARCH))
+    selection: str = field(default="archive", metadata=_help(
+        "where parents come from: archive (every MAP-Elites elite, DEAP tournament; the default), "
+        "truncation (uniformly from the --pop best by their noise-aware bound), or for ablations random "
+        "(any scored candidate, fitness unused); the archive is kept and shown to operators whichever is "
+        "chosen", group=SEARCH))
     race_seeds: int = field(default=3, metadata=_help(
         "noise-aware selection: extra evaluation seeds a candidate that could reach the top gets before it is "
         "trusted (re-measured 1, then 2 more...; each paired with the baseline seed on the same seeds); elites, "

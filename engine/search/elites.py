@@ -65,7 +65,7 @@ class EliteSettings:
     context_best: int = 5
     context_diverse: int = 3
     code_size_bins: int = 4
-    selection: str = "truncation"
+    selection: str = "archive"
     pop: int = 8
 
 
@@ -156,11 +156,11 @@ class ElitePool:
 
     # -- choosing parents -----------------------------------------------------------------------
     def parents(self) -> list[Individual]:
-        """The parent pool. ``truncation`` (the default): the ``pop`` best scored candidates, the
-        most expensive stage first. ``archive``: every stage's elites, each candidate once, at the
-        highest stage it reached (a candidate promoted but beaten in its cell there is no longer a
-        parent). ``random`` (an ablation): every scored candidate, fitness unused. On pref-suite's
-        held-out tasks truncation's reported bests beat the archive's (docs/trust.md)."""
+        """The parent pool. ``archive`` (the default): every stage's elites, each candidate once,
+        at the highest stage it reached (a candidate promoted but beaten in its cell there is no
+        longer a parent). ``truncation``: the ``pop`` best scored candidates, the most expensive
+        stage first, no grid. ``random`` (an ablation): every scored candidate, fitness unused.
+        Over three draws of pref-suite the first two tie on held-out gain (docs/trust.md)."""
         if self.settings.selection != "archive":
             scored = []
             for cid, candidate in self.population.candidates.items():

@@ -1,5 +1,5 @@
-"""Where parents come from: truncation (the default) draws from the --pop best by the run's
-objective (with racing, a lower confidence bound), archive from the MAP-Elites elites, random from
+"""Where parents come from: archive (the default) draws from the MAP-Elites elites, truncation
+from the --pop best by the run's objective (with racing, a lower confidence bound), random from
 every scored candidate."""
 import random
 from types import SimpleNamespace
@@ -38,8 +38,7 @@ def _pool(selection: str, pop: int = 4, n: int = 20):
     return pool
 
 
-def test_truncation_is_the_default_and_draws_from_the_pop_best_by_the_objective():
-    assert RunConfig().selection == "truncation" and EliteSettings().selection == "truncation"
+def test_truncation_draws_from_the_pop_best_by_the_objective():
     pool = _pool("truncation")
     parents = pool.parents()
     assert [ind.candidate.id for ind in parents] == [0, 1, 2, 3]
@@ -50,7 +49,8 @@ def test_truncation_is_the_default_and_draws_from_the_pop_best_by_the_objective(
     assert pair[0].id != pair[1].id  # a crossover gets two distinct parents
 
 
-def test_archive_selection_draws_from_the_grid_elites_only():
+def test_archive_selection_is_the_default_and_draws_from_the_grid_elites_only():
+    assert RunConfig().selection == "archive" and EliteSettings().selection == "archive"
     pool = _pool("archive")
     # Two cells (even and odd ids); the objective puts the lowest id of each first.
     assert sorted(ind.candidate.id for ind in pool.parents()) == [0, 1]
