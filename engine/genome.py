@@ -222,11 +222,16 @@ def check_genome(code: str, arg_counts: tuple[int, ...] | None = None) -> ast.Fu
     Raises:
         GenomeError: with a message that names the line and the rule broken.
     """
+    return _checked(code, arg_counts)[1]
+
+
+def _checked(code: str, arg_counts: tuple[int, ...] | None) -> tuple[ast.Module, ast.FunctionDef]:
+    """The checks of :func:`check_genome`; the module and its function, parsed afresh."""
     if not isinstance(code, str):
         raise GenomeError(f"genome code must be a string, got {type(code).__name__}")
     # Operators and the engine check the same source several times; passing checks are cached.
     _check_cached(code, tuple(arg_counts) if arg_counts is not None else None)
-    return _parse_genome(code)[1]
+    return _parse_genome(code)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -543,8 +548,7 @@ def compile_genome(code: str, arg_counts: tuple[int, ...] | None = None, *, chec
         GenomeError: the check failed, or the module could not be built.
     """
     if check:
-        function = check_genome(code, arg_counts)
-        module = _parse(code)
+        module, function = _never_raises_else(_checked)(code, arg_counts)
     else:
         module, function = _parse_unchecked(code)
     module = _Executable(drop_imports=restrict).visit(module)

@@ -310,13 +310,20 @@ class Interface:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         reached = False
+        batches, total = [], None
         for batch_size in self.batch_sizes:
             inputs = self.sample_inputs(batch_size, generator)
             losses = self._call_checked(fn, inputs, batch_size)
-            try:
-                losses.sum().backward()
-            except Exception as exc:
-                raise GenomeError(f"backward failed: {type(exc).__name__}: {exc}") from exc
+            batches.append((batch_size, inputs))
+            total = losses.sum() if total is None else total + losses.sum()
+            if time.perf_counter() - start > self.check_seconds:
+                raise GenomeError(f"the contract checks took over {self.check_seconds:g} s; the loss is too slow")
+        try:  # one backward pass for every batch: each batch's inputs get their own gradient
+            if total is not None:
+                total.backward()
+        except Exception as exc:
+            raise GenomeError(f"backward failed: {type(exc).__name__}: {exc}") from exc
+        for batch_size, inputs in batches:
             for name, tensor in inputs.items():
                 if tensor.requires_grad and tensor.grad is not None:
                     if not torch.isfinite(tensor.grad).all():
@@ -324,8 +331,8 @@ class Interface:
                             f"gradient with respect to {name!r} is not finite for batch size {batch_size}"
                         )
                     reached = reached or bool((tensor.grad != 0).any())
-            if time.perf_counter() - start > self.check_seconds:
-                raise GenomeError(f"the contract checks took over {self.check_seconds:g} s; the loss is too slow")
+        if time.perf_counter() - start > self.check_seconds:
+            raise GenomeError(f"the contract checks took over {self.check_seconds:g} s; the loss is too slow")
         if not reached:
             raise GenomeError(
                 "no gradient reaches the inputs: the loss is constant or detached (avoid .detach(), "
@@ -367,11 +374,11 @@ class Interface:
         inputs = self.sample_inputs(batch_size, generator)
         losses = self.call(fn, inputs)
         losses.sum().backward()
-        values = [float(v) for v in losses.detach().flatten()]
+        values = [float(v) for v in losses.detach().flatten().tolist()]
         for tensor in inputs.values():
             if tensor.requires_grad:
                 grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-                values.extend(float(v) for v in grad.flatten())
+                values.extend(float(v) for v in grad.flatten().tolist())
         text = ",".join(format(round_significant(v, digits, zero_below=1e-9), f".{digits}g") for v in values)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -117,9 +117,10 @@ class SymbolicOperator(Operator):
         """
         function = parse_function(parent.code, parent.name)
         forbidden = {safe_hash(parent.code)}
-        work, tag, thought = self._mutate_once(function, context, forbidden)
-        name = self._mutation_name(parent.name or function.name, [tag])
-        return Offspring(name=name, code=render(work, name), thought=thought)
+        parent_name = parent.name or function.name
+        work, tag, thought, code = self._mutate_once(
+            function, context, forbidden, name_for=lambda tag: self._mutation_name(parent_name, [tag]))
+        return Offspring(name=self._mutation_name(parent_name, [tag]), code=code, thought=thought)
 
     def crossover(self, first: Candidate, second: Candidate, context: Context) -> Offspring:
         """Combine two parents into one function (``blend``, ``gate`` or ``splice``).
@@ -156,7 +157,8 @@ class SymbolicOperator(Operator):
                     "splice": splice,
                 }[kind]
                 work, thought = method(work_a, work_b, name_a, name_b, rng, grad)
-                self._validate(work, context.interface, grad, hashes, node_count(fa))
+                name = self._crossover_name(name_a, name_b, kind)
+                code = self._validate(work, context.interface, grad, hashes, node_count(fa), name)
             except Skip as exc:
                 reasons[kind] = str(exc)
                 continue
@@ -164,8 +166,7 @@ class SymbolicOperator(Operator):
                 reasons[kind] = str(exc)
                 remaining = [(k, w) for k, w in remaining if k != kind]
                 continue
-            name = self._crossover_name(name_a, name_b, kind)
-            return Offspring(name=name, code=render(work, name), thought=thought)
+            return Offspring(name=name, code=code, thought=thought)
         raise OperatorError(
             f"no symbolic crossover of {name_a!r} and {name_b!r} succeeded in {attempts} attempts ("
             + "; ".join(f"{k}: {r}" for k, r in reasons.items()) + ")"
@@ -203,9 +204,12 @@ class SymbolicOperator(Operator):
         tags: list[str] = []
         thoughts: list[str] = []
         work = function
+        code = None
         for step in range(steps):
             try:
-                work, tag, thought = self._mutate_once(work, context, forbidden)
+                # Each step is checked under the name the offspring gets if it is the last one.
+                work, tag, thought, code = self._mutate_once(
+                    work, context, forbidden, name_for=lambda tag: self._mutation_name(base_name, tags + [tag]))
             except OperatorError:
                 if step == 0:
                     raise
@@ -215,12 +219,15 @@ class SymbolicOperator(Operator):
             thoughts.append(thought[0].lower() + thought[1:].rstrip("."))
         count = "one mutation" if len(tags) == 1 else f"{len(tags)} mutations"
         thought = f"Proposed from {origin} by {count}: " + "; then ".join(thoughts) + "."
-        name = self._mutation_name(base_name, tags)
-        return Offspring(name=name, code=render(work, name), thought=thought)
+        return Offspring(name=self._mutation_name(base_name, tags), code=code, thought=thought)
 
     # -- mutation ----------------------------------------------------------------------------
-    def _mutate_once(self, function: ast.FunctionDef, context: Context,
-                     forbidden: set[str]) -> tuple[ast.FunctionDef, str, str]:
+    def _mutate_once(self, function: ast.FunctionDef, context: Context, forbidden: set[str],
+                     name_for: Callable[[str], str] | None = None) -> tuple[ast.FunctionDef, str, str, str]:
+        """One mutation of ``function`` that passes :meth:`_validate`: the new tree, its tag, the
+        thought and its source, rendered under ``name_for(tag)`` (the offspring's own name, so
+        that the engine's static check of that source is the one already made here) or, without
+        ``name_for``, under the function's name."""
         rng = context.rng
         grad = self._gradient_params(function, context)
         kinds: dict[str, Callable[[ast.FunctionDef, random.Random, set[str]], tuple[str, str]]] = {
@@ -238,7 +245,8 @@ class SymbolicOperator(Operator):
             work = strip_docstring(copy.deepcopy(function))
             try:
                 tag, thought = kinds[kind](work, rng, grad)
-                self._validate(work, context.interface, grad, forbidden, node_count(function))
+                code = self._validate(work, context.interface, grad, forbidden, node_count(function),
+                                      name_for(tag) if name_for else work.name)
             except NotApplicable as exc:
                 reasons[kind] = str(exc)
                 remaining = [(k, w) for k, w in remaining if k != kind]
@@ -246,7 +254,7 @@ class SymbolicOperator(Operator):
             except Skip as exc:
                 reasons[kind] = str(exc)
                 continue
-            return work, tag, thought
+            return work, tag, thought, code
         detail = "; ".join(f"{k}: {r}" for k, r in reasons.items()) or "no mutation kinds enabled"
         raise OperatorError(
             f"no symbolic mutation of {function.name!r} succeeded in {attempts} attempts ({detail})"
@@ -254,11 +262,12 @@ class SymbolicOperator(Operator):
 
     # -- shared checks and names ---------------------------------------------------------------
     def _validate(self, work: ast.FunctionDef, interface: Any, grad: set[str],
-                  forbidden: set[str], parent_size: int) -> None:
-        """Tidy ``work`` in place and check it; raises :class:`Skip` with the reason."""
+                  forbidden: set[str], parent_size: int, name: str) -> str:
+        """Tidy ``work`` in place and check it as the source of a function called ``name``, which
+        it returns; raises :class:`Skip` with the reason."""
         arg_counts = getattr(interface, "arg_counts", None)
         tidy(work)
-        code = render(work, work.name)
+        code = render(work, name)
         try:
             check_genome(code, arg_counts)
         except GenomeError as exc:
@@ -272,6 +281,7 @@ class SymbolicOperator(Operator):
             raise Skip("the loss would no longer depend on " + ", ".join(sorted(grad)))
         if code_hash(code) in forbidden:
             raise Skip("offspring is the same genome as a parent")
+        return code
 
     def _gradient_params(self, function: ast.FunctionDef, context: Context) -> set[str]:
         """The parameters that receive a gradient, read from the interface's sample inputs
