@@ -32,7 +32,7 @@ from typing import Any
 from collections.abc import Callable, Iterable
 
 from engine import jail
-from engine.processes import JsonConnection, remove_tree
+from engine.processes import JsonConnection, oom_kills, remove_tree
 from engine.candidate import EvalResult
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
@@ -90,6 +90,8 @@ class Task:
     stage: int = 0
     seed: int | None = None
     attempts: int = 0
+    #: The kernel's out-of-memory kill count when the task was first handed to a worker.
+    oom_kills_before: int | None = None
 
     def seed_or(self, default: int) -> int:
         return default if self.seed is None else self.seed
@@ -616,6 +618,8 @@ class ProcessExecutor(Executor):
                         if task is None:
                             break
                         worker.task, worker.deadline = task, time.monotonic() + self.backstop_seconds
+                        if task.attempts == 0:
+                            task.oom_kills_before = oom_kills()
                         worker.conn.send({"candidate_id": task.candidate_id, "code": task.code,
                                           "seed": task.seed_or(seed), "stage": task.stage,
                                           "check_timeout": self.check_timeout, "timeout": self.timeout,
@@ -687,9 +691,16 @@ class ProcessExecutor(Executor):
 
     @staticmethod
     def _death_result(task: Task, code: int) -> EvalResult:
+        """The result of a task whose worker died twice: a SIGKILL is ``oom`` when the kernel's
+        out-of-memory kill count grew meanwhile (or cannot be read), else an ``error``."""
         if code < 0:
             name = signal.Signals(-code).name
             if -code == signal.SIGKILL:
+                before, after = task.oom_kills_before, oom_kills()
+                if before is not None and after is not None and after <= before:
+                    return EvalResult(task.candidate_id, "error", error=(
+                        "the worker was killed (SIGKILL) twice while evaluating this genome, not by the "
+                        "kernel's out-of-memory killer"))
                 return EvalResult(task.candidate_id, "oom", error=(
                     "the worker was killed (SIGKILL) twice while evaluating this genome, most likely by the "
                     "kernel's out-of-memory killer"))

@@ -242,3 +242,17 @@ class JsonConnection(Connection):
 
     def recv(self):
         return json.loads(self.recv_bytes(self.MAX_BYTES))
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (``oom_kill``
+    in ``/proc/vmstat``, system-wide, cgroup limits included; Linux 4.13 and later), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

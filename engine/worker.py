@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 from collections.abc import Callable
 
-from engine.processes import JsonConnection, end_process_group, remove_tree, watch_parent  # noqa: F401 - re-exported for old imports
+from engine.processes import JsonConnection, end_process_group, oom_kills, remove_tree, watch_parent  # noqa: F401 - re-exported for old imports
 
 #: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
 CHECK_TIMEOUT = 10.0
@@ -403,20 +403,6 @@ def sweep_descendants(seconds: float = SWEEP_SECONDS) -> bool:
 
 
 # -- one evaluation, seen from the warm worker --------------------------------------------------------
-def oom_kills() -> int | None:
-    """How many processes the kernel's out-of-memory killer has killed since boot (``oom_kill``
-    in ``/proc/vmstat``, system-wide, cgroup limits included; Linux 4.13 and later), or None
-    where it cannot be read."""
-    try:
-        with open("/proc/vmstat", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _death_message(status: int, oom_kills_before: int | None = None) -> tuple[str, str]:
     """Status and message for a genome's process that ended without its result.
 

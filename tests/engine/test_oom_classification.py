@@ -82,3 +82,19 @@ def test_a_genome_that_kills_itself_is_an_error_not_oom(tmp_path, capsys):
     payload = json.loads(capsys.readouterr().out)
     assert status == 1 and payload["status"] == "error", payload
     assert "killed (SIGKILL)" in payload["error"] and "not by the kernel's out-of-memory killer" in payload["error"]
+
+
+def test_a_worker_killed_twice_is_oom_only_when_the_kernel_out_of_memory_killer_struck():
+    from engine.executor import ProcessExecutor, Task
+    from engine.processes import oom_kills
+
+    now = oom_kills()
+    if now is None:
+        pytest.skip("/proc/vmstat has no oom_kill count here")
+    killed = -int(signal.SIGKILL)
+    quiet = ProcessExecutor._death_result(Task(3, "code", oom_kills_before=now), killed)
+    assert quiet.status == "error" and "not by the kernel's out-of-memory killer" in quiet.error
+    struck = ProcessExecutor._death_result(Task(3, "code", oom_kills_before=now - 1), killed)
+    assert struck.status == "oom" and "most likely by the kernel's out-of-memory killer" in struck.error
+    assert ProcessExecutor._death_result(Task(3, "code"), killed).status == "oom"  # count unknown
+    assert ProcessExecutor._death_result(Task(3, "code"), -int(signal.SIGSEGV)).status == "error"
