@@ -275,7 +275,8 @@ class Engine:
             if self.draining:
                 return False
             # One candidate at most once per executor call: a result names its candidate, not its seed.
-            tasks = [(cid, self.candidates[cid].code, 0, seed) for cid in ids]
+            # Checked already (on the run's own seed): their processes go straight to training.
+            tasks = [(cid, self.candidates[cid].code, 0, seed, True) for cid in ids]
             executor.run(tasks, self.config.eval_seed, None, lambda result, seed=seed: self.record_seed(result, seed))
         return True
 

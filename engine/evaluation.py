@@ -207,9 +207,11 @@ def judged(fitness, result: EvalResult) -> EvalResult:
 
 # -- both phases in one process (serial executor) --------------------------------------------------
 def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Decide | None = None,
-                  jail_only: bool = False) -> EvalResult:
+                  jail_only: bool = False, checked: bool = False) -> EvalResult:
     """Score ``code`` with ``fitness`` in this process; never raises for anything the genome or
-    plug-in does. No isolation: use the process executor for untrusted genomes."""
+    plug-in does (``checked``: a re-measurement, without the contract checks, fingerprint and
+    descriptors its first evaluation had). No isolation: use the process executor for untrusted
+    genomes."""
     from fitness.base import is_protected, validate_artefacts
 
     start = time.perf_counter()
@@ -223,8 +225,9 @@ def run_candidate(fitness, candidate_id: int, code: str, seed: int, decide: Deci
         if torch.cuda.is_initialized():  # this process scores many genomes: the peak is per evaluation
             torch.cuda.reset_peak_memory_stats()
         fn = build_function(code, fitness.interface, jail_only)
-        fingerprint, descriptors = check_behaviour(fitness, fn)
-        if decide is not None:
+        if not checked:
+            fingerprint, descriptors = check_behaviour(fitness, fn)
+        if decide is not None and fingerprint is not None:
             duplicate_of = decide(candidate_id, fingerprint)
             if duplicate_of is not None:
                 return duplicate_result(candidate_id, duplicate_of, fingerprint, descriptors, start)
@@ -276,7 +279,8 @@ class Channel:
         return json.loads(self.connection.recv_bytes(MAX_MESSAGE_BYTES))
 
 
-def untrusted_phase(fitness, stages, code: str, seed: int, channel: Channel, jail_only: bool = False) -> None:
+def untrusted_phase(fitness, stages, code: str, seed: int, channel: Channel, jail_only: bool = False,
+                    checked: bool = False) -> None:
     """Everything that runs genome code, in the genome's own process: sends ``checked``
     (fingerprint, descriptors), waits for ``go`` (the driver's dedup answer), then sends
     ``artefacts`` and their safetensors bytes (or, for a plug-in of the first contract,
@@ -295,7 +299,7 @@ def untrusted_phase(fitness, stages, code: str, seed: int, channel: Channel, jai
     try:
         seed_torch(seed)
         fn = build_function(code, fitness.interface, jail_only)
-        fingerprint, descriptors = check_behaviour(fitness, fn)
+        fingerprint, descriptors = (None, {}) if checked else check_behaviour(fitness, fn)
         channel.send_json({"type": "checked", "fingerprint": fingerprint, "descriptors": descriptors})
         if channel.receive_json().get("type") != "go":
             return

@@ -83,7 +83,9 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
 class Task:
     """One evaluation: a candidate's code scored on fidelity stage ``stage`` (0 unless the run
     climbs a fidelity ladder), on evaluation seed ``seed`` (None: the run's own; re-measuring a
-    candidate on fresh seeds gives one)."""
+    candidate on fresh seeds gives one). ``checked``: the candidate already passed the contract
+    checks on this stage and the driver has its fingerprint and descriptors (a re-measurement),
+    so its process goes straight to training."""
 
     candidate_id: int
     code: str
@@ -92,6 +94,7 @@ class Task:
     attempts: int = 0
     #: The kernel's out-of-memory kill count when the task was first handed to a worker.
     oom_kills_before: int | None = None
+    checked: bool = False
 
     def seed_or(self, default: int) -> int:
         return default if self.seed is None else self.seed
@@ -119,13 +122,14 @@ class TaskSource:
 
 
 class ListSource(TaskSource):
-    """A fixed list of tasks: ``(candidate_id, code)``, ``(candidate_id, code, stage)`` or
-    ``(candidate_id, code, stage, seed)``."""
+    """A fixed list of tasks: ``(candidate_id, code)``, ``(candidate_id, code, stage)``,
+    ``(candidate_id, code, stage, seed)`` or ``(candidate_id, code, stage, seed, checked)``."""
 
     poll_interval = float("inf")
 
     def __init__(self, tasks: Iterable[tuple]) -> None:
-        self.queue: deque[Task] = deque(Task(*task[:4]) for task in tasks)
+        self.queue: deque[Task] = deque(Task(*task[:4], checked=bool(task[4]) if len(task) > 4 else False)
+                                        for task in tasks)
 
     def take(self) -> Task | None:
         return self.queue.popleft() if self.queue else None
@@ -204,7 +208,7 @@ class SerialExecutor(Executor):
                 time.sleep(min(source.poll_interval, 0.05))
                 continue
             on_result(run_candidate(self.stages[task.stage], task.candidate_id, task.code, task.seed_or(seed),
-                                    decide=decide))
+                                    decide=decide, checked=task.checked))
 
 
 def stage_specs(fitness_spec: Any, fitness_options: dict[str, Any] | None = None) -> list[tuple[Any, dict[str, Any]]]:
@@ -623,7 +627,7 @@ class ProcessExecutor(Executor):
                         worker.conn.send({"candidate_id": task.candidate_id, "code": task.code,
                                           "seed": task.seed_or(seed), "stage": task.stage,
                                           "check_timeout": self.check_timeout, "timeout": self.timeout,
-                                          "jail_only": self.jail_only})
+                                          "jail_only": self.jail_only, "checked": task.checked})
                 busy = [w for w in self.workers if w.task]
                 starting = [w for w in self.workers if not w.ready]
                 more = bool(retries) or not source.exhausted()

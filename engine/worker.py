@@ -469,6 +469,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     timeout = float(task.get("timeout") or 0) or float("inf")
     check_timeout = min(float(task.get("check_timeout") or CHECK_TIMEOUT), timeout)
     jail_only = bool(task.get("jail_only", False))
+    checked = bool(task.get("checked", False))  # a re-measurement: the checks ran on its first evaluation
     fingerprint, descriptors = None, {}
 
     def failed(status: str, error: str) -> EvalResult:
@@ -487,7 +488,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
               "open_files": int(getattr(fitness, "max_open_files", 0) or 0), **genome_view(stages)}
     oom_kills_before = oom_kills()
     child = EvaluationChild.start(
-        lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only),
+        lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only, checked),
         limits, scratch=scratch, inherited=list(inherited), output=output,
     )
     phase = "checks"
@@ -497,11 +498,11 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
             return failed("timeout", f"the contract checks did not finish within their {check_timeout:g} s wall-clock "
                                      "limit (--check-timeout): the loss hangs or is far too slow on tiny inputs")
         if message.get("type") == "checked":
-            try:
-                fingerprint, descriptors = _checked_message(message, fitness)
+            try:  # a re-measurement keeps nothing the genome's process says here
+                fingerprint, descriptors = (None, {}) if checked else _checked_message(message, fitness)
             except ValueError as exc:
                 return failed("error", f"the genome's process reported {exc}")
-            if decide is not None:
+            if decide is not None and fingerprint is not None:
                 duplicate_of = decide(candidate_id, fingerprint)
                 if duplicate_of is not None:
                     return duplicate_result(candidate_id, duplicate_of, fingerprint, descriptors, start)

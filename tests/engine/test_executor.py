@@ -141,3 +141,27 @@ def test_plugin_that_fails_to_import_stops_the_executor_with_its_file_named(writ
     with pytest.raises(PluginError, match="broken_plugin.py.*ModuleNotFoundError"):
         with ProcessExecutor(spec, workers=1, timeout=30):
             pass
+
+
+@pytest.mark.parametrize("kind", ["serial", "process"])
+def test_a_re_measurement_skips_the_checks_and_scores_the_same(example_spec, kind):
+    """A task marked checked (a re-measurement: the driver has the candidate's fingerprint and
+    descriptors from its first evaluation) goes straight to training: no fingerprint, no
+    descriptors, no dedup question, and the same score as a full evaluation on that seed."""
+    asked = []
+
+    def decide(candidate_id, fingerprint):
+        asked.append(candidate_id)
+        return None
+
+    results = {}
+    executor = SerialExecutor(example_spec) if kind == "serial" else ProcessExecutor(example_spec, workers=1, timeout=30)
+    with executor:
+        executor.run([(0, GOOD, 0, 7), (1, GOOD, 0, 7, True)], seed=0, decide=decide,
+                     on_result=lambda r: results.__setitem__(r.candidate_id, r))
+    full, again = results[0], results[1]
+    assert full.status == again.status == "ok"
+    assert full.fingerprint and full.descriptors
+    assert again.fingerprint is None and again.descriptors == {}
+    assert again.fitness == full.fitness
+    assert asked == [0]

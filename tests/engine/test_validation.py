@@ -50,6 +50,15 @@ def test_a_run_re_measures_on_fresh_seeds_paired_with_the_baseline(finished_run)
     # No (candidate, seed) was measured twice.
     pairs = rows(finished_run, "WHERE eval_seed IS NOT NULL AND fitness_name NOT LIKE 'validation:%'")
     assert len(pairs) == len(set(pairs))
+    # A re-measurement skips the checks its candidate passed on the run's own seed.
+    db = sqlite3.connect(finished_run / "run.sqlite")
+    try:
+        checks = db.execute("SELECT eval_seed IS NULL, fingerprint IS NULL, descriptors FROM evaluations "
+                            "WHERE status = 'ok' AND fitness_name NOT LIKE 'validation:%'").fetchall()
+    finally:
+        db.close()
+    assert all(not no_print for own, no_print, _ in checks if own)
+    assert all(no_print and descriptors == "{}" for own, no_print, descriptors in checks if not own)
 
 
 def test_replay_ranks_by_the_lower_bound_and_reports_the_validation(finished_run, capsys):
