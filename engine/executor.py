@@ -609,7 +609,10 @@ class ProcessExecutor(Executor):
 
     def run(self, tasks: Iterable[tuple] | TaskSource, seed: int, decide: Decide | None,
             on_result: OnResult) -> None:
-        """Score every task; ``on_result`` is called in the driver as each one finishes."""
+        """Score every task; ``on_result`` is called in the driver as each one finishes (the
+        workers start here if :meth:`start` was not called; :meth:`close` ends them)."""
+        if not self.workers:
+            self.start()
         if self._guessed is not None:
             self.confirm()  # never a genome in a view that is not the plug-ins' own
         source = as_source(tasks)

@@ -165,3 +165,13 @@ def test_a_re_measurement_skips_the_checks_and_scores_the_same(example_spec, kin
     assert again.fingerprint is None and again.descriptors == {}
     assert again.fitness == full.fitness
     assert asked == [0]
+
+
+def test_a_process_executor_used_without_start_starts_its_workers(example_spec):
+    results = []
+    executor = ProcessExecutor(example_spec, workers=1, timeout=30)
+    try:
+        executor.run([(0, GOOD)], seed=0, decide=None, on_result=results.append)
+    finally:
+        executor.close()
+    assert [r.status for r in results] == ["ok"]
