@@ -234,6 +234,9 @@ def _checked(code: str, arg_counts: tuple[int, ...] | None) -> tuple[ast.Module,
     return _parse_genome(code)
 
 
+_checked_module = _never_raises_else(_checked)  # for compile_genome, which needs the module too
+
+
 @functools.lru_cache(maxsize=4096)
 def _check_cached(code: str, arg_counts: tuple[int, ...] | None) -> None:
     _check_uncached(code, arg_counts)
@@ -548,7 +551,7 @@ def compile_genome(code: str, arg_counts: tuple[int, ...] | None = None, *, chec
         GenomeError: the check failed, or the module could not be built.
     """
     if check:
-        module, function = _never_raises_else(_checked)(code, arg_counts)
+        module, function = _checked_module(code, arg_counts)
     else:
         module, function = _parse_unchecked(code)
     module = _Executable(drop_imports=restrict).visit(module)
