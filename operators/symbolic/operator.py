@@ -214,7 +214,7 @@ class SymbolicOperator(Operator):
                 if step == 0:
                     raise
                 break
-            forbidden.add(safe_hash(render(work, "genome")))
+            forbidden.add(safe_hash(code))  # names do not enter the hash: the source just checked serves
             tags.append(tag)
             thoughts.append(thought[0].lower() + thought[1:].rstrip("."))
         count = "one mutation" if len(tags) == 1 else f"{len(tags)} mutations"
