@@ -87,7 +87,6 @@ class Engine:
         #: Set (by a Ctrl-C handler) to start no new evaluation and stop once running ones end.
         self.draining = False
         self._resumed_batch: list[Candidate] | None = None
-        self._baseline: int | None = None
         self._seeds: list | None = None
         for operator in self.operators:
             # Operators that keep records in the run store (LLM calls) get it here.
@@ -187,9 +186,7 @@ class Engine:
         """The baseline seed's candidate id when ``--promote-baseline`` takes it up a ladder."""
         if not (self.ladder and self.config.promote_baseline and self.fitness.baseline):
             return None
-        if self._baseline is None:  # seeds never change once made: look once
-            self._baseline = self.population.seed_named(self.fitness.baseline)
-        return self._baseline
+        return self._baseline_seed()
 
     # -- making candidates ----------------------------------------------------------------------
     def make_batch(self) -> list[Candidate]:
