@@ -275,13 +275,19 @@ def run_probe(name: str, sandbox: jail.Sandbox, bait: Bait, view_parts: dict[str
     view = jail.View(scratch=scratch, **view_parts)
     env = jail.jail_environment(scrubbed_environment(), view, sandbox)
     argv, launcher_env = jail.wrap(sandbox, command, view, env, jail.Limits(address_space=4 << 30))
-    try:
-        done = subprocess.run(argv, env=launcher_env, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=PROBE_TIMEOUT, preexec_fn=jail.preexec(jail.Limits()),  # noqa: PLW1509
-                              start_new_session=True)
-        output = (done.stdout + done.stderr).decode("utf-8", "replace")
-    except subprocess.TimeoutExpired as exc:
-        output = f"timed out; {(exc.stdout or b'').decode('utf-8', 'replace')}"
+    # The output goes to a file outside the scratch, not a pipe: a child the probe leaves behind
+    # would hold a pipe open, and the doctor would wait on it to the deadline instead of on the probe.
+    with tempfile.TemporaryFile(dir=bait.folder) as out, tempfile.TemporaryFile(dir=bait.folder) as err:
+        try:
+            subprocess.run(argv, env=launcher_env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                           timeout=PROBE_TIMEOUT, preexec_fn=jail.preexec(jail.Limits()),  # noqa: PLW1509
+                           start_new_session=True)
+            prefix = ""
+        except subprocess.TimeoutExpired:
+            prefix = "timed out; "
+        out.seek(0)
+        err.seek(0)
+        output = prefix + (out.read(1 << 20) + err.read(1 << 20)).decode("utf-8", "replace")
     try:
         said = json.loads(output.strip().splitlines()[0]) if output.strip().startswith("[") else [output.strip()]
     except ValueError:
