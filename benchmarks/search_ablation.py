@@ -24,7 +24,13 @@ tasks alone, from the same evaluations. Per variant: mean ± standard error over
 evaluations each run used, and how many candidates it had made when its reported best appeared;
 and the paired differences, evolution minus each other variant, by run seed.
 
+A comparison on one draw of a suite's tasks says partly which search found the loss family that
+draw's meta-test tasks favour. ``--draws`` gives each run seed a draw of its own (``--fitness-opt
+suite_seed=D`` for every variant of that run seed, so the pairs stay on one draw): the standard
+errors then include the spread between draws.
+
     python benchmarks/search_ablation.py [--fitness pref-suite] [--seeds 1 2 3] [--pop 8] [--gens 6]
+    python benchmarks/search_ablation.py --seeds 1 2 3 --draws 20 21 23   # one draw per run seed
 """
 from __future__ import annotations
 
@@ -102,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (give each run --workers 1 to keep one core per run)")
+    parser.add_argument("--draws", type=int, nargs="+", default=None,
+                        help="a suite draw (suite_seed) per run seed, in the order of --seeds")
     args, extra = parser.parse_known_args(argv)
+    if args.draws is not None and len(args.draws) != len(args.seeds):
+        parser.error(f"--draws needs one draw per run seed ({len(args.seeds)}), got {len(args.draws)}")
+    draws = dict(zip(args.seeds, args.draws or [None] * len(args.seeds)))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evoloss-ablation-"))
     chosen = variants(args.pop, args.gens, args.plugin_seeds)
     if args.only:
@@ -112,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(job: tuple[str, list[str], int]) -> tuple[str, dict]:
         name, flags, seed = job
-        record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", extra)
+        draw = [] if draws[seed] is None else ["--fitness-opt", f"suite_seed={draws[seed]}"]
+        record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", [*extra, *draw])
+        if draws[seed] is not None:
+            record["draw"] = draws[seed]
         print(json.dumps({"variant": name, **record}), flush=True)
         return name, record
 
@@ -120,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, record in pool.map(one, jobs):  # in job order: records stay paired by run seed
             results[name].append(record)
     print(f"\n{args.fitness}: held-out gain over the baseline of each run's reported best "
-          f"(mean ± standard error over run seeds {args.seeds}; budget {max(args.plugin_seeds, args.pop) + args.pop * args.gens} candidates)\n")
+          f"(mean ± standard error over run seeds {args.seeds}"
+          f"{'' if args.draws is None else f', each on its own draw {args.draws}'}; budget {max(args.plugin_seeds, args.pop) + args.pop * args.gens} candidates)\n")
     print("| variant | held-out gain | held-out mean gain over tasks | runs | evaluations per run | "
           "candidates made before the best |")
     print("| --- | --- | --- | --- | --- | --- |")
