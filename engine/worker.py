@@ -33,11 +33,14 @@ the run's worker log.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
+import math
 import os
 import resource
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -243,14 +246,41 @@ class EvaluationChild:
         return message
 
     def receive_bytes(self, deadline: float, limit: int) -> bytes | None:
-        if not self._wait(deadline):
+        """The next frame's bytes (at most ``limit``), or None at ``deadline``.
+
+        The frame (``multiprocessing.connection``'s: a 4-byte big-endian length, or -1 and an
+        8-byte one, then the bytes) is read here, each piece within the deadline: a child that
+        sends part of a frame and stalls cannot hold the worker past it, as a blocking
+        ``recv_bytes`` after the first readable byte would."""
+        header = self._read_exactly(4, deadline)
+        if header is None:
             return None
-        try:
-            return self.connection.recv_bytes(limit)
-        except (EOFError, ConnectionError):
-            raise ChildExited("exited") from None
-        except OSError as exc:  # a frame larger than the limit
-            raise ChildExited(f"sent more than {limit} bytes at once") from exc
+        (size,) = struct.unpack("!i", header)
+        if size == -1:
+            longer = self._read_exactly(8, deadline)
+            if longer is None:
+                return None
+            (size,) = struct.unpack("!Q", longer)
+        if size < 0 or size > limit:
+            raise ChildExited(f"sent more than {limit} bytes at once")
+        return self._read_exactly(size, deadline)
+
+    def _read_exactly(self, size: int, deadline: float) -> bytes | None:
+        chunks, missing = [], size
+        while missing:
+            if not self._wait(deadline):
+                return None
+            try:
+                chunk = os.read(self.connection.fileno(), min(missing, 1 << 20))
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise ChildExited("exited")
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
 
     def send_json(self, message: dict[str, Any]) -> None:
         try:
@@ -278,6 +308,9 @@ class EvaluationChild:
             except ChildProcessError:
                 self.exit_status = 0
         sweep_descendants()
+        if TUNABLES is not None:
+            for change in TUNABLES.restore():
+                print(f"[evoloss worker] a genome's process changed {change}; put back", file=sys.stderr, flush=True)
         self.connection.close()
         deadline = time.monotonic() + 1.0
         while self.output_fd is not None and time.monotonic() < deadline:
@@ -368,6 +401,56 @@ def _max_fd() -> int:
         return 4096
 
 
+class Tunables:
+    """What a process of the same user may change in another's ``/proc`` without any capability,
+    and a genome's process could set in the warm worker and the jail's init: the OOM killer's
+    preference (``oom_score_adj``, raised to 1000 makes it the first one killed) and the
+    scheduler's (``autogroup`` nice, raised to 19). seccomp filters calls, not ``open()`` of a
+    ``/proc`` file, so the worker notes them when it starts and puts them back after every
+    genome's process and all it started are gone (lowering either back to where it was needs no
+    capability). Inside a jail only: pid 1 is then the jail's own init."""
+
+    def __init__(self, pids: tuple[int, ...]) -> None:
+        self.saved = {(pid, name): value for pid in pids for name in ("oom_score_adj", "autogroup")
+                      if (value := self._read(pid, name)) is not None}
+
+    @staticmethod
+    def _read(pid: int, name: str) -> str | None:
+        try:
+            with open(f"/proc/{pid}/{name}") as stream:
+                text = stream.read().split()
+        except OSError:
+            return None
+        if name == "autogroup":  # "/autogroup-123 nice 0"
+            return text[-1] if len(text) >= 3 and text[-2] == "nice" else None
+        return text[0] if text else None
+
+    def restore(self) -> list[str]:
+        """Put back what changed; returns what was put back ("pid 1 oom_score_adj 1000 -> 0")."""
+        restored = []
+        for (pid, name), value in self.saved.items():
+            now = self._read(pid, name)
+            if now is None or now == value:
+                continue
+            for attempt in range(5):  # the kernel takes one autogroup nice change per 100 ms (EAGAIN)
+                try:
+                    with open(f"/proc/{pid}/{name}", "w") as stream:
+                        stream.write(value)
+                    restored.append(f"pid {pid} {name} {now} -> {value}")
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EAGAIN and attempt < 4:
+                        time.sleep(0.11)
+                        continue
+                    restored.append(f"pid {pid} {name} {now}, not put back to {value}: {exc.strerror}")
+                    break
+        return restored
+
+
+#: The worker's and its jail init's tunables as they were when the worker started (inside a jail).
+TUNABLES: Tunables | None = None
+
+
 def sweep_descendants(seconds: float = SWEEP_SECONDS) -> bool:
     """Kill and reap every process below this one (the warm worker is a child subreaper, so every
     process an evaluation started is below it, even one that detached into a session of its own).
@@ -435,8 +518,6 @@ def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, f
     """The fingerprint and descriptors a genome's process reported, validated (it may lie only
     about its own behaviour: a fingerprint of 64 hex digits at most, finite descriptors named
     in the plug-in's descriptor space)."""
-    import math
-
     fingerprint = message.get("fingerprint")
     if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= 64 or \
             any(c not in "0123456789abcdef" for c in fingerprint):
@@ -447,18 +528,28 @@ def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, f
         raise ValueError("invalid descriptors")
     clean: dict[str, float] = {}
     for key, value in descriptors.items():
-        if (names and key not in names) or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
+        number = _finite(value)
+        if (names and key not in names) or number is None:
             raise ValueError(f"an invalid descriptor {str(key)[:40]!r}")
-        clean[str(key)] = float(value)
+        clean[str(key)] = number
     return fingerprint, clean
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None: not a number, a bool, not finite, or an integer too
+    large for a float (a genome's process may send any JSON number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, inherited=(),
                       output: CappedOutput | None = None, scratch_root: str | None = None):
     """Score one task: the untrusted phase in a fresh forked process, the trusted phase here."""
-    import math
-
     from engine.candidate import EvalResult
     from engine.evaluation import (CHILD_STATUSES, MAX_MESSAGE_BYTES, bounded_error, duplicate_result,
                                    judge_request, jsonable, short_error, trusted_score, untrusted_phase)
@@ -529,16 +620,16 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
             except ArtefactError as exc:
                 return failed("error", bounded_error(f"the genome's process returned invalid artefacts: {exc}"))
             value, metrics, payload = _score(fitness, artefacts, seed, trusted_score)
-            peak = message.get("gpu_peak_memory_bytes")
-            if isinstance(peak, int) and not isinstance(peak, bool) and peak >= 0:
+            peak = message.get("gpu_peak_memory_bytes")  # the genome's process says it: bounded
+            if isinstance(peak, int) and not isinstance(peak, bool) and 0 <= peak < 1 << 63:
                 metrics.setdefault("gpu_peak_memory_bytes", peak)
             # A plug-in with a judge phase is judged by the driver, outside this jail.
             return EvalResult(candidate_id, "ok", fitness=value, metrics=metrics, descriptors=descriptors,
                               fingerprint=fingerprint, seconds=time.perf_counter() - start,
                               judge=judge_request(seed, int(task.get("stage", 0) or 0), payload))
         if kind == "unprotected" and phase == "training" and not is_protected(fitness):
-            value = message.get("fitness")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = _finite(message.get("fitness"))
+            if value is None:
                 return failed("error", "the plug-in's evaluate() returned a fitness that is not a finite number")
             metrics = message.get("metrics") if isinstance(message.get("metrics"), dict) else {}
             metrics = jsonable(metrics)
@@ -693,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     # A genome's process may not ptrace this one or read its memory.
     _prctl(4, 0)  # PR_SET_DUMPABLE
+    global TUNABLES
+    if os.environ.get("EVOLOSS_SANDBOX", "none") != "none":
+        TUNABLES = Tunables((os.getpid(), 1))
 
     watch_parent()
     conn = JsonConnection(args.fd)  # JSON both ways: the driver never unpickles what a worker sends

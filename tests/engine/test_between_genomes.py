@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
 
 import pytest
@@ -147,3 +148,51 @@ def test_a_genome_cannot_move_the_workers_folders(tmp_path, sandbox):
     hostile, after, restarts = run_then_dpo(tmp_path, sandbox, MOVE)
     assert hostile.ok, hostile.error
     assert after.ok and restarts == 0
+
+
+
+TUNE = '''def tune(a, b, c, d):
+    import os
+    def read(pid, name):
+        return open(f"/proc/{pid}/{name}").read().split()[-1]
+    places = [(f"{name}@{who}", pid, name, value) for who, pid in (("worker", os.getppid()), ("init", 1))
+              for name, value in (("oom_score_adj", "1000"), ("autogroup", "19"))]  # the warm worker, the jail's init
+    before = {key: read(pid, name) for key, pid, name, _ in places}
+    for key, pid, name, value in places:
+        try:
+            with open(f"/proc/{pid}/{name}", "w") as stream:
+                stream.write(value)
+        except OSError:
+            pass
+    raise ValueError("TUNED " + " ".join(f"{key}={before[key]}>{read(pid, name)}" for key, pid, name, _ in places))
+'''
+
+LOOK = '''def look(a, b, c, d):
+    import os
+    raise ValueError("NOW " + " ".join(f"{name}@{who}={open(f'/proc/{pid}/{name}').read().split()[-1]}"
+                                       for who, pid in (("worker", os.getppid()), ("init", 1))
+                                       for name in ("oom_score_adj", "autogroup")))
+'''
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sandbox):
+    """A genome's process can raise the warm worker's and the jail init's OOM score and autogroup
+    nice through /proc (a write, not a call seccomp sees); the worker puts them back before the
+    next genome, and notes it in its log."""
+    results = {}
+    log = tmp_path / "workers.log"
+    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
+                         log_path=log) as executor:
+        executor.run([(1, TUNE), (2, LOOK)], 0, None, lambda result: results.__setitem__(result.candidate_id, result))
+        restarts = executor.restarts
+    tuned = re.findall(r"(\w+@\w+)=(-?\d+)>(-?\d+)", results[1].error or "")
+    now = dict(re.findall(r"(\w+@\w+)=(-?\d+)", (results[2].error or "").split("NOW", 1)[-1]))
+    assert len(tuned) == 4 and len(now) == 4, (results[1].error, results[2].error)
+    changed = [key for key, before, after in tuned if before != after]
+    if not changed:
+        pytest.skip(f"a genome's process could change none of them here: {tuned}")
+    assert "oom_score_adj@worker" in changed  # what this test is about: it could, and did
+    assert {key: before for key, before, _ in tuned} == now
+    assert restarts == 0
+    assert "put back" in log.read_text()

@@ -379,6 +379,55 @@ sp.SyntheticPreference.train = lambda self, fn, seed: {"theta": torch.zeros(3, 3
     assert_next_genome_unaffected(worker, alone)
 
 
+_STALL = """
+import json, struct, time
+import engine.evaluation as ev
+send_json, send_bytes = ev.Channel.send_json, ev.Channel.send_bytes
+def stall(self, data):  # a frame's header and one byte, then nothing for longer than any deadline
+    raw = struct.pack("!i", len(data)) + data
+    self.connection._send(raw[:5])
+    time.sleep(60)
+    self.connection._send(raw[5:])
+if "{which}" == "checked":
+    ev.Channel.send_json = lambda self, m: stall(self, json.dumps(m).encode()) if m["type"] == "checked" else send_json(self, m)
+else:
+    ev.Channel.send_bytes = lambda self, data: stall(self, data)
+"""
+
+
+@pytest.mark.parametrize("which, deadline", [("checked", "contract checks"), ("artefacts", "training")])
+def test_a_message_sent_in_part_cannot_hold_the_worker_past_its_deadline(worker, alone, which, deadline):
+    """Waiting for a message covers all of its bytes, not only the first."""
+    start = time.monotonic()
+    result = worker.evaluate(dpo_after(_STALL.format(which=which)), check_timeout=2, timeout=3)
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and deadline in result.error, result.error
+    assert elapsed < 15
+    assert_next_genome_unaffected(worker, alone)
+
+
+_HUGE = """
+import engine.evaluation as ev
+send_json = ev.Channel.send_json
+def huge(self, message):
+    if message["type"] == "{which}":
+        message = dict(message, **{{"{key}": {value}}})
+    send_json(self, message)
+ev.Channel.send_json = huge
+"""
+
+
+def test_numbers_too_large_for_a_float_in_a_genomes_messages_are_refused_or_dropped(worker, alone):
+    # A descriptor the size of 10**400: the evaluation is an error that says so, not a crash.
+    descriptors = worker.evaluate(dpo_after(_HUGE.format(which="checked", key="descriptors",
+                                                         value='{"slope_at_zero": 10**400}')))
+    assert descriptors.status == "error" and "invalid descriptor" in descriptors.error, descriptors.error
+    # The GPU peak its process reports is kept only when it is a plausible byte count.
+    peak = worker.evaluate(dpo_after(_HUGE.format(which="artefacts", key="gpu_peak_memory_bytes", value="10**400")))
+    assert peak.ok and peak.fitness == alone and "gpu_peak_memory_bytes" not in peak.metrics
+    assert_next_genome_unaffected(worker, alone)
+
+
 # -- output and errors ------------------------------------------------------------------------------------
 def test_a_genome_that_prints_in_a_loop_is_cut_at_the_log_cap(tmp_path):
     capped = Worker(tmp_path / "workers.log", log_cap=64 << 10)
