@@ -671,7 +671,14 @@ class ProcessExecutor(Executor):
         task = worker.task
         assert task is not None
         try:
-            message = worker.conn.recv()
+            message = worker.conn.recv_within(MESSAGE_SECONDS)
+            result = _worker_message(message, task.candidate_id)
+        except (TimeoutError, ValueError, TypeError) as exc:
+            # Only a worker that a genome took over sends this: it is not trusted again.
+            self._replace(worker)
+            on_result(EvalResult(task.candidate_id, "error", error=(
+                f"its worker sent the driver {str(exc)[:200]}; the worker was replaced")))
+            return
         except (EOFError, OSError):
             code = self._exit_code(worker)
             self._replace(worker)
@@ -681,12 +688,12 @@ class ProcessExecutor(Executor):
                 return
             on_result(self._death_result(task, code))
             return
-        if message["type"] == "probe":
+        if result is None:  # a probe: is this behaviour known?
             duplicate_of = decide(message["candidate_id"], message["fingerprint"]) if decide else None
             worker.conn.send({"duplicate_of": duplicate_of})
-        elif message["type"] == "result":
+        else:
             worker.task, worker.deadline = None, float("inf")
-            on_result(EvalResult(**message["result"]))
+            on_result(result)
 
     def _exit_code(self, worker: _Worker) -> int:
         """The worker's exit code, as a negative signal number when a signal ended it (a jail's
@@ -713,6 +720,36 @@ class ProcessExecutor(Executor):
                     "kernel's out-of-memory killer"))
             return EvalResult(task.candidate_id, "error", error=f"the worker crashed with {name} twice on this genome")
         return EvalResult(task.candidate_id, "error", error=f"the worker exited with code {code} twice on this genome")
+
+
+#: Once a worker's message has begun, all of it arrives within this (it is written at once).
+MESSAGE_SECONDS = 60.0
+
+
+def _worker_message(message: Any, candidate_id: int) -> EvalResult | None:
+    """A worker's message about ``candidate_id``, checked: a probe (None; its fingerprint is
+    then ``message["fingerprint"]``) or a result (the :class:`EvalResult`).
+
+    Raises:
+        ValueError: anything else (what a worker that a genome took over might send).
+    """
+    if not isinstance(message, dict):
+        raise ValueError("a message that is not a JSON object")
+    if message.get("type") == "probe":
+        fingerprint = message.get("fingerprint")
+        if message.get("candidate_id") != candidate_id or not isinstance(fingerprint, str) \
+                or not 0 < len(fingerprint) <= 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ValueError("a malformed probe")
+        return None
+    if message.get("type") == "result" and isinstance(message.get("result"), dict):
+        try:
+            result = EvalResult(**message["result"])
+        except TypeError as exc:
+            raise ValueError("a malformed result") from exc
+        if result.candidate_id != candidate_id:
+            raise ValueError(f"a result for another candidate ({str(result.candidate_id)[:20]})")
+        return result
+    raise ValueError(f"an unexpected message ({str(message.get('type'))[:40]!r})")
 
 
 def plugin_resources(fitnesses: Iterable[Any]) -> dict[str, float]:

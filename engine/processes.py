@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import stat
+import struct
 import threading
 import time
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from collections.abc import Callable
 
 from engine.genome import GenomeError, is_out_of_memory
 
@@ -229,6 +231,61 @@ def in_worker() -> bool:
     return "EVOLOSS_SANDBOX" in os.environ
 
 
+class FrameTooLarge(ValueError):
+    """A frame announced more bytes than the reader accepts."""
+
+
+def read_frame(connection: Connection, limit: int, deadline: float,
+               readable: Callable[[float], bool] | None = None) -> bytes | None:
+    """The next frame on ``connection`` (``multiprocessing.connection``'s: a 4-byte big-endian
+    length, or -1 and an 8-byte one, then the bytes), every part of it read before ``deadline``
+    (``time.monotonic()``); None at the deadline. A peer that sends part of a frame and stalls
+    cannot hold the reader past it, as ``recv_bytes`` after the first readable byte would.
+
+    ``readable(deadline)`` waits until the connection can be read (True) or the deadline passes
+    (False); by default a plain wait on it.
+
+    Raises:
+        EOFError: the peer closed the connection.
+        FrameTooLarge: the frame is longer than ``limit`` (nothing of it is read).
+    """
+    def until_readable(until: float) -> bool:
+        remaining = until - time.monotonic()
+        return remaining > 0 and bool(wait([connection], timeout=remaining))
+
+    readable = readable or until_readable
+
+    def exactly(size: int) -> bytes | None:
+        chunks, missing = [], size
+        while missing:
+            if not readable(deadline):
+                return None
+            try:
+                chunk = os.read(connection.fileno(), min(missing, 1 << 20))
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+
+    header = exactly(4)
+    if header is None:
+        return None
+    (size,) = struct.unpack("!i", header)
+    if size == -1:
+        longer = exactly(8)
+        if longer is None:
+            return None
+        (size,) = struct.unpack("!Q", longer)
+    if size < 0 or size > limit:
+        raise FrameTooLarge(f"a message of {size} bytes (at most {limit})")
+    return exactly(size)
+
+
 class JsonConnection(Connection):
     """A ``multiprocessing`` connection whose ``send``/``recv`` carry JSON, never pickle: what a
     jailed worker sends the driver is data, so a worker that a genome took over cannot run code
@@ -242,6 +299,20 @@ class JsonConnection(Connection):
 
     def recv(self):
         return json.loads(self.recv_bytes(self.MAX_BYTES))
+
+    def recv_within(self, seconds: float):
+        """The next message, all of it read within ``seconds`` (for a peer that is not trusted to
+        finish what it starts to send).
+
+        Raises:
+            EOFError: the peer closed the connection.
+            TimeoutError: no whole message within ``seconds``.
+            ValueError: a message too large or not JSON.
+        """
+        data = read_frame(self, self.MAX_BYTES, time.monotonic() + seconds)
+        if data is None:
+            raise TimeoutError(f"no whole message within {seconds:g} s")
+        return json.loads(data)
 
 
 def oom_kills() -> int | None:

@@ -40,7 +40,6 @@ import math
 import os
 import resource
 import signal
-import struct
 import sys
 import tempfile
 import time
@@ -48,7 +47,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 from collections.abc import Callable
 
-from engine.processes import JsonConnection, end_process_group, oom_kills, remove_tree, watch_parent  # noqa: F401 - re-exported for old imports
+from engine.processes import (FrameTooLarge, JsonConnection, end_process_group, oom_kills, read_frame,  # noqa: F401 - re-exported for old imports
+                              remove_tree, watch_parent)
 
 #: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
 CHECK_TIMEOUT = 10.0
@@ -246,41 +246,15 @@ class EvaluationChild:
         return message
 
     def receive_bytes(self, deadline: float, limit: int) -> bytes | None:
-        """The next frame's bytes (at most ``limit``), or None at ``deadline``.
-
-        The frame (``multiprocessing.connection``'s: a 4-byte big-endian length, or -1 and an
-        8-byte one, then the bytes) is read here, each piece within the deadline: a child that
-        sends part of a frame and stalls cannot hold the worker past it, as a blocking
-        ``recv_bytes`` after the first readable byte would."""
-        header = self._read_exactly(4, deadline)
-        if header is None:
-            return None
-        (size,) = struct.unpack("!i", header)
-        if size == -1:
-            longer = self._read_exactly(8, deadline)
-            if longer is None:
-                return None
-            (size,) = struct.unpack("!Q", longer)
-        if size < 0 or size > limit:
-            raise ChildExited(f"sent more than {limit} bytes at once")
-        return self._read_exactly(size, deadline)
-
-    def _read_exactly(self, size: int, deadline: float) -> bytes | None:
-        chunks, missing = [], size
-        while missing:
-            if not self._wait(deadline):
-                return None
-            try:
-                chunk = os.read(self.connection.fileno(), min(missing, 1 << 20))
-            except BlockingIOError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise ChildExited("exited")
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
+        """The next frame's bytes (at most ``limit``), or None at ``deadline``: all of it within
+        the deadline (:func:`engine.processes.read_frame`), so a child that sends part of a
+        message and stalls cannot hold the worker past it."""
+        try:
+            return read_frame(self.connection, limit, deadline, self._wait)
+        except EOFError:
+            raise ChildExited("exited") from None
+        except FrameTooLarge:
+            raise ChildExited(f"sent more than {limit} bytes at once") from None
 
     def send_json(self, message: dict[str, Any]) -> None:
         try:

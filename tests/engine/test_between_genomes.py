@@ -11,6 +11,9 @@ import os
 import pickle
 import re
 import socket
+import struct
+import time
+from collections import deque
 
 import pytest
 
@@ -196,3 +199,66 @@ def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sa
     assert {key: before for key, before, _ in tuned} == now
     assert restarts == 0
     assert "put back" in log.read_text()
+
+
+# -- a worker that a genome took over ----------------------------------------------------------------
+def test_a_message_begun_and_never_finished_ends_at_the_deadline():
+    ours, theirs = socket.socketpair()
+    driver = JsonConnection(ours.detach())
+    try:
+        theirs.sendall(struct.pack("!i", 100) + b"{")  # a header and one byte of a 100-byte message
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            driver.recv_within(0.5)
+        assert time.monotonic() - start < 5
+        theirs.close()
+    finally:
+        driver.close()
+
+
+@pytest.mark.parametrize("sent", [
+    b"[1, 2]",                                                        # not an object
+    b'{"type": "result", "result": {"candidate_id": 7, "status": "ok", "fitness": 42.0}}',  # another candidate's
+    b'{"type": "result", "result": {"candidate_id": 1, "status": "ok", "bogus": 1}}',     # not a result
+    b'{"type": "result", "result": {"candidate_id": 1, "status": "won"}}',                # no such status
+    b'{"type": "probe", "candidate_id": 1, "fingerprint": "../../etc"}',                   # not a fingerprint
+    b'{"type": "score", "fitness": 42.0}',                                                 # no such message
+    b"\xff\xfe",                                                                           # not JSON
+    None,                                                                                  # half a message, then nothing
+])
+def test_the_driver_replaces_a_worker_that_sends_what_no_worker_sends(sent, monkeypatch):
+    """What only a worker that a genome took over could send: the evaluation is an error that says
+    so, the worker is replaced, and the driver goes on."""
+    from engine import executor as module
+
+    monkeypatch.setattr(module, "MESSAGE_SECONDS", 0.5)
+    ours, theirs = socket.socketpair()
+    pool = ProcessExecutor("synthetic-pref", workers=1, sandbox="none")
+    worker = module._Worker(process=None, conn=JsonConnection(ours.detach()), task=module.Task(1, "code"), ready=True)
+    replaced, results = [], []
+    monkeypatch.setattr(pool, "_replace", lambda w: replaced.append(w))
+    try:
+        theirs.sendall(struct.pack("!i", 64) + b"{" if sent is None else struct.pack("!i", len(sent)) + sent)
+        pool._receive(worker, deque(), None, results.append)
+    finally:
+        worker.conn.close()
+        theirs.close()
+    assert replaced == [worker]
+    assert [r.status.value for r in results] == ["error"] and results[0].candidate_id == 1
+    assert "its worker sent the driver" in results[0].error and results[0].fitness is None
+
+
+def test_the_driver_takes_a_workers_real_result():
+    from engine import executor as module
+
+    ours, theirs = socket.socketpair()
+    pool = ProcessExecutor("synthetic-pref", workers=1, sandbox="none")
+    worker = module._Worker(process=None, conn=JsonConnection(ours.detach()), task=module.Task(1, "code"), ready=True)
+    results = []
+    try:
+        JsonConnection(theirs.detach()).send({"type": "result", "result": {"candidate_id": 1, "status": "ok",
+                                                                           "fitness": 0.5}})
+        pool._receive(worker, deque(), None, results.append)
+    finally:
+        worker.conn.close()
+    assert [(r.candidate_id, r.fitness) for r in results] == [(1, 0.5)] and worker.task is None
