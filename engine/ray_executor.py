@@ -35,8 +35,8 @@ from collections.abc import Iterable
 
 from engine.candidate import EvalResult
 from engine.evaluation import Decide
-from engine.executor import (Executor, OnResult, ProcessExecutor, Task, TaskSource, as_source, next_task,
-                             stage_specs, wait_seconds)
+from engine.executor import (MESSAGE_SECONDS, Executor, OnResult, ProcessExecutor, Task, TaskSource, _worker_message,
+                             as_source, next_task, stage_specs, wait_seconds)
 from engine.plugins import PluginError
 
 INSTALL_HINT = "pip install 'evoloss[ray]' (or pip install 'ray>=2.9')"
@@ -103,6 +103,7 @@ class _EvaluationActor:
         # The worker ends a genome's process at its check and training deadlines; this one only
         # catches a worker stuck in trusted plug-in code.
         self.deadline = time.monotonic() + self.pool.backstop_seconds
+        self.candidate_id = candidate_id
         try:
             self.pool.workers[0].conn.send({"candidate_id": candidate_id, "code": code, "seed": seed, "stage": stage,
                                             "check_timeout": self.pool.check_timeout, "timeout": self.pool.timeout})
@@ -124,7 +125,13 @@ class _EvaluationActor:
             self.pool._replace(worker)  # kills the worker's whole process group
             return {"type": "timeout"}
         try:
-            return worker.conn.recv()
+            message = worker.conn.recv_within(MESSAGE_SECONDS)
+            _worker_message(message, self.candidate_id)  # what a worker sends, about its candidate
+            return message
+        except (TimeoutError, ValueError, TypeError) as exc:  # a worker that a genome took over
+            self.pool._replace(worker)
+            return {"type": "malformed",
+                    "error": f"its worker sent the driver {str(exc)[:200]}; the worker was replaced"}
         except (EOFError, OSError):
             return self._died()
 
@@ -366,6 +373,9 @@ class RayExecutor(Executor):
             on_result(EvalResult(
                 task.candidate_id, "timeout", seconds=self.timeout,
                 error=f"evaluation exceeded the {self.timeout:g} s wall-clock limit; its worker was killed"))
+        elif kind == "malformed":
+            self.restarts += 1
+            on_result(EvalResult(task.candidate_id, "error", error=str(message.get("error"))[:300]))
         elif kind == "died":
             self.restarts += 1
             task.attempts += 1

@@ -262,3 +262,31 @@ def test_the_driver_takes_a_workers_real_result():
     finally:
         worker.conn.close()
     assert [(r.candidate_id, r.fitness) for r in results] == [(1, 0.5)] and worker.task is None
+
+
+def test_a_ray_slot_replaces_a_worker_that_sends_what_no_worker_sends(monkeypatch):
+    """The same check in the Ray actor, which drives its worker call by call."""
+    from engine import executor as module
+    from engine.ray_executor import _EvaluationActor
+
+    monkeypatch.setattr("engine.ray_executor.MESSAGE_SECONDS", 0.5)
+    ours, theirs = socket.socketpair()
+    worker = module._Worker(process=None, conn=JsonConnection(ours.detach()), ready=True)
+    replaced = []
+
+    class Pool:
+        workers = [worker]
+
+        def _replace(self, w):
+            replaced.append(w)
+
+    actor = object.__new__(_EvaluationActor)
+    actor.pool, actor.deadline, actor.candidate_id = Pool(), time.monotonic() + 30, 1
+    try:
+        theirs.sendall(struct.pack("!i", 64) + b"{")  # half a message, then nothing
+        answer = actor._next()
+    finally:
+        worker.conn.close()
+        theirs.close()
+    assert answer["type"] == "malformed" and "its worker sent the driver" in answer["error"]
+    assert replaced == [worker]
