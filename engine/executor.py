@@ -748,8 +748,32 @@ def _worker_message(message: Any, candidate_id: int) -> EvalResult | None:
             raise ValueError("a malformed result") from exc
         if result.candidate_id != candidate_id:
             raise ValueError(f"a result for another candidate ({str(result.candidate_id)[:20]})")
+        _check_result_fields(result)
         return result
     raise ValueError(f"an unexpected message ({str(message.get('type'))[:40]!r})")
+
+
+def _check_result_fields(result: EvalResult) -> None:
+    """Raises ValueError unless each field of a worker's result has the type the engine reads."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            abs(value) < 1e300 and value == value
+
+    bad = [name for name, fine in (
+        ("fitness", result.fitness is None or number(result.fitness)),
+        ("seconds", number(result.seconds)),
+        ("metrics", isinstance(result.metrics, dict)),
+        ("descriptors", isinstance(result.descriptors, dict)
+         and all(isinstance(k, str) and number(v) for k, v in result.descriptors.items())),
+        ("fingerprint", result.fingerprint is None or isinstance(result.fingerprint, str)
+         and len(result.fingerprint) <= 64),
+        ("error", result.error is None or isinstance(result.error, str)),
+        ("duplicate_of", result.duplicate_of is None or isinstance(result.duplicate_of, int)
+         and not isinstance(result.duplicate_of, bool)),
+        ("judge", result.judge is None or isinstance(result.judge, dict)),
+    ) if not fine]
+    if bad:
+        raise ValueError(f"a result with a malformed {', '.join(bad)}")
 
 
 def plugin_resources(fitnesses: Iterable[Any]) -> dict[str, float]:

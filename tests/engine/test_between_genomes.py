@@ -222,6 +222,9 @@ def test_a_message_begun_and_never_finished_ends_at_the_deadline():
     b'{"type": "result", "result": {"candidate_id": 1, "status": "ok", "bogus": 1}}',     # not a result
     b'{"type": "result", "result": {"candidate_id": 1, "status": "won"}}',                # no such status
     b'{"type": "probe", "candidate_id": 1, "fingerprint": "../../etc"}',                   # not a fingerprint
+    b'{"type": "result", "result": {"candidate_id": 1, "status": "ok", "fitness": "high"}}',  # not a number
+    b'{"type": "result", "result": {"candidate_id": 1, "status": "ok", "fitness": 1e999}}',   # not finite
+    b'{"type": "result", "result": {"candidate_id": 1, "status": "ok", "fitness": 0.5, "descriptors": [1]}}',
     b'{"type": "score", "fitness": 42.0}',                                                 # no such message
     b"\xff\xfe",                                                                           # not JSON
     None,                                                                                  # half a message, then nothing
