@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -144,3 +145,21 @@ class EvalResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+
+def is_fingerprint(value: Any) -> bool:
+    """Whether ``value`` is a behavioural fingerprint as the engine makes them: 1 to 64 lowercase
+    hex digits (what a worker or a genome's process reports is checked against this)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None: not a number, a bool, not finite, or an integer too
+    large for a float (a process that is not trusted may send any JSON number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 
 from engine import jail
 from engine.processes import JsonConnection, oom_kills, remove_tree
-from engine.candidate import EvalResult
+from engine.candidate import EvalResult, finite_number, is_fingerprint
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
 
@@ -736,9 +736,7 @@ def _worker_message(message: Any, candidate_id: int) -> EvalResult | None:
     if not isinstance(message, dict):
         raise ValueError("a message that is not a JSON object")
     if message.get("type") == "probe":
-        fingerprint = message.get("fingerprint")
-        if message.get("candidate_id") != candidate_id or not isinstance(fingerprint, str) \
-                or not 0 < len(fingerprint) <= 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        if message.get("candidate_id") != candidate_id or not is_fingerprint(message.get("fingerprint")):
             raise ValueError("a malformed probe")
         return None
     if message.get("type") == "result" and isinstance(message.get("result"), dict):
@@ -756,8 +754,7 @@ def _worker_message(message: Any, candidate_id: int) -> EvalResult | None:
 def _check_result_fields(result: EvalResult) -> None:
     """Raises ValueError unless each field of a worker's result has the type the engine reads."""
     def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            abs(value) < 1e300 and value == value
+        return finite_number(value) is not None
 
     bad = [name for name, fine in (
         ("fitness", result.fitness is None or number(result.fitness)),
@@ -765,8 +762,7 @@ def _check_result_fields(result: EvalResult) -> None:
         ("metrics", isinstance(result.metrics, dict)),
         ("descriptors", isinstance(result.descriptors, dict)
          and all(isinstance(k, str) and number(v) for k, v in result.descriptors.items())),
-        ("fingerprint", result.fingerprint is None or isinstance(result.fingerprint, str)
-         and len(result.fingerprint) <= 64),
+        ("fingerprint", result.fingerprint is None or is_fingerprint(result.fingerprint)),
         ("error", result.error is None or isinstance(result.error, str)),
         ("duplicate_of", result.duplicate_of is None or isinstance(result.duplicate_of, int)
          and not isinstance(result.duplicate_of, bool)),

@@ -36,7 +36,6 @@ import argparse
 import errno
 import gc
 import json
-import math
 import os
 import resource
 import signal
@@ -492,9 +491,10 @@ def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, f
     """The fingerprint and descriptors a genome's process reported, validated (it may lie only
     about its own behaviour: a fingerprint of 64 hex digits at most, finite descriptors named
     in the plug-in's descriptor space)."""
+    from engine.candidate import finite_number, is_fingerprint
+
     fingerprint = message.get("fingerprint")
-    if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= 64 or \
-            any(c not in "0123456789abcdef" for c in fingerprint):
+    if not is_fingerprint(fingerprint):
         raise ValueError("an invalid fingerprint")
     names = {d.name for d in getattr(fitness, "descriptor_space", ())} | set(getattr(fitness, "extra_descriptors", ()))
     descriptors = message.get("descriptors")
@@ -502,29 +502,17 @@ def _checked_message(message: dict[str, Any], fitness) -> tuple[str, dict[str, f
         raise ValueError("invalid descriptors")
     clean: dict[str, float] = {}
     for key, value in descriptors.items():
-        number = _finite(value)
+        number = finite_number(value)
         if (names and key not in names) or number is None:
             raise ValueError(f"an invalid descriptor {str(key)[:40]!r}")
         clean[str(key)] = number
     return fingerprint, clean
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float, or None: not a number, a bool, not finite, or an integer too
-    large for a float (a genome's process may send any JSON number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, inherited=(),
                       output: CappedOutput | None = None, scratch_root: str | None = None):
     """Score one task: the untrusted phase in a fresh forked process, the trusted phase here."""
-    from engine.candidate import EvalResult
+    from engine.candidate import EvalResult, finite_number
     from engine.evaluation import (CHILD_STATUSES, MAX_MESSAGE_BYTES, bounded_error, duplicate_result,
                                    judge_request, jsonable, short_error, trusted_score, untrusted_phase)
     from fitness.base import ArtefactError, artefacts_from_bytes, is_protected
@@ -602,7 +590,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
                               fingerprint=fingerprint, seconds=time.perf_counter() - start,
                               judge=judge_request(seed, int(task.get("stage", 0) or 0), payload))
         if kind == "unprotected" and phase == "training" and not is_protected(fitness):
-            value = _finite(message.get("fitness"))
+            value = finite_number(message.get("fitness"))
             if value is None:
                 return failed("error", "the plug-in's evaluate() returned a fitness that is not a finite number")
             metrics = message.get("metrics") if isinstance(message.get("metrics"), dict) else {}
