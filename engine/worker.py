@@ -377,14 +377,17 @@ def _max_fd() -> int:
 class Tunables:
     """What a process of the same user may change in another's ``/proc`` without any capability,
     and a genome's process could set in the warm worker and the jail's init: the OOM killer's
-    preference (``oom_score_adj``, raised to 1000 makes it the first one killed) and the
-    scheduler's (``autogroup`` nice, raised to 19). seccomp filters calls, not ``open()`` of a
+    preference (``oom_score_adj``, raised to 1000 makes it the first one killed), the
+    scheduler's (``autogroup`` nice, raised to 19) and what a core dump would hold
+    (``coredump_filter``; no core is ever written, the limit is 0). seccomp filters calls, not ``open()`` of a
     ``/proc`` file, so the worker notes them when it starts and puts them back after every
     genome's process and all it started are gone (lowering either back to where it was needs no
     capability). Inside a jail only: pid 1 is then the jail's own init."""
 
+    NAMES = ("oom_score_adj", "autogroup", "coredump_filter")
+
     def __init__(self, pids: tuple[int, ...]) -> None:
-        self.saved = {(pid, name): value for pid in pids for name in ("oom_score_adj", "autogroup")
+        self.saved = {(pid, name): value for pid in pids for name in self.NAMES
                       if (value := self._read(pid, name)) is not None}
 
     @staticmethod
@@ -408,7 +411,8 @@ class Tunables:
             for attempt in range(5):  # the kernel takes one autogroup nice change per 100 ms (EAGAIN)
                 try:
                     with open(f"/proc/{pid}/{name}", "w") as stream:
-                        stream.write(value)
+                        # coredump_filter reads as hex digits and is parsed with C's base rules
+                        stream.write("0x" + value if name == "coredump_filter" else value)
                     restored.append(f"pid {pid} {name} {now} -> {value}")
                     break
                 except OSError as exc:

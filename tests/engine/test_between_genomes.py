@@ -158,8 +158,9 @@ TUNE = '''def tune(a, b, c, d):
     import os
     def read(pid, name):
         return open(f"/proc/{pid}/{name}").read().split()[-1]
-    places = [(f"{name}@{who}", pid, name, value) for who, pid in (("worker", os.getppid()), ("init", 1))
-              for name, value in (("oom_score_adj", "1000"), ("autogroup", "19"))]  # the warm worker, the jail's init
+    places = [(f"{short}@{who}", pid, name, value) for who, pid in (("w", os.getppid()), ("i", 1))  # worker, jail init
+              for short, name, value in (("oom", "oom_score_adj", "1000"), ("nice", "autogroup", "19"),
+                                         ("core", "coredump_filter", "0x31"))]
     before = {key: read(pid, name) for key, pid, name, _ in places}
     for key, pid, name, value in places:
         try:
@@ -172,16 +173,17 @@ TUNE = '''def tune(a, b, c, d):
 
 LOOK = '''def look(a, b, c, d):
     import os
-    raise ValueError("NOW " + " ".join(f"{name}@{who}={open(f'/proc/{pid}/{name}').read().split()[-1]}"
-                                       for who, pid in (("worker", os.getppid()), ("init", 1))
-                                       for name in ("oom_score_adj", "autogroup")))
+    raise ValueError("NOW " + " ".join(f"{short}@{who}={open(f'/proc/{pid}/{name}').read().split()[-1]}"
+                                       for who, pid in (("w", os.getppid()), ("i", 1))
+                                       for short, name in (("oom", "oom_score_adj"), ("nice", "autogroup"),
+                                                           ("core", "coredump_filter"))))
 '''
 
 
 @pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sandbox):
     """A genome's process can raise the warm worker's and the jail init's OOM score and autogroup
-    nice through /proc (a write, not a call seccomp sees); the worker puts them back before the
+    nice (and what a core would hold) through /proc (a write, not a call seccomp sees); the worker puts them back before the
     next genome, and notes it in its log."""
     results = {}
     log = tmp_path / "workers.log"
@@ -191,11 +193,11 @@ def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sa
         restarts = executor.restarts
     tuned = re.findall(r"(\w+@\w+)=(-?\d+)>(-?\d+)", results[1].error or "")
     now = dict(re.findall(r"(\w+@\w+)=(-?\d+)", (results[2].error or "").split("NOW", 1)[-1]))
-    assert len(tuned) == 4 and len(now) == 4, (results[1].error, results[2].error)
+    assert len(tuned) == 6 and len(now) == 6, (results[1].error, results[2].error)
     changed = [key for key, before, after in tuned if before != after]
     if not changed:
         pytest.skip(f"a genome's process could change none of them here: {tuned}")
-    assert "oom_score_adj@worker" in changed  # what this test is about: it could, and did
+    assert "oom@w" in changed  # what this test is about: it could, and did
     assert {key: before for key, before, _ in tuned} == now
     assert restarts == 0
     assert "put back" in log.read_text()
