@@ -175,8 +175,8 @@ class RunConfig:
         "how many of the best the re-measurements try to make sure of", group=SEARCH))
     confirm_seeds: int = field(default=4, metadata=_help(
         "at the end of a raced run, measure its --race-top best and the baseline on this many more fresh seeds, "
-        "which chose nothing, and report as best the one with the highest gain on those seeds alone (racing "
-        "chooses on the seeds it measures on, so the best bounds are partly luck there; 0: off)", group=SEARCH))
+        "which chose nothing, before its best is reported (racing chooses on the seeds it measures on, so the "
+        "best bounds are partly luck there; 0: off)", group=SEARCH))
     validate_top: int = field(default=5, metadata=_help(
         "at the end of the run, re-score this many of the best distinct losses and the baseline seed on the "
         "plug-in's held-out tasks (a task suite's meta-test split; else the same task) and fresh seeds, and "

@@ -1,8 +1,7 @@
 """Noise-aware ranking: candidates that could reach the top are re-measured on fresh evaluation
 seeds before they are trusted (racing, in the manner of successive halving over seeds), every
-score is paired with the baseline's on the same seed, and what ranks elites and parents is a
-lower confidence bound of that paired difference, not one draw. At the end, the best few are
-confirmed on seeds that chose nothing, and the reported best is chosen on those alone.
+score is paired with the baseline's on the same seed, and what ranks elites, parents and the
+reported best is a lower confidence bound of that paired difference, not one draw.
 
 A fitness measured once is a draw from a distribution over evaluation seeds (problem
 instances, initialisations). When its spread is the size of the gains the search reports,
