@@ -28,14 +28,10 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
     counters = (last["state"].get("counters", {}) if last else {}) or {}
 
     statuses = Counter(r.status for r in results.values())
-    from engine.search.racing import ranked, run_racing
+    from engine.search.racing import ranked
 
     estimates = seed_estimates(data)
-    racing = run_racing(data)
-    confirmed = racing.confirmed_gains() if racing is not None else {}
-    # Noise-aware, where re-measured: confirmed candidates first by their gain on the confirmation
-    # seeds, then by the lower confidence bound of the paired gain.
-    scored = ranked(data)
+    scored = ranked(data)  # noise-aware: by the lower confidence bound of the paired gain, where re-measured
     best = scored[0] if scored else None
     baseline_result = next(
         (r for c, r in scored if baseline and c.name == baseline and c.operator == "seed"), None
@@ -126,9 +122,8 @@ def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: Ru
         # With a fidelity ladder: per stage, how many were scored there and the best of them.
         "fidelity_ladder": ladder,
         "top": [_row(c, r, data, key_metrics, labels, estimates.get(c.id)) for c, r in scored[:top]],
-        "ranking": _ranking_rule(confirmed, racing, baseline, config) if estimates else "first score",
-        "confirmed": [{"id": c.id, "name": c.name, "confirmed_gain": confirmed[c.id]}
-                      for c, _ in scored if c.id in confirmed],
+        "ranking": (f"lower confidence bound of the gain paired with {baseline or 'nothing'} over evaluation seeds "
+                    f"(mean - {config.get('confidence', 1.0)} standard errors)") if estimates else "first score",
         "best_estimate": _estimate_dict(estimates.get(best[0].id)) if best and estimates else None,
         **_validation_fields(data.validation),
         "seeds": [
@@ -164,15 +159,6 @@ def _key_metrics(rows: list[EvalResult], limit: int = 3) -> list[str]:
             if isinstance(value, (int, float)) and all(isinstance(r.metrics.get(key), (int, float)) for r in rows):
                 names.append(key)
     return names[:limit]
-
-
-def _ranking_rule(confirmed: dict[int, float], racing, baseline: str | None, config: dict[str, Any]) -> str:
-    bound = (f"lower confidence bound of the gain paired with {baseline or 'nothing'} over evaluation seeds "
-             f"(mean - {config.get('confidence', 1.0)} standard errors)")
-    if not confirmed:
-        return bound
-    return (f"the confirmed losses first, by their gain on the {len(racing.confirmation_seeds())} confirmation "
-            f"seeds alone; then the {bound}")
 
 
 def _row(candidate, result: EvalResult, data: RunData, key_metrics: list[str], labels: list[str],
@@ -334,9 +320,6 @@ def render_summary(summary: dict[str, Any], console=None, detail: bool = False, 
         verdict = "beats" if summary["best_fitness"] > baseline else "does not beat"
         console.print(f"best {summary['best_name']} ({summary['best_fitness']:.4f}) {verdict} the "
                       f"{summary['baseline']} seed ({baseline:.4f})")
-    if summary.get("confirmed"):
-        console.print("gain on the confirmation seeds (what chose the best among the confirmed): " + ", ".join(
-            f"{row['name']} {row['confirmed_gain']:+.4f}" for row in summary["confirmed"]))
     render_validation(summary.get("validation"), console)
     for entry in summary.get("fidelity_ladder") or []:
         line = f"fidelity {entry['stage']}: {entry['ok']} of {entry['evaluated']} scored"

@@ -162,17 +162,6 @@ class Engine:
     def best(self) -> tuple[Candidate, float] | None:
         return self.elites.best()
 
-    def final_best(self) -> tuple[Candidate, float] | None:
-        """The run's best once it is confirmed, as ``replay`` and the validation rank it
-        (:meth:`Racing.final_key`: the confirmed candidates by their gain on the confirmation
-        seeds), with its lower bound; the archive's best when nothing was confirmed."""
-        confirmed = self.racing.confirmed_gains() if self.racing.enabled else {}
-        eligible = [cid for cid, r in self.results.items() if r.ok and cid in self.racing.samples]
-        if not confirmed or not eligible:
-            return self.best()
-        top = min(eligible, key=lambda cid: self.racing.final_key(cid, confirmed))
-        return self.candidates[top], self._objective(top, 0)
-
     def context(self) -> Context:
         """What operators are shown for the next offspring."""
         return self.elites.context(self.fitness.interface, self.rng, list(self.tally.errors), self.generation,
@@ -270,7 +259,7 @@ class Engine:
         self.on_event("confirm", {"evaluations": len(plan)})
         if self._measure(executor, plan):
             self.elites.rebuild()
-            self.elites.write(self.run_dir, self.generation - 1, confirmed=True, best=self.final_best())
+            self.elites.write(self.run_dir, self.generation - 1, confirmed=True)
         return len(plan)
 
     def _measure(self, executor, plan: list[tuple[int, int]]) -> bool:

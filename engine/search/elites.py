@@ -257,12 +257,10 @@ class ElitePool:
             })
         return records
 
-    def write(self, run_dir, generation: int, confirmed: bool = False,
-              best: tuple[Candidate, float] | None = None) -> None:
+    def write(self, run_dir, generation: int, confirmed: bool = False) -> None:
         """Rewrite the elite archive (``archive.json``) atomically (``confirmed``: after the
-        run's last generation, re-ranked by its confirmation seeds; ``best``: the run's best
-        when it is not the archive's own, as after a confirmation)."""
-        best = best if best is not None else self.best()
+        run's last generation, re-ranked by its confirmation seeds)."""
+        best = self.best()
         level, archive = self.reached()
         write_elites(run_dir, self.records(), {
             "generation": generation, **({"confirmed": True} if confirmed else {}), "fitness": self.labels[level],

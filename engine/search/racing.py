@@ -114,36 +114,6 @@ class Racing:
         everyone = top + ([base_id] if base_id is not None else [])
         return [(cid, seed) for seed in seeds for cid in everyone if seed not in self.samples.get(cid, {})]
 
-    def confirmed_gains(self) -> dict[int, float]:
-        """Each confirmed candidate's paired gain over the baseline on the confirmation seeds alone
-        (the baseline's own is 0; without a baseline, its mean score there).
-
-        The confirmed candidates were chosen on the other seeds, so their estimates over every
-        seed carry the luck that chose them; on the confirmation seeds they are unbiased and on
-        equal terms (the same seeds each). What the run reports as its best is chosen on these
-        (:meth:`final_key`)."""
-        seeds = set(self.confirmation_seeds())
-        if not seeds:
-            return {}
-        base_id = self.baseline()
-        base = self.samples.get(base_id, {}) if base_id is not None else {}
-        gains = {}
-        for cid, own in self.samples.items():
-            diffs = [own[s] - base[s] if base_id is not None else own[s]
-                     for s in sorted(own) if s in seeds and (base_id is None or s in base)]
-            if diffs:
-                gains[cid] = statistics.fmean(diffs)
-        return gains
-
-    def final_key(self, candidate_id: int, confirmed: dict[int, float] | None = None) -> tuple:
-        """What orders a run's candidates once it is over (sorted ascending): confirmed candidates
-        first, by their gain on the confirmation seeds (:meth:`confirmed_gains`), then by lower
-        bound; the rest by lower bound."""
-        confirmed = self.confirmed_gains() if confirmed is None else confirmed
-        estimate = self.estimate(candidate_id)
-        lower = estimate.lower if estimate is not None else -math.inf
-        return (candidate_id not in confirmed, -confirmed.get(candidate_id, 0.0), -lower, candidate_id)
-
     def add(self, candidate_id: int, seed: int, fitness: float | None) -> None:
         """One score (None: the evaluation failed on that seed and counts as the floor)."""
         value = self.floor if fitness is None or not math.isfinite(fitness) else float(fitness)
@@ -252,40 +222,28 @@ class Racing:
         return plan
 
 
-def run_racing(data) -> Racing | None:
-    """A run's per-seed scores read back (:class:`archives.reading.RunData`: its ``seed_scores``,
-    baseline and settings) as a :class:`Racing`, when it re-measured anything; else None."""
+def run_estimates(data) -> dict[int, Estimate]:
+    """Per-candidate estimates of a run read back (:class:`archives.reading.RunData`: its
+    ``seed_scores``, baseline and settings), when it re-measured anything; else empty."""
     if not any(len(scores) > 1 for scores in data.seed_scores.values()):
-        return None
+        return {}
     baseline = next((c.id for c in data.candidates.values() if data.baseline and c.is_seed
                      and c.name == data.baseline), None)
     scores = [r.fitness for r in data.results.values() if r.ok]
-    settings = RacingSettings(confidence=float(data.config.get("confidence", 1.0)),
-                              confirm_seeds=int(data.config.get("confirm_seeds", RacingSettings.confirm_seeds)))
-    racing = Racing(settings, int(data.config.get("eval_seed", 0) or 0), lambda: baseline,
-                    min(scores) if scores else 0.0)
+    racing = Racing(RacingSettings(confidence=float(data.config.get("confidence", 1.0))),
+                    int(data.config.get("eval_seed", 0) or 0), lambda: baseline, min(scores) if scores else 0.0)
     for cid, by_seed in data.seed_scores.items():
         for seed, value in by_seed.items():
             racing.add(cid, seed, value)
-    return racing
-
-
-def run_estimates(data) -> dict[int, Estimate]:
-    """Per-candidate estimates of a run read back (:func:`run_racing`), when it re-measured
-    anything; else empty."""
-    racing = run_racing(data)
-    if racing is None:
-        return {}
     return {cid: e for cid, e in racing.estimates().items() if e is not None}
 
 
 def ranked(data) -> list:
     """A run's successfully scored candidates with their first results, in the run's own order:
-    where it re-measured, confirmed candidates first by their gain on the confirmation seeds,
-    then by lower confidence bound (:meth:`Racing.final_key`); else by score."""
-    racing = run_racing(data)
+    by the lower confidence bound where it re-measured (:func:`run_estimates`), else by score."""
+    estimates = run_estimates(data)
     scored = data.scored()
-    if racing is not None:
-        confirmed = racing.confirmed_gains()
-        scored.sort(key=lambda pair: racing.final_key(pair[0].id, confirmed))
+    if estimates:
+        scored.sort(key=lambda pair: (-estimates[pair[0].id].lower if pair[0].id in estimates else math.inf,
+                                      pair[0].id))
     return scored

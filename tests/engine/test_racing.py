@@ -102,21 +102,3 @@ def test_no_confirmation_without_racing_or_with_zero_seeds():
         race.add(0, 0, 0.5)
         race.add(1, 0, 0.9)
         assert race.confirmation({0, 1}) == []
-
-
-def test_the_best_is_chosen_among_the_confirmed_on_the_seeds_that_chose_nothing():
-    """1 was lucky on the seeds that chose it; on the confirmation seeds 2 gains more. Over every
-    seed 1's bound is the higher (the luck is in it); the final order follows the confirmation
-    seeds, the baseline among the confirmed at gain 0, the unconfirmed after them."""
-    race = racing(race_top=2, confirm_seeds=2)
-    for cid, first in ((0, 0.5), (1, 0.9), (2, 0.6), (3, 0.58)):
-        race.add(cid, 0, first)
-        if cid != 3:
-            race.add(cid, SEED_STRIDE, first)
-    plan = race.confirmation({0, 1, 2, 3})
-    assert {cid for cid, _ in plan} == {0, 1, 2}
-    for cid, seed in plan:
-        race.add(cid, seed, {0: 0.5, 1: 0.51, 2: 0.55}[cid])
-    assert race.estimate(1).lower > race.estimate(2).lower
-    assert race.confirmed_gains() == pytest.approx({0: 0.0, 1: 0.01, 2: 0.05})
-    assert sorted(range(4), key=race.final_key) == [2, 1, 0, 3]
