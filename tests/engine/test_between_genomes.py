@@ -183,16 +183,16 @@ LOOK = '''def look(a, b, c, d):
 @pytest.mark.parametrize("sandbox", available_sandboxes())
 def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sandbox):
     """A genome's process can raise the warm worker's and the jail init's OOM score and autogroup
-    nice (and what a core would hold) through /proc (a write, not a call seccomp sees); the worker puts them back before the
-    next genome, and notes it in its log."""
+    nice, and change what a core would hold, through /proc (a write, not a call seccomp sees); the
+    worker puts them back before the next genome, and notes it in its log."""
     results = {}
     log = tmp_path / "workers.log"
     with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
                          log_path=log) as executor:
         executor.run([(1, TUNE), (2, LOOK)], 0, None, lambda result: results.__setitem__(result.candidate_id, result))
         restarts = executor.restarts
-    tuned = re.findall(r"(\w+@\w+)=(-?\d+)>(-?\d+)", results[1].error or "")
-    now = dict(re.findall(r"(\w+@\w+)=(-?\d+)", (results[2].error or "").split("NOW", 1)[-1]))
+    tuned = re.findall(r"(\w+@\w+)=(-?[0-9a-f]+)>(-?[0-9a-f]+)", results[1].error or "")
+    now = dict(re.findall(r"(\w+@\w+)=(-?[0-9a-f]+)", (results[2].error or "").split("NOW", 1)[-1]))
     assert len(tuned) == 6 and len(now) == 6, (results[1].error, results[2].error)
     changed = [key for key, before, after in tuned if before != after]
     if not changed:
