@@ -379,10 +379,10 @@ class Tunables:
     and a genome's process could set in the warm worker and the jail's init: the OOM killer's
     preference (``oom_score_adj``, raised to 1000 makes it the first one killed), the
     scheduler's (``autogroup`` nice, raised to 19) and what a core dump would hold
-    (``coredump_filter``; no core is ever written, the limit is 0). seccomp filters calls, not ``open()`` of a
-    ``/proc`` file, so the worker notes them when it starts and puts them back after every
-    genome's process and all it started are gone (lowering either back to where it was needs no
-    capability). Inside a jail only: pid 1 is then the jail's own init."""
+    (``coredump_filter``; no core is ever written, the limit is 0). seccomp filters calls, not
+    ``open()`` of a ``/proc`` file, so the worker notes them when it starts and puts them back
+    after every genome's process and all it started are gone (putting any of them back where it
+    was needs no capability). Inside a jail only: pid 1 is then the jail's own init."""
 
     NAMES = ("oom_score_adj", "autogroup", "coredump_filter")
 
