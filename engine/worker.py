@@ -20,6 +20,13 @@ double-forked, detached process stays its descendant), then runs the trusted pha
 validates the artefacts and scores them with ``Fitness.score``. Nothing survives from one
 genome to the next: not a thread, a registry entry, a patched module or a mutated plug-in.
 
+A genome's process is a copy of the warm worker's memory, so what the trusted phase computes
+on must not be found there. The plug-ins' held-out data is wiped in the child (above); what the
+warm worker computed and freed (the temporaries that built a problem's true reward, the last
+genome's scoring) would still lie in freed memory. So the warm worker has glibc's ``malloc``
+overwrite every block it frees (``mallopt(M_PERTURB)``, :func:`scrub_freed_memory`); the
+genome's process turns that off again, so training pays nothing for it.
+
 CUDA and fork do not mix: a process that initialised CUDA cannot use it in a forked child.
 The warm worker therefore never initialises CUDA (it stops with an error if loading a plug-in
 did); each genome's process initialises it itself, which costs a CUDA context per evaluation
@@ -67,6 +74,29 @@ def _prctl(option: int, value: int) -> bool:
 
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+#: ``mallopt``'s option to fill freed (and newly allocated) blocks with a byte (glibc).
+_M_PERTURB = -6
+#: What freed blocks are overwritten with (``0xA5``; new blocks get its complement, as glibc does).
+SCRUB_BYTE = 0xA5
+
+
+def scrub_freed_memory(on: bool = True) -> bool:
+    """Have glibc's ``malloc`` overwrite each block this process frees from now on (``on``) or
+    stop doing so; False where that is not possible (not Linux, not glibc).
+
+    Blocks glibc keeps in its per-thread cache (up to about 1 KiB) and Python's pools of small
+    objects are not overwritten, and neither is memory another allocator manages: a plug-in keeps
+    what only its trusted phase reads in :attr:`Fitness.held_out`, which is wiped explicitly."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).mallopt(_M_PERTURB, SCRUB_BYTE if on else 0) == 1
     except (OSError, AttributeError):
         return False
 
@@ -313,6 +343,7 @@ def _become_evaluation_child(parent_pid: int, connection: Connection, output_wri
                              limits: dict[str, int], scratch: str | None, inherited) -> None:
     """Everything the genome's process does before any genome code (see the module docstring)."""
     os.setsid()
+    scrub_freed_memory(False)  # only the warm worker's freed memory is ever inherited by a genome
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the warm worker died before the death signal was armed
         os._exit(1)
@@ -750,6 +781,11 @@ def main(argv: list[str] | None = None) -> int:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     # A genome's process may not ptrace this one or read its memory.
     _prctl(4, 0)  # PR_SET_DUMPABLE
+    # Nor find, in the memory it is forked with, what this process computed and freed: the
+    # temporaries of a problem's true reward, the last genome's scoring (before torch is imported).
+    if not scrub_freed_memory():
+        print("[evoloss worker] freed memory is not overwritten here (no glibc mallopt): a genome's "
+              "process may find values the trusted phase computed and freed", flush=True)
     global TUNABLES
     if os.environ.get("EVOLOSS_SANDBOX", "none") != "none":
         TUNABLES = Tunables((os.getpid(), 1))

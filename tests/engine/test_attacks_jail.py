@@ -142,11 +142,11 @@ find()
 ''' + DPO_GENOME
 
 
-def run_genomes(tmp_path, sandbox: str, *genomes: str) -> tuple[list, int, str]:
+def run_genomes(tmp_path, sandbox: str, *genomes: str, fitness: str = "synthetic-pref") -> tuple[list, int, str]:
     """``genomes`` in order through one jailed worker: their results, the worker restarts and
     the executor's scratch folder (gone once the executor is closed)."""
     results = {}
-    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
+    with ProcessExecutor(fitness, workers=1, timeout=60, sandbox=sandbox, jail_only=True,
                          log_path=tmp_path / "workers.log") as executor:
         executor.run(list(enumerate(genomes, 1)), 0, None, lambda result: results.__setitem__(result.candidate_id, result))
         restarts, scratch = executor.restarts, str(executor._scratch_root)

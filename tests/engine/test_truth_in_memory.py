@@ -1,0 +1,127 @@
+"""What the trusted phase computes on is not in a genome's memory.
+
+A genome's process is a fork of the warm worker, which built the problem (true reward,
+held-out prompts, the oracle) and scored the last genome. The plug-in's held-out store is
+wiped in the child, but the temporaries that built it were freed, not cleared, and freed memory
+is still readable by the process that inherits it: a plain-Python genome (the static check off)
+that scanned its own memory found the held-out true reward of its evaluation seed, in every
+place looked for. The warm worker now has glibc overwrite what it frees
+(:func:`engine.worker.scrub_freed_memory`).
+
+The probe looks for runs of four consecutive values of the held-out data (float64), and, as a
+control that the scan sees what the worker left, for runs of the training data it was given
+(float32), which must be found.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from engine import worker
+from tests.conftest import available_sandboxes
+from tests.engine.test_attacks_jail import DPO_GENOME, run_genomes
+
+SCAN = '''
+import torch
+
+NEEDLES = {needles!r}
+
+
+def _scan():
+    import json
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    hits = {{name: 0 for name in NEEDLES}}
+    with open("/proc/self/mem", "rb", 0) as memory:
+        for line in lines:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if "r" not in fields[1] or (len(fields) > 5 and (fields[5].startswith("/") or fields[5] in ("[vvar]", "[vsyscall]"))):
+                continue
+            try:
+                memory.seek(low)
+                data = bytearray(memory.read(high - low))
+            except (OSError, OverflowError, ValueError):
+                continue
+            views = {{"float64": torch.frombuffer(data, dtype=torch.float64) if len(data) % 8 == 0 else None,
+                      "float32": torch.frombuffer(data, dtype=torch.float32) if len(data) % 4 == 0 else None}}
+            for name, (dtype, runs) in NEEDLES.items():
+                values = views[dtype]
+                if values is None:
+                    continue
+                for run in runs:
+                    for i in torch.nonzero(values == run[0]).view(-1).tolist():
+                        if i + len(run) <= values.numel() and all(values[i + j].item() == v for j, v in enumerate(run)):
+                            hits[name] += 1
+            del views, data
+    raise ValueError("SCAN " + json.dumps(hits))
+
+
+_scan()
+
+
+def dpo(a, b, c, d):
+    return a - b
+'''
+
+
+def _runs(tensor: torch.Tensor, length: int = 4) -> list[list[float]]:
+    """Runs of ``length`` consecutive values at four places in ``tensor``; none all zero (a
+    wiped tensor is zeros) and none repeating one value."""
+    flat = tensor.detach().contiguous().view(-1)
+    runs = []
+    for start in (0, flat.numel() // 3, flat.numel() // 2, flat.numel() - length):
+        run = flat[start:start + length].tolist()
+        if len(run) == length and len(set(run)) == length and any(v != 0 for v in run):
+            runs.append(run)
+    assert runs
+    return runs
+
+
+def synthetic_pref_needles(seed: int) -> dict:
+    from fitness.synthetic_pref import SyntheticPreference
+
+    fitness = SyntheticPreference()
+    held = fitness.score_problem(seed)
+    return {"eval_reward": ("float64", _runs(held.eval_reward)),
+            "eval_reference": ("float64", _runs(held.eval_reference_logits)),
+            "training (control)": ("float32", _runs(fitness.train_problem(seed).pair_reference))}
+
+
+def pref_suite_needles(seed: int) -> dict:
+    from fitness.suites.pref_suite import PreferenceSuite
+
+    fitness = PreferenceSuite()
+    tasks = [(task, s) for s in fitness.evaluation_seeds(seed) for task in fitness.tasks_for(s)][:3]
+    return {"reward": ("float64", [run for task, s in tasks for run in _runs(fitness.truth(task, s).reward)]),
+            "eval_reference": ("float64", [run for task, s in tasks
+                                           for run in _runs(fitness.truth(task, s).reference_logits)]),
+            "training (control)": ("float32", [run for task, s in tasks
+                                               for run in _runs(fitness.training_data(task, s).reference_logits)])}
+
+
+def scan_after_one_genome(tmp_path, sandbox: str, fitness: str, needles: dict) -> dict:
+    """Score DPO, then scan the next genome's process (same warm worker, seed 0)."""
+    (first, probe), restarts, _ = run_genomes(tmp_path, sandbox, DPO_GENOME, SCAN.format(needles=needles),
+                                              fitness=fitness)
+    assert first.ok, first.error
+    found = re.search(r"SCAN (\{.*\})", probe.error or "")
+    assert found, probe.error
+    return json.loads(found.group(1))
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+@pytest.mark.parametrize("fitness, needles", [("synthetic-pref", synthetic_pref_needles),
+                                              ("pref-suite", pref_suite_needles)])
+def test_a_genome_finds_no_held_out_value_in_its_memory(tmp_path, sandbox, fitness, needles):
+    hits = scan_after_one_genome(tmp_path, sandbox, fitness, needles(0))
+    assert hits.pop("training (control)") > 0  # the scan does see what the warm worker holds
+    assert hits == {name: 0 for name in hits}, hits
+
+
+def test_scrubbing_freed_memory_can_be_turned_on_and_off_here():
+    assert worker.scrub_freed_memory(True) is True
+    assert worker.scrub_freed_memory(False) is True
