@@ -19,7 +19,8 @@ exactly one level).
 A seccomp filter then refuses the genome's process (and all it starts) every call that signals
 or tunes the warm worker, its threads, the jail's init or the worker's process group
 (``kill``, ``tkill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``, ``prlimit64``,
-scheduling and priority calls, ``pidfd_open``; ``kill(-1)`` and ``pidfd_send_signal`` always),
+scheduling and priority calls, ``pidfd_open``; ``kill(-1)`` and ``pidfd_send_signal`` always;
+``setpriority`` and ``ioprio_set`` for a whole user, which inside the jail is every process in it),
 and every way of naming another process as the one a file's I/O signals go to (``fcntl``
 ``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``, which the kernel would let
 it aim at the worker with any signal through ``F_SETSIG``): a genome ends or stops nothing but
@@ -30,6 +31,11 @@ through unchecked.
 Kernel keyrings are the driver's: a forked process keeps its parent's session keyring, and with
 it the keys (tokens, credentials) the driver's session holds. The genome's process joins a new,
 empty session keyring, and the filter refuses it ``keyctl``, ``add_key`` and ``request_key``.
+
+Memory the address-space limit does not count: a ``memfd_create`` file or a System V segment
+(``shmget``) holds memory that was never mapped, or no longer is, so a genome could hold many
+times its limit in them. Both are refused (and ``memfd_secret``), unless the jail shows GPUs:
+their libraries may share memory that way, and ``/dev/shm`` is large there anyway.
 """
 from __future__ import annotations
 
@@ -216,6 +222,7 @@ _SYSCALLS = {
                       "migrate_pages": 256, "move_pages": 279, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297},
         "pid_second": {"setpriority": 141, "ioprio_set": 251},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "shared_memory": {"memfd_create": 319, "memfd_secret": 447, "shmget": 29},
         "fcntl": 72, "ioctl": 16,
         "keyrings": {"add_key": 248, "request_key": 249, "keyctl": 250},
         "x32": True,
@@ -226,6 +233,7 @@ _SYSCALLS = {
                       "migrate_pages": 238, "move_pages": 239, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240},
         "pid_second": {"setpriority": 140, "ioprio_set": 30},
         "refused": {"pidfd_send_signal": 424, "process_madvise": 440},
+        "shared_memory": {"memfd_create": 279, "memfd_secret": 447, "shmget": 194},
         "fcntl": 25, "ioctl": 29,
         "keyrings": {"add_key": 217, "request_key": 218, "keyctl": 219},
         "x32": False,
@@ -235,6 +243,9 @@ _SYSCALLS = {
 #: signal chosen with ``F_SETSIG``) go to: ``fcntl`` F_SETOWN and F_SETOWN_EX, ``ioctl`` FIOSETOWN
 #: and SIOCSPGRP. The kernel compares only their low 32 bits, as the filter does.
 _SET_OWNER = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
+#: The first argument of ``setpriority`` (``PRIO_USER``) and ``ioprio_set`` (``IOPRIO_WHO_USER``)
+#: that names every process of a user: refused (inside the jail that is every process in it).
+_WHOLE_USER = {"setpriority": 2, "ioprio_set": 3}
 _LD_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
 _RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
 
@@ -247,28 +258,37 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] = ()) -> list[tuple[int, int, int, int]]:
+def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] = (),
+                    shared_memory: bool = False) -> list[tuple[int, int, int, int]]:
     """A seccomp filter (classic BPF, as ``(code, jt, jf, k)``) for architecture ``arch`` that
     refuses (EPERM) signalling or tuning the ``protected`` processes (the warm worker, its
     threads, the jail's init), signalling every process (``kill(-1)``) or the ``groups``,
+    tuning the ``groups`` or a whole user's processes (:data:`_WHOLE_USER`),
     ``pidfd_send_signal``, naming any process as the owner of a file's I/O signals
-    (:data:`_SET_OWNER`), the kernel keyrings, and every call through another architecture's
+    (:data:`_SET_OWNER`), the kernel keyrings, memory outside the address space (``memfd_create``,
+    ``shmget``; allowed with ``shared_memory``), and every call through another architecture's
     entry; everything else is allowed."""
     table = _SYSCALLS[arch]
+    groups = list(groups)
     targets = sorted({pid & 0xFFFFFFFF for pid in protected} | {(-pid) & 0xFFFFFFFF for pid in groups})
+    # setpriority(PRIO_PGRP, pgid) and ioprio_set(IOPRIO_WHO_PGRP, pgid) name a group by its positive id.
+    second_targets = sorted(set(targets) | {pid & 0xFFFFFFFF for pid in groups})
     kill_only = [0xFFFFFFFF] + [(-pid) & 0xFFFFFFFF for pid in protected]  # kill(-1), kill(-pgid)
     code: list[tuple] = [("ld", 4), ("jeq", arch, None, "deny")]  # i386 int 0x80 has other numbers
     code.append(("ld", 0))
     if table["x32"]:
         code.append(("jge", 0x40000000, "deny", None))
-    for number in [*table["refused"].values(), *table["keyrings"].values()]:
+    refused = [*table["refused"].values(), *table["keyrings"].values()]
+    if not shared_memory:
+        refused += table["shared_memory"].values()
+    for number in refused:
         code.append(("jeq", number, "deny", None))
     code.append(("jeq", table["pid_first"]["kill"], "kill", None))
     for name, number in table["pid_first"].items():
         if name != "kill":
             code.append(("jeq", number, "first", None))
-    for number in table["pid_second"].values():
-        code.append(("jeq", number, "second", None))
+    for name, number in table["pid_second"].items():
+        code.append(("jeq", number, name, None))
     for call in _SET_OWNER:
         code.append(("jeq", table[call], call, None))
     code.append(("ret", _RET_ALLOW))
@@ -285,9 +305,13 @@ def seccomp_program(arch: int, protected: Iterable[int], groups: Iterable[int] =
     code.append(("ld", 16))
     code.extend(("jeq", value, "deny", None) for value in targets)
     code.append(("ret", _RET_ALLOW))
+    for name in table["pid_second"]:
+        code.append(("label", name))
+        code.append(("ld", 16))
+        code.append(("jeq", _WHOLE_USER[name], "deny", "second"))
     code.append(("label", "second"))
     code.append(("ld", 24))
-    code.extend(("jeq", value, "deny", None) for value in targets)
+    code.extend(("jeq", value, "deny", None) for value in second_targets)
     code.append(("ret", _RET_ALLOW))
     code.append(("label", "deny"))
     code.append(("ret", _RET_EPERM))
@@ -321,9 +345,18 @@ def _assemble(code: list[tuple]) -> list[tuple[int, int, int, int]]:
     return program
 
 
+def _gpus_shown() -> bool:
+    import glob
+
+    from engine.jail import GPU_DEVICE_GLOBS
+
+    return any(glob.glob(f"/dev/{pattern}") for pattern in GPU_DEVICE_GLOBS)
+
+
 def protect_from_genome(protected: Iterable[int], groups: Iterable[int] = ()) -> bool:
     """Install :func:`seccomp_program` in this process (after ``no_new_privs``); it holds for
-    everything it starts. Returns False on an architecture it does not know (nothing installed).
+    everything it starts (shared memory allowed where the jail shows GPUs). Returns False on an
+    architecture it does not know (nothing installed).
 
     Raises:
         ConfineError: when the kernel refuses the filter.
@@ -333,7 +366,7 @@ def protect_from_genome(protected: Iterable[int], groups: Iterable[int] = ()) ->
     arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
     if arch is None:
         return False
-    program = seccomp_program(arch, protected, groups)
+    program = seccomp_program(arch, protected, groups, shared_memory=_gpus_shown())
     filters = (_SockFilter * len(program))(*[_SockFilter(*instruction) for instruction in program])
     prog = _SockFprog(len(program), filters)
     libc = ctypes.CDLL(None, use_errno=True)

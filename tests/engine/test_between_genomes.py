@@ -203,6 +203,46 @@ def test_what_a_genome_tunes_in_its_worker_and_the_jail_is_put_back(tmp_path, sa
     assert "put back" in log.read_text()
 
 
+PRIORITY = '''def lower(a, b, c, d):
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    ioprio_set = {"x86_64": 251, "aarch64": 30}[os.uname().machine]
+    worker = os.getppid()
+    calls = {"setpriority(user)": lambda: libc.setpriority(2, 0, 19),
+             "setpriority(this user)": lambda: libc.setpriority(2, os.getuid(), 19),
+             "setpriority(worker's group)": lambda: libc.setpriority(1, os.getpgid(worker), 19),
+             "ioprio_set(user)": lambda: libc.syscall(ioprio_set, 3, 0, 3 << 13),
+             "ioprio_set(this user)": lambda: libc.syscall(ioprio_set, 3, os.getuid(), 3 << 13),
+             "ioprio_set(worker's group)": lambda: libc.syscall(ioprio_set, 2, os.getpgid(worker), 3 << 13),
+             "memfd_create": lambda: libc.memfd_create(b"hoard", 0),
+             "shmget": lambda: libc.shmget(0, 1 << 20, 0o1600)}
+    done = [name for name, call in calls.items() if call() >= 0]
+    os.nice(5)  # its own priority stays its own to lower
+    raise ValueError("DONE " + repr(done))
+'''
+
+NICE = '''def look(a, b, c, d):
+    import os
+    raise ValueError("NICE " + " ".join(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16]
+                                        for pid in (os.getppid(), 1)))
+'''
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_a_genome_lowers_no_priority_but_its_own_and_hoards_no_memory_outside_its_limit(tmp_path, sandbox):
+    """setpriority and ioprio_set for a whole user (inside the jail: the warm worker, the jail's
+    init and every later genome; the worker could not raise them back) or for the worker's group
+    are refused; so are memfd_create and shmget, whose memory the address-space limit does not count."""
+    results = {}
+    with ProcessExecutor("synthetic-pref", workers=1, timeout=60, sandbox=sandbox, jail_only=True,
+                         log_path=tmp_path / "workers.log") as executor:
+        executor.run([(1, NICE), (2, PRIORITY), (3, NICE)], 0, None,
+                     lambda result: results.__setitem__(result.candidate_id, result))
+    assert "DONE []" in (results[2].error or ""), results[2].error
+    before, after = (results[i].error.split("NICE ", 1)[1].split()[:2] for i in (1, 3))
+    assert before == after, (before, after)
+
+
 # -- a worker that a genome took over ----------------------------------------------------------------
 def test_a_message_begun_and_never_finished_ends_at_the_deadline():
     ours, theirs = socket.socketpair()
