@@ -284,23 +284,32 @@ def plot_loss_shape(run, path: str | Path, top: int = 5, notes: list[str] | None
                     z_range: tuple[float, float] = (-10.0, 10.0)) -> Path:
     import numpy as np
 
+    from archives.dashboard.shapes import loss_shapes
+
     notes = notes if notes is not None else []
-    interface = preference_interface(run, notes)
-    if interface is None:
-        raise PlotSkipped(f"the fitness plug-in {run.fitness_name!r} is not a preference-loss one")
-    z = np.linspace(z_range[0], z_range[1], 401)
-    curves = []
     baseline = run.candidates[(run.candidates["operator"] == "seed") & (run.candidates["name"] == "dpo")]
     dpo_code = dpo_reference(None if baseline.empty else baseline.iloc[0]["code"])
     lines: list[tuple[str, str, bool]] = [("dpo", dpo_code, True)] if dpo_code else []
     for _, row in run.best(top).iterrows():
         if row["code"] != dpo_code:
             lines.append((f"{row['name']} ({row['fitness']:.3g})", row["code"], False))
-    for label, code, is_dpo in lines:
-        try:
-            curves.append((label, *loss_shape(interface, code, z), is_dpo))
-        except Exception as exc:  # noqa: BLE001 - a genome may fail outside its training range
-            notes.append(f"loss_shape: {label} skipped ({type(exc).__name__}: {str(exc)[:120]})")
+    seeds = run.candidates[run.candidates["operator"] == "seed"]
+    # Genome code (and the plug-in the run's settings name) runs in a jailed child, never here.
+    drawn = loss_shapes(run.config, run.fitness_name, None if seeds.empty else seeds.iloc[0]["code"],
+                        [{"label": label, "code": code, "role": "dpo" if is_dpo else "best"}
+                         for label, code, is_dpo in lines], z_range=z_range, points=401)
+    notes.extend(f"loss_shape: {note}" if not note.startswith("loss_shape") else note
+                 for note in drawn.get("notes") or [])
+    if not drawn.get("applicable"):
+        raise PlotSkipped(drawn.get("reason") or "no loss shape could be drawn")
+    z = np.asarray(drawn["z"])
+    curves = []
+    for curve in drawn["curves"]:
+        if "error" in curve:
+            notes.append(f"loss_shape: {curve['label']} skipped ({curve['error'][:120]})")
+        else:
+            curves.append((curve["label"], np.asarray(curve["values"]), np.asarray(curve["gradient"]),
+                           curve["role"] == "dpo"))
     if not curves:
         raise PlotSkipped("no loss could be evaluated on the grid")
     plt = _pyplot()
@@ -323,5 +332,5 @@ def plot_loss_shape(run, path: str | Path, top: int = 5, notes: list[str] | None
     left.set_title("Loss shape (cf. DiscoPOP fig. 6)", fontsize=10)
     right.set_title("Gradient", fontsize=10)
     left.legend(fontsize=7)
-    figure.suptitle(f"beta = {interface.beta:g}; batch-statistic losses see the whole grid as one batch", fontsize=8)
+    figure.suptitle(f"beta = {drawn['beta']:g}; batch-statistic losses see the whole grid as one batch", fontsize=8)
     return _finish(plt, figure, Path(path))

@@ -3,10 +3,15 @@
 the genome is built by :func:`engine.genome.compile_genome`, the static check, and called on a
 grid).
 
-The dashboard never calls genome code in its own process: :func:`loss_shapes` runs this module
-as a child process (``python -m archives.dashboard.shapes``, a JSON request on stdin, a JSON
-answer on stdout) with a time limit, so a genome that loops or eats memory costs one child,
-not the server.
+Neither the dashboard nor ``replay`` calls genome code in its own process: :func:`loss_shapes`
+runs this module as a child process (``python -m archives.dashboard.shapes``, a JSON request on
+stdin, a JSON answer on stdout) with a time limit and an address-space limit, so a genome that
+loops or eats memory costs one child, not the server. The child runs in the same OS jail as an
+evaluation worker (:mod:`engine.jail`, ``auto``: it sees neither your home folder, nor the
+working folder, nor any run folder, and has no network): a stored genome is untrusted code
+whoever shows it, and the fitness plug-in named in a run's settings (a ``path.py:Class`` of a
+run folder someone shared) is imported there too, where a file outside the project is not
+found (the curves then judge the losses by their parameter names).
 """
 from __future__ import annotations
 
@@ -22,33 +27,56 @@ Z_POINTS = 201
 TIME_LIMIT = 60.0
 
 
+#: The child's address-space limit, bytes.
+MEMORY_LIMIT = 4 << 30
+
+
 def loss_shapes(config: dict[str, Any], fitness_name: str | None, seed_code: str | None,
-                curves: list[dict[str, str]], time_limit: float = TIME_LIMIT) -> dict[str, Any]:
-    """Curves for ``curves`` (dicts with ``label``, ``code`` and ``role``), computed in a child.
+                curves: list[dict[str, str]], time_limit: float = TIME_LIMIT,
+                z_range: tuple[float, float] = Z_RANGE, points: int = Z_POINTS,
+                sandbox: str = "auto") -> dict[str, Any]:
+    """Curves for ``curves`` (dicts with ``label``, ``code`` and ``role``) on ``points`` values of
+    ``beta * rho`` over ``z_range``, computed in a jailed child (``sandbox``: see
+    :func:`engine.jail.choose`).
 
     Returns:
         ``{"applicable": bool, "reason": str | None, "beta": float, "z": [...], "curves": [{label,
-        role, values, gradient} | {label, role, error}], "notes": [...]}``.
+        role, values, gradient} | {label, role, error}], "notes": [...], "sandbox": str}``.
     """
-    request = {"config": config, "fitness_name": fitness_name, "seed_code": seed_code, "curves": curves}
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from engine import jail
+    from engine.executor import scrubbed_environment
+
+    request = {"config": config, "fitness_name": fitness_name, "seed_code": seed_code, "curves": curves,
+               "z_range": list(z_range), "points": int(points)}
     try:
-        done = subprocess.run([sys.executable, "-m", "archives.dashboard.shapes"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=time_limit,
-                              env=_child_environment())
+        chosen = jail.choose(sandbox)
+    except jail.SandboxUnavailable as exc:
+        return {"applicable": False, "reason": f"no sandbox to draw the loss shapes in: {exc}", "curves": []}
+    scratch = Path(tempfile.mkdtemp(prefix="evoloss-shapes-"))
+    limits = jail.Limits(address_space=MEMORY_LIMIT)
+    try:
+        view = jail.View(scratch=scratch, **jail.guessed_view_parts([]))
+        env = jail.jail_environment(scrubbed_environment(), view, chosen)
+        argv, launcher_env = jail.wrap(chosen, [sys.executable, "-m", "archives.dashboard.shapes"], view, env, limits)
+        done = subprocess.run(argv, input=json.dumps(request), capture_output=True, text=True, timeout=time_limit,
+                              env=launcher_env, cwd=view.workdir, start_new_session=True,
+                              preexec_fn=jail.preexec(limits))  # noqa: PLW1509 - only without prlimit
     except subprocess.TimeoutExpired:
         return {"applicable": False, "reason": f"the loss shapes took longer than {time_limit:g} s", "curves": []}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()[-1:] or ["no message"]
         return {"applicable": False, "reason": f"the loss-shape process failed ({tail[0][:300]})", "curves": []}
-    return json.loads(done.stdout)
-
-
-def _child_environment() -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
+    answer = json.loads(done.stdout)
+    answer["sandbox"] = chosen.kind
+    if not chosen.jailed:
+        answer.setdefault("notes", []).append(f"loss shapes drawn without an OS jail ({chosen.describe()})")
+    return answer
 
 
 def compute(request: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +91,8 @@ def compute(request: dict[str, Any]) -> dict[str, Any]:
         return {"applicable": False, "notes": notes, "curves": [],
                 "reason": f"the fitness plug-in {request['fitness_name']!r} does not score preference losses, "
                           "so there is no f(beta*rho) to draw"}
-    z = np.linspace(Z_RANGE[0], Z_RANGE[1], Z_POINTS)
+    low, high = request.get("z_range") or Z_RANGE
+    z = np.linspace(float(low), float(high), int(request.get("points") or Z_POINTS))
     curves = []
     for curve in request["curves"]:
         try:
