@@ -210,13 +210,6 @@ def plot_lineage(run, path: str | Path, candidate_id: int | None = None, max_nod
 
 
 # -- loss shape (DiscoPOP figure 6) -----------------------------------------------------------
-def preference_interface(run, notes: list[str] | None = None):
-    """The run's preference interface, or None when its fitness plug-in is not a preference one."""
-    seeds = run.candidates[run.candidates["operator"] == "seed"]
-    return preference_interface_of(run.config, run.fitness_name, None if seeds.empty else seeds.iloc[0]["code"],
-                                   notes)
-
-
 def preference_interface_of(config: dict[str, Any], fitness_name: str | None, seed_code: str | None,
                             notes: list[str] | None = None):
     """The preference interface of a run with these settings (``seed_code``: its first seed's
