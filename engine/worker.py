@@ -44,6 +44,7 @@ import errno
 import gc
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -120,9 +121,19 @@ def _warm_up(torch) -> None:
 
 
 # -- output of the genomes' processes ----------------------------------------------------------------
+#: Bytes of a genome's output that a terminal would act on: C0 controls but tab and newline,
+#: DEL, and the C1 controls as UTF-8 encodes them (0xC2 0x80-0x9F). Other bytes of 0x80-0x9F
+#: continue UTF-8 characters (as in "€") and stay.
+_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
 class CappedOutput:
     """Copies what genomes' processes print to this worker's stdout (the worker log), up to
-    ``cap`` bytes over the worker's life; after that one note per evaluation says what was cut."""
+    ``cap`` bytes over the worker's life; after that one note per evaluation says what was cut.
+
+    A genome's output is untrusted text: every line of it starts with its candidate's label
+    (``candidate 12 | ``), so it cannot pass for a line of the worker's own, and control bytes
+    (escape sequences a terminal showing the log would act on) become ``?``."""
 
     def __init__(self, cap: int = LOG_CAP, fd: int = 1) -> None:
         self.cap = cap
@@ -130,18 +141,33 @@ class CappedOutput:
         self.written = 0
         self.dropped = 0
         self.label = ""
+        self.line_start = True
 
     def begin(self, label: str) -> None:
-        self.label, self.dropped = label, 0
+        self.label, self.dropped, self.line_start = label, 0, True
 
     def write(self, data: bytes) -> None:
+        data = self._labelled(_CONTROLS.sub(b"?", data))
         room = self.cap - self.written
         if room > 0:
             self._write(data[:room])
             self.written += min(room, len(data))
         self.dropped += max(0, len(data) - max(room, 0))
 
+    def _labelled(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        prefix = f"{self.label} | ".encode()
+        lines = data.split(b"\n")
+        out = [(prefix if self.line_start else b"") + lines[0]]
+        out.extend(prefix + line if line else line for line in lines[1:])
+        self.line_start = data.endswith(b"\n")
+        return b"\n".join(out)
+
     def end(self) -> None:
+        if not self.line_start:
+            self._write(b"\n")
+            self.line_start = True
         if self.dropped:
             self._write(f"\n[evoloss worker] output of {self.label} truncated: {self.dropped} bytes dropped "
                         f"(cap of {self.cap} bytes of genome output per worker log)\n".encode())

@@ -448,6 +448,26 @@ for i in range(20000):
     assert b"output of candidate 5 truncated" in log and b"output of candidate 6 truncated" in log
 
 
+def test_a_genomes_output_is_labelled_and_cannot_drive_a_terminal_or_pass_for_the_workers(tmp_path):
+    logged = Worker(tmp_path / "workers.log")
+    try:
+        genome = dpo_after('''
+import os, sys
+print("\\x1b[2J\\x1b]0;pwned\\x07clear screen, retitle")
+print("[evoloss worker] all genomes passed", flush=True)
+os.write(2, "prix: 5 \\u20ac, \\u009b31mred".encode())
+''')
+        assert logged.evaluate(genome, candidate_id=9).ok
+    finally:
+        logged.close()
+    log = (tmp_path / "workers.log").read_bytes()
+    assert b"\x1b" not in log and b"\x07" not in log and b"\xc2\x9b" not in log
+    assert b"candidate 9 | ?[2J?]0;pwned?clear screen, retitle\n" in log
+    assert b"candidate 9 | [evoloss worker] all genomes passed\n" in log
+    assert "candidate 9 | prix: 5 \u20ac, ?31mred\n".encode() in log  # text stays text
+    assert not any(line.startswith(b"[evoloss worker] all genomes") for line in log.splitlines())
+
+
 def test_error_text_is_one_short_line_without_file_contents_or_paths(worker, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("first line\nSECOND-LINE-SECRET\n" + "x" * 5000)
