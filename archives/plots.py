@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 PLOT_NAMES = ("fitness", "archive", "lineage", "loss_shape")
 
@@ -210,31 +209,6 @@ def plot_lineage(run, path: str | Path, candidate_id: int | None = None, max_nod
 
 
 # -- loss shape (DiscoPOP figure 6) -----------------------------------------------------------
-def preference_interface_of(config: dict[str, Any], fitness_name: str | None, seed_code: str | None,
-                            notes: list[str] | None = None):
-    """The preference interface of a run with these settings (``seed_code``: its first seed's
-    code, to judge by parameter names when the plug-in cannot be loaded), or None."""
-    from fitness.preference import TENSOR_NAMES, PreferenceInterface
-
-    try:
-        from engine.ladder import parse_fitness, split_options
-        from engine.plugins import load_fitness
-
-        # A ladder's first stage: every stage takes the same loss.
-        first = split_options(parse_fitness(config.get("fitness") or fitness_name),
-                              config.get("fitness_options") or {})[0]
-        interface = load_fitness(first.spec, first.options).interface
-        return interface if isinstance(interface, PreferenceInterface) else None
-    except Exception as exc:  # noqa: BLE001 - fall back on the genomes' parameter names
-        if notes is not None:
-            notes.append(f"loss_shape: fitness plug-in not loadable ({type(exc).__name__}: {exc}); "
-                         "judging the losses by their parameter names")
-    if seed_code is None or not all(name in seed_code for name in TENSOR_NAMES):
-        return None
-    beta = (config.get("fitness_options") or {}).get("beta", 0.05)
-    return PreferenceInterface(beta=beta)
-
-
 def dpo_reference(run_dpo_code: str | None = None) -> str | None:
     """DPO's code for the loss-shape reference: the run's own ``dpo`` seed, else the shipped one."""
     from fitness.preference import PREFERENCE_SEEDS
@@ -242,42 +216,11 @@ def dpo_reference(run_dpo_code: str | None = None) -> str | None:
     return run_dpo_code or next((s.code for s in PREFERENCE_SEEDS if s.name == "dpo"), None)
 
 
-def loss_shape(interface, code: str, z) -> tuple[Any, Any]:
-    """``f(z)`` and ``df/dz`` of a preference loss on ``z = beta * rho`` (numpy arrays).
-
-    Raises:
-        ValueError: The genome fails the static check, raises, or gives non-finite values.
-    """
-    import torch
-
-    from engine.genome import compile_genome
-
-    fn = compile_genome(code, interface.arg_counts)
-    rho = torch.as_tensor(z, dtype=torch.float64) / interface.beta
-    policy_chosen = rho.clone().requires_grad_(True)
-    zeros = torch.zeros_like(rho)
-    inputs = {"policy_chosen_logps": policy_chosen, "policy_rejected_logps": zeros.clone().requires_grad_(True),
-              "reference_chosen_logps": zeros.clone(), "reference_rejected_logps": zeros.clone()}
-    losses = interface.call(fn, inputs)
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != tuple(rho.shape):
-        raise ValueError("the loss did not return one value per example")
-    losses.sum().backward()
-    import numpy as np
-
-    values = losses.detach().double().numpy()
-    grad = policy_chosen.grad if policy_chosen.grad is not None else zeros
-    # d f / d z = d f / d rho * d rho / d z, with rho = z / beta
-    slope = (grad.detach().double() / interface.beta).numpy()
-    if not (np.isfinite(values).all() and np.isfinite(slope).all()):
-        raise ValueError("non-finite loss or gradient on the grid")
-    return values, slope
-
-
 def plot_loss_shape(run, path: str | Path, top: int = 5, notes: list[str] | None = None,
                     z_range: tuple[float, float] = (-10.0, 10.0)) -> Path:
     import numpy as np
 
-    from archives.dashboard.shapes import loss_shapes
+    from archives.shapes import loss_shapes
 
     notes = notes if notes is not None else []
     baseline = run.candidates[(run.candidates["operator"] == "seed") & (run.candidates["name"] == "dpo")]

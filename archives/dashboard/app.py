@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-import archives.dashboard.shapes as shapes
+import archives.shapes as shapes
 import archives.dashboard.views as views
 from archives.dashboard.library import RunLibrary, RunNotFound, Snapshot
 from archives.store import StoreError

@@ -144,7 +144,7 @@ def test_spearman():
 def test_loss_shape_of_dpo_is_minus_log_sigmoid():
     import numpy as np
 
-    from archives.plots import loss_shape
+    from archives.shapes import loss_shape
     from fitness.preference import PreferenceInterface
 
     z = np.linspace(-5, 5, 11)

@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from archives.dashboard.shapes import loss_shapes
+from archives.shapes import loss_shapes
 from fitness.preference import PREFERENCE_SEEDS
 from tests.conftest import available_sandboxes
 
