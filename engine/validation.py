@@ -9,6 +9,12 @@ held-out gain over the baseline is the mean of its per-seed differences to the b
 same seeds, with the standard error of that mean; a loss that falls well below the baseline on
 any held-out task is flagged.
 
+The validated best is the highest gain minus one standard error among those losses, so its gain
+on those seeds is the best of several draws and biased upwards in turn. When there was a choice
+(more than one loss), the validated best and the baseline are scored on as many fresh seeds
+again (the confirmation seeds), and the validated best's reported gain, standard error and
+verdict are those of the confirmation alone; the gain on the choosing seeds stays beside them.
+
 Scores are stored in the run store (``fitness_name`` ``validation:<plug-in>``, with their
 seed), so ``python -m engine validate RUN`` re-scores only what is missing, and can validate a
 run again on another fitness plug-in.
@@ -29,6 +35,8 @@ from engine.search.racing import ranked
 #: Validation seeds are ``eval_seed + VALIDATION_SEEDS + k``: apart from the run's own seed and
 #: from the seeds racing re-measures on (``eval_seed + 7919 k`` for small k).
 VALIDATION_SEEDS = 1_000_003
+#: The validated best's confirmation seeds are ``eval_seed + CONFIRMATION_SEEDS + k``.
+CONFIRMATION_SEEDS = 1_500_007
 #: A held-out task on which a loss's mean gain is below this (in the suite's normalised units),
 #: or below three standard errors, is flagged as a collapse.
 COLLAPSE = -0.05
@@ -93,20 +101,29 @@ def validate(store: RunStore, data, executor, settings: ValidationSettings, fitn
     scores: dict[tuple[int, int], EvalResult] = {
         (r.candidate_id, seed): r for _, seed, r in store.seed_evaluations(label)}
     everyone = chosen + ([baseline] if baseline is not None else [])
-    for seed in seeds:
-        todo = [c for c in everyone if (c.id, seed) not in scores]
-        if not todo:
-            continue
 
-        def record(result: EvalResult, seed: int = seed) -> None:
-            store.add_evaluation(result, label, eval_seed=seed)
-            scores[(result.candidate_id, seed)] = result
-            if on_result is not None:
-                on_result(result, seed)
+    def scored_all(candidates: list[Candidate], on_seeds: list[int]) -> None:
+        for seed in on_seeds:
+            todo = [c for c in candidates if (c.id, seed) not in scores]
+            if not todo:
+                continue
 
-        # One candidate at most once per call: a result names its candidate, not its seed.
-        executor.run([(c.id, c.code, stage, seed) for c in todo], seed, None, record)
+            def record(result: EvalResult, seed: int = seed) -> None:
+                store.add_evaluation(result, label, eval_seed=seed)
+                scores[(result.candidate_id, seed)] = result
+                if on_result is not None:
+                    on_result(result, seed)
+
+            # One candidate at most once per call: a result names its candidate, not its seed.
+            executor.run([(c.id, c.code, stage, seed) for c in todo], seed, None, record)
+
+    scored_all(everyone, seeds)
     summary = summarise(label, chosen, baseline, seeds, scores, floor)
+    best = summary["best"]
+    if best is not None and baseline is not None and sum(r["gain"] is not None for r in summary["losses"]) > 1:
+        confirmation = [settings.eval_seed + CONFIRMATION_SEEDS + k for k in range(settings.validate_seeds)]
+        scored_all([c for c in chosen if c.id == best["id"]] + [baseline], confirmation)
+        summary = summarise(label, chosen, baseline, seeds, scores, floor, confirmation)
     store.set_meta("validation", summary)
     history = store.meta("validations", {}) or {}
     history[label] = summary
@@ -115,8 +132,10 @@ def validate(store: RunStore, data, executor, settings: ValidationSettings, fitn
 
 
 def summarise(label: str, chosen: list[Candidate], baseline: Candidate | None, seeds: list[int],
-              scores: dict[tuple[int, int], EvalResult], floor: float) -> dict[str, Any]:
-    """Held-out gains over the baseline, paired by seed, with standard errors and flags."""
+              scores: dict[tuple[int, int], EvalResult], floor: float,
+              confirmation: list[int] | None = None) -> dict[str, Any]:
+    """Held-out gains over the baseline, paired by seed, with standard errors and flags; with
+    ``confirmation`` seeds, the validated best's gain is the one on those seeds alone."""
 
     def value(cid: int, seed: int) -> float | None:
         result = scores.get((cid, seed))
@@ -124,19 +143,23 @@ def summarise(label: str, chosen: list[Candidate], baseline: Candidate | None, s
             return None  # not scored (an interrupted validation)
         return result.fitness if result.ok else floor
 
-    base = {s: value(baseline.id, s) for s in seeds} if baseline is not None else {}
-    rows = []
-    for candidate in chosen:
-        own = {s: value(candidate.id, s) for s in seeds}
-        paired = [s for s in seeds if own[s] is not None and (baseline is None or base.get(s) is not None)]
+    def gains(candidate: Candidate, on_seeds: list[int]) -> dict[str, Any]:
+        base = {s: value(baseline.id, s) for s in on_seeds} if baseline is not None else {}
+        own = {s: value(candidate.id, s) for s in on_seeds}
+        paired = [s for s in on_seeds if own[s] is not None and (baseline is None or base.get(s) is not None)]
         diffs = [own[s] - (base[s] if baseline is not None else 0.0) for s in paired]
-        failed = sum(1 for s in seeds if (candidate.id, s) in scores and not scores[(candidate.id, s)].ok)
-        row: dict[str, Any] = {
-            "id": candidate.id, "name": candidate.name, "seeds": len(diffs), "failed_seeds": failed,
+        failed = sum(1 for s in on_seeds if (candidate.id, s) in scores and not scores[(candidate.id, s)].ok)
+        return {
+            "seeds": len(diffs), "failed_seeds": failed,
             "mean": statistics.fmean(own[s] for s in paired) if paired else None,
             "gain": statistics.fmean(diffs) if diffs else None,
             "gain_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else None,
         }
+
+    base = {s: value(baseline.id, s) for s in seeds} if baseline is not None else {}
+    rows = []
+    for candidate in chosen:
+        row: dict[str, Any] = {"id": candidate.id, "name": candidate.name, **gains(candidate, seeds)}
         per_task = _per_task(candidate.id, seeds, scores)
         if per_task:
             worst = min(per_task, key=per_task.__getitem__)
@@ -146,6 +169,14 @@ def summarise(label: str, chosen: list[Candidate], baseline: Candidate | None, s
         rows.append(row)
     usable = [r for r in rows if r["gain"] is not None]
     best = max(usable, key=lambda r: r["gain"] - (r["gain_se"] or 0.0)) if usable else None
+    confirmed = None
+    if best is not None and confirmation:
+        candidate = next(c for c in chosen if c.id == best["id"])
+        confirmed = gains(candidate, confirmation)
+        if confirmed["gain"] is not None:
+            best = {**best, **confirmed, "confirmed": True, "confirmation_seed_values": list(confirmation),
+                    "chosen_among": len(usable), "chosen_gain": best["gain"], "chosen_gain_se": best["gain_se"],
+                    "chosen_seeds": best["seeds"], "flag": _flag({**best, **confirmed})}
     base_name = baseline.name if baseline is not None else None
     return {
         "fitness": label, "seeds": len(seeds), "seed_values": seeds, "baseline": base_name,
@@ -153,7 +184,8 @@ def summarise(label: str, chosen: list[Candidate], baseline: Candidate | None, s
         if any(v is not None for v in base.values()) else None,
         "losses": rows, "best": best, "verdict": _verdict(best, base_name, label),
         "chosen_by": "the run's ranking (top distinct losses); the best here is the highest gain minus one "
-                     "standard error among them",
+                     "standard error among them, and its gain (with more than one loss) is measured again on "
+                     "fresh confirmation seeds that chose nothing",
     }
 
 
@@ -197,5 +229,9 @@ def _verdict(best: dict[str, Any] | None, baseline: str | None, label: str) -> s
         verdict = f"is not distinguishable from {baseline} on held-out data ({z:+.1f} standard errors)"
     else:
         verdict = f"is worse than {baseline} on held-out data ({z:+.1f} standard errors)"
+    if best.get("confirmed"):
+        return (f"validated best {best['name']} (chosen among {best['chosen_among']} at "
+                f"{best['chosen_gain']:+.4f} ± {best['chosen_gain_se'] or 0.0:.4f}): gain {best['gain']:+.4f} ± "
+                f"{se:.4f} over {best['seeds']} more fresh seeds that chose nothing; it {verdict}")
     return (f"validated best {best['name']}: gain {best['gain']:+.4f} ± {se:.4f} over {best['seeds']} fresh seeds; "
             f"it {verdict}")

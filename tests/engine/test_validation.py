@@ -10,7 +10,7 @@ from archives.reading import read_run
 from archives.store import RunStore
 from engine.cli import main
 from engine.search.racing import CONFIRM_SEEDS, SEED_STRIDE
-from engine.validation import VALIDATION_SEEDS, summarise
+from engine.validation import CONFIRMATION_SEEDS, VALIDATION_SEEDS, summarise
 from engine.candidate import Candidate, EvalResult
 from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC
 
@@ -70,18 +70,35 @@ def test_replay_ranks_by_the_lower_bound_and_reports_the_validation(finished_run
     assert validation["seeds"] == 3 and validation["baseline"] == "mse" and len(validation["losses"]) == 3
     assert summary["validated_best_name"] in {row["name"] for row in validation["losses"]}
     assert isinstance(summary["validated_gain"], float) and summary["validated_gain_se"] >= 0
-    seeds = {seed for _, name, seed in rows(finished_run) if name.startswith("validation:")}
-    assert seeds == {VALIDATION_SEEDS + k for k in range(3)}
+    scored = [(cid, seed) for cid, name, seed in rows(finished_run) if name.startswith("validation:")]
+    assert {seed for _, seed in scored} == {VALIDATION_SEEDS + k for k in range(3)} | {CONFIRMATION_SEEDS + k
+                                                                                        for k in range(3)}
     assert "mse" not in {row["name"] for row in validation["losses"]}  # the baseline is the reference
+    # The validated best was chosen among three on the validation seeds; its reported gain is its
+    # gain on three more seeds, where only it and the baseline were scored.
+    best = validation["best"]
+    assert best["confirmed"] and best["chosen_among"] == 3 and best["seeds"] == 3
+    assert {cid for cid, seed in scored if seed >= CONFIRMATION_SEEDS} == {best["id"], 0}
+    chosen_row = next(row for row in validation["losses"] if row["id"] == best["id"])
+    assert best["chosen_gain"] == chosen_row["gain"] and summary["validated_gain"] == best["gain"]
+    assert "more fresh seeds that chose nothing" in validation["verdict"]
 
 
 def test_validate_again_scores_only_what_is_missing(finished_run, capsys):
     before = len(rows(finished_run))
     assert main(["validate", str(finished_run), "--top", "3", "--seeds", "3", "--executor", "serial", "--json"]) == 0
     assert len(rows(finished_run)) == before
+    listed = rows(finished_run)
     assert main(["validate", str(finished_run), "--top", "3", "--seeds", "4", "--executor", "serial", "--json"]) == 0
-    assert len(rows(finished_run)) == before + 4  # three losses and the baseline on the one new seed
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["seeds"] == 4
+    added = [row for row in rows(finished_run) if row not in listed]
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["seeds"] == 4 and summary["best"]["seeds"] == 4
+    # Three losses and the baseline on the one new seed; the validated best and the baseline on the
+    # confirmation seeds they lack (one, unless another loss is now the best).
+    assert sorted(seed for _, _, seed in added if seed < CONFIRMATION_SEEDS) == [VALIDATION_SEEDS + 3] * 4
+    confirming = [(cid, seed) for cid, _, seed in added if seed >= CONFIRMATION_SEEDS]
+    assert {cid for cid, _ in confirming} <= {summary["best"]["id"], 0} and (0, CONFIRMATION_SEEDS + 3) in confirming
+    assert len(added) == len(set(added))
 
 
 def test_resuming_a_finished_run_repeats_no_evaluation(finished_run, tmp_path):
@@ -104,6 +121,25 @@ def test_a_loss_that_fails_on_held_out_seeds_is_flagged_and_a_clear_gain_is_said
     assert steady["gain"] == pytest.approx(0.1, abs=1e-3) and steady["flag"] is None
     assert brittle["failed_seeds"] == 1 and "failed on 1 seed" in brittle["flag"]
     assert summary["best"]["name"] == "steady" and "beats dpo on held-out data" in summary["verdict"]
+
+
+def test_the_validated_best_is_reported_on_seeds_that_did_not_choose_it():
+    chosen = [Candidate(1, "lucky", "x"), Candidate(2, "steady", "x")]
+    baseline = Candidate(0, "dpo", "x", operator="seed")
+    seeds, confirmation = [10, 11, 12], [20, 21, 22]
+    scores = {}
+    for k, seed in enumerate(seeds):  # lucky's gain on these seeds is luck
+        for cid, gain in ((0, 0.0), (1, 0.3 + k / 100), (2, 0.1 + k / 100)):
+            scores[(cid, seed)] = EvalResult(cid, "ok", 0.5 + gain)
+    for k, seed in enumerate(confirmation):
+        for cid, gain in ((0, 0.0), (1, 0.01 * (k - 1))):
+            scores[(cid, seed)] = EvalResult(cid, "ok", 0.5 + gain)
+    summary = summarise("validation:x", chosen, baseline, seeds, scores, floor=-1.0, confirmation=confirmation)
+    best = summary["best"]
+    assert best["name"] == "lucky" and best["chosen_gain"] == pytest.approx(0.31)
+    assert best["gain"] == pytest.approx(0.0, abs=1e-12) and best["seeds"] == 3 and best["chosen_among"] == 2
+    assert "is not distinguishable from dpo" in summary["verdict"] and "chosen among 2" in summary["verdict"]
+    assert summary["losses"][0]["gain"] == pytest.approx(0.31)  # the table keeps the choosing seeds' numbers
 
 
 def test_show_gives_a_candidates_seeds_estimate_and_validation(finished_run, capsys):
