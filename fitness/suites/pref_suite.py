@@ -144,9 +144,10 @@ class _Truth:
     reference_logits: torch.Tensor  # (E, T, V)
     reward: torch.Tensor  # (E, T, V) additive part
     interaction: torch.Tensor  # (T-1, V, V) reward of adjacent token pairs
-    reference_value: float  # J(pi_ref)
-    oracle_value: float  # J(pi*)
-    label_agreement: float
+    # Scalars as 0-d float64 tensors, not Python floats, so that wiping zeroes them too.
+    reference_value: torch.Tensor  # J(pi_ref)
+    oracle_value: torch.Tensor  # J(pi*)
+    label_agreement: torch.Tensor
 
 
 def _standardise(values: torch.Tensor) -> torch.Tensor:
@@ -248,7 +249,7 @@ def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple
     first_wins ^= torch.rand(N, generator=generator, dtype=DTYPE) < spec.label_noise
     chosen = torch.where(first_wins[:, None], first, second)
     rejected = torch.where(first_wins[:, None], second, first)
-    agreement = float(((r_first > r_second) == first_wins).to(DTYPE).mean())
+    agreement = ((r_first > r_second) == first_wins).to(DTYPE).mean()
 
     trunk = normal(_EMBEDDING, _HIDDEN)  # the MLP policy's random initial trunk
     train_inputs = {k: v[:C] if k == "prompt" else v for k, v in inputs_all.items()}
@@ -273,22 +274,23 @@ def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple
     return data, truth
 
 
-def _expected_reward(probs: torch.Tensor, reward: torch.Tensor, interaction: torch.Tensor) -> float:
-    """Mean over prompts of E_pi r for a policy factorised over positions, exactly."""
+def _expected_reward(probs: torch.Tensor, reward: torch.Tensor, interaction: torch.Tensor) -> torch.Tensor:
+    """Mean over prompts of E_pi r for a policy factorised over positions, exactly (a 0-d tensor)."""
     value = (probs * reward).sum(dim=(-1, -2))
     if interaction.shape[0]:
         value = value + torch.einsum("ptv,tvw,ptw->p", probs[:, :-1], interaction, probs[:, 1:])
-    return float(value.mean())
+    return value.mean()
 
 
 def _log_partition(reference_log_probs: torch.Tensor, reward: torch.Tensor, interaction: torch.Tensor,
-                   beta: float) -> float:
-    """Mean over prompts of log sum_y pi_ref(y) exp(r(y) / beta) (forward algorithm over positions)."""
+                   beta: float) -> torch.Tensor:
+    """Mean over prompts of log sum_y pi_ref(y) exp(r(y) / beta) (forward algorithm over positions;
+    a 0-d tensor)."""
     unary = reference_log_probs + reward / beta  # (E, T, V)
     alpha = unary[:, 0]
     for t in range(1, unary.shape[1]):
         alpha = torch.logsumexp(alpha[:, :, None] + interaction[t - 1] / beta, dim=1) + unary[:, t]
-    return float(torch.logsumexp(alpha, dim=-1).mean())
+    return torch.logsumexp(alpha, dim=-1).mean()
 
 
 # -- the two phases ---------------------------------------------------------------------------
@@ -362,10 +364,12 @@ def score_policy(parameters: dict[str, torch.Tensor], spec: PreferenceTaskSpec, 
     probs = log_probs.exp()
     value = _expected_reward(probs, truth.reward, truth.interaction)
     kl = float((probs * (log_probs - reference_log_probs)).sum(dim=(-1, -2)).mean())
+    # In 0-d float64 tensors, the same arithmetic as in Python floats: no truth becomes a Python
+    # float, which no wipe could zero (freed floats stay in the interpreter's pools).
     objective = value - spec.beta * kl
     attainable = truth.oracle_value - truth.reference_value
-    return {"score": (objective - truth.reference_value) / attainable,
-            "reward_gain": value - truth.reference_value, "kl": kl}
+    return {"score": float((objective - truth.reference_value) / attainable),
+            "reward_gain": float(value - truth.reference_value), "kl": kl}
 
 
 class PreferenceSuite(TaskSuite):

@@ -8,14 +8,15 @@ that scanned its own memory found the held-out true reward of its evaluation see
 place looked for. The warm worker now has glibc overwrite what it frees
 (:func:`engine.worker.scrub_freed_memory`).
 
-The probe looks for runs of four consecutive values of the held-out data (float64), and, as a
-control that the scan sees what the worker left, for runs of the training data it was given
-(float32), which must be found.
+The probe looks for runs of four consecutive values of the held-out data and for single values
+that normalise the score, and, as a control that the scan sees what the worker left, for runs of
+the training data it was given, which must be found.
 """
 from __future__ import annotations
 
 import json
 import re
+import struct
 
 import pytest
 import torch
@@ -46,17 +47,17 @@ def _scan():
                 data = bytearray(memory.read(high - low))
             except (OSError, OverflowError, ValueError):
                 continue
-            views = {{"float64": torch.frombuffer(data, dtype=torch.float64) if len(data) % 8 == 0 else None,
-                      "float32": torch.frombuffer(data, dtype=torch.float32) if len(data) % 4 == 0 else None}}
-            for name, (dtype, runs) in NEEDLES.items():
-                values = views[dtype]
-                if values is None:
-                    continue
+            if len(data) % 8:
+                continue
+            words = torch.frombuffer(data, dtype=torch.int32)
+            for name, (step, runs) in NEEDLES.items():
                 for run in runs:
-                    for i in torch.nonzero(values == run[0]).view(-1).tolist():
-                        if i + len(run) <= values.numel() and all(values[i + j].item() == v for j, v in enumerate(run)):
+                    for i in torch.nonzero(words == run[0]).view(-1).tolist():
+                        if i % step or i + len(run) > words.numel():
+                            continue
+                        if all(words[i + j].item() == v for j, v in enumerate(run)):
                             hits[name] += 1
-            del views, data
+            del words, data
     raise ValueError("SCAN " + json.dumps(hits))
 
 
@@ -68,17 +69,30 @@ def dpo(a, b, c, d):
 '''
 
 
-def _runs(tensor: torch.Tensor, length: int = 4) -> list[list[float]]:
-    """Runs of ``length`` consecutive values at four places in ``tensor``; none all zero (a
-    wiped tensor is zeros) and none repeating one value."""
+def _words(values: torch.Tensor) -> list[int]:
+    """``values`` as the 32-bit words of its bytes (signed). The probe holds its needles as Python
+    ints and compares 32-bit words: it makes no float of its own, whose bytes would be found (a
+    copy of the needle), and reuses no freed float (which would overwrite the evidence)."""
+    data = values.detach().contiguous().view(-1).numpy().tobytes()
+    return list(struct.unpack(f"<{len(data) // 4}i", data))
+
+
+def _runs(tensor: torch.Tensor, length: int = 4) -> list[list[int]]:
+    """Runs of ``length`` consecutive values at four places in ``tensor`` (as 32-bit words); none
+    all zero (a wiped tensor is zeros) and none repeating one value."""
     flat = tensor.detach().contiguous().view(-1)
     runs = []
     for start in (0, flat.numel() // 3, flat.numel() // 2, flat.numel() - length):
-        run = flat[start:start + length].tolist()
-        if len(run) == length and len(set(run)) == length and any(v != 0 for v in run):
-            runs.append(run)
+        run = flat[start:start + length]
+        if len(run) == length and len(set(run.tolist())) == length and bool((run != 0).any()):
+            runs.append(_words(run))
     assert runs
     return runs
+
+
+def _alone(value) -> list[int]:
+    """One float64 as its two 32-bit words."""
+    return _words(torch.as_tensor(value, dtype=torch.float64).reshape(1))
 
 
 def synthetic_pref_needles(seed: int) -> dict:
@@ -86,9 +100,10 @@ def synthetic_pref_needles(seed: int) -> dict:
 
     fitness = SyntheticPreference()
     held = fitness.score_problem(seed)
-    return {"eval_reward": ("float64", _runs(held.eval_reward)),
-            "eval_reference": ("float64", _runs(held.eval_reference_logits)),
-            "training (control)": ("float32", _runs(fitness.train_problem(seed).pair_reference))}
+    return {"eval_reward": (2, _runs(held.eval_reward)),  # (float64: two words from an even word, runs)
+            "eval_reference": (2, _runs(held.eval_reference_logits)),
+            "oracle_gain": (2, [_alone(value) for value in held.oracle_gain]),
+            "training (control)": (1, _runs(fitness.train_problem(seed).pair_reference))}
 
 
 def pref_suite_needles(seed: int) -> dict:
@@ -96,11 +111,13 @@ def pref_suite_needles(seed: int) -> dict:
 
     fitness = PreferenceSuite()
     tasks = [(task, s) for s in fitness.evaluation_seeds(seed) for task in fitness.tasks_for(s)][:3]
-    return {"reward": ("float64", [run for task, s in tasks for run in _runs(fitness.truth(task, s).reward)]),
-            "eval_reference": ("float64", [run for task, s in tasks
-                                           for run in _runs(fitness.truth(task, s).reference_logits)]),
-            "training (control)": ("float32", [run for task, s in tasks
-                                               for run in _runs(fitness.training_data(task, s).reference_logits)])}
+    truths = [fitness.truth(task, s) for task, s in tasks]
+    return {"reward": (2, [run for truth in truths for run in _runs(truth.reward)]),
+            "eval_reference": (2, [run for truth in truths for run in _runs(truth.reference_logits)]),
+            # What normalises each task's score: the reference's and the oracle's values.
+            "values": (2, [_alone(value) for truth in truths for value in (truth.reference_value, truth.oracle_value)]),
+            "training (control)": (1, [run for task, s in tasks
+                                       for run in _runs(fitness.training_data(task, s).reference_logits)])}
 
 
 def scan_after_one_genome(tmp_path, sandbox: str, fitness: str, needles: dict) -> dict:
