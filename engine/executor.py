@@ -264,20 +264,38 @@ class _WorkerLog:
 def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int | None = None) -> None:
     """Copy one worker's output into the run's worker log, at most ``limit`` bytes (default
     :data:`LOG_LIMIT_BYTES`); read (and drop) the rest so that a genome printing in a loop never
-    blocks on a full pipe."""
+    blocks on a full pipe. Whole lines only (a part line waits for its end, up to 64 KiB): the
+    workers share the log, and a line of one must never end up inside a line of another."""
     limit = LOG_LIMIT_BYTES if limit is None else limit
-    written = 0
+    written, pending = 0, b""
+
+    def put(data: bytes, last: bool = False) -> None:
+        nonlocal written
+        data = data[: limit - written]
+        written += len(data)
+        with lock:
+            log.write(data)
+            if written >= limit:
+                log.write(f"\n[worker {pid}: output past {limit} bytes dropped]\n".encode())
+            elif last and data and not data.endswith(b"\n"):
+                log.write(b"\n")
+            log.flush()
+
     with stream:
         for chunk in iter(lambda: stream.read1(65536), b""):
             if written >= limit:
                 continue
-            chunk = chunk[: limit - written]
-            written += len(chunk)
-            with lock:
-                log.write(chunk)
-                if written >= limit:
-                    log.write(f"\n[worker {pid}: output past {limit} bytes dropped]\n".encode())
-                log.flush()
+            data = pending + chunk
+            end = data.rfind(b"\n") + 1
+            if end == 0 and len(data) < 65536:
+                pending = data
+                continue
+            if end == 0:
+                end = len(data)
+            pending = data[end:]
+            put(data[:end])
+        if pending and written < limit:
+            put(pending, last=True)
 
 
 class ProcessExecutor(Executor):

@@ -124,7 +124,9 @@ def _warm_up(torch) -> None:
 #: Bytes of a genome's output that a terminal would act on: C0 controls but tab and newline,
 #: DEL, and the C1 controls as UTF-8 encodes them (0xC2 0x80-0x9F). Other bytes of 0x80-0x9F
 #: continue UTF-8 characters (as in "€") and stay.
-_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+#: A genome's line longer than this is broken (each piece labelled) rather than held back.
+_LINE_MAX = 8192
 
 
 class CappedOutput:
@@ -133,7 +135,10 @@ class CappedOutput:
 
     A genome's output is untrusted text: every line of it starts with its candidate's label
     (``candidate 12 | ``), so it cannot pass for a line of the worker's own, and control bytes
-    (escape sequences a terminal showing the log would act on) become ``?``."""
+    (escape sequences a terminal showing the log would act on; Unicode's line and paragraph
+    separators) become ``?``. Only whole lines are written (a part line waits for its end, or
+    for the end of the evaluation), so the driver, which merges every worker's output into one
+    log line by line, never puts another worker's line in the middle of one of them."""
 
     def __init__(self, cap: int = LOG_CAP, fd: int = 1) -> None:
         self.cap = cap
@@ -141,33 +146,35 @@ class CappedOutput:
         self.written = 0
         self.dropped = 0
         self.label = ""
-        self.line_start = True
+        self.partial = b""
 
     def begin(self, label: str) -> None:
-        self.label, self.dropped, self.line_start = label, 0, True
+        self.label, self.dropped, self.partial = label, 0, b""
 
     def write(self, data: bytes) -> None:
-        data = self._labelled(_CONTROLS.sub(b"?", data))
+        data = self.partial + _CONTROLS.sub(b"?", data)
+        end = data.rfind(b"\n") + 1
+        self.partial = data[end:]
+        if len(self.partial) > _LINE_MAX:
+            end, self.partial = len(data), b""
+        self._emit(data[:end])
+
+    def _emit(self, lines: bytes) -> None:
+        if not lines:
+            return
+        prefix = f"{self.label} | ".encode()
+        body = lines[:-1] if lines.endswith(b"\n") else lines
+        data = b"".join(prefix + line + b"\n" for line in body.split(b"\n"))
         room = self.cap - self.written
         if room > 0:
             self._write(data[:room])
             self.written += min(room, len(data))
         self.dropped += max(0, len(data) - max(room, 0))
 
-    def _labelled(self, data: bytes) -> bytes:
-        if not data:
-            return data
-        prefix = f"{self.label} | ".encode()
-        lines = data.split(b"\n")
-        out = [(prefix if self.line_start else b"") + lines[0]]
-        out.extend(prefix + line if line else line for line in lines[1:])
-        self.line_start = data.endswith(b"\n")
-        return b"\n".join(out)
-
     def end(self) -> None:
-        if not self.line_start:
-            self._write(b"\n")
-            self.line_start = True
+        if self.partial:
+            self._emit(self.partial)
+            self.partial = b""
         if self.dropped:
             self._write(f"\n[evoloss worker] output of {self.label} truncated: {self.dropped} bytes dropped "
                         f"(cap of {self.cap} bytes of genome output per worker log)\n".encode())
@@ -339,7 +346,7 @@ class EvaluationChild:
         sweep_descendants()
         if TUNABLES is not None:
             for change in TUNABLES.restore():
-                print(f"[evoloss worker] a genome's process changed {change}; put back", file=sys.stderr, flush=True)
+                print(f"[evoloss worker] a genome's process changed {change}", file=sys.stderr, flush=True)
         self.connection.close()
         deadline = time.monotonic() + 1.0
         while self.output_fd is not None and time.monotonic() < deadline:
@@ -442,6 +449,8 @@ class Tunables:
     was needs no capability). Inside a jail only: pid 1 is then the jail's own init."""
 
     NAMES = ("oom_score_adj", "autogroup", "coredump_filter")
+    #: How long to keep trying a change the kernel refuses for now (autogroup: EAGAIN).
+    RETRY_SECONDS = 3.0
 
     def __init__(self, pids: tuple[int, ...]) -> None:
         self.saved = {(pid, name): value for pid in pids for name in self.NAMES
@@ -465,18 +474,21 @@ class Tunables:
             now = self._read(pid, name)
             if now is None or now == value:
                 continue
-            for attempt in range(5):  # the kernel takes one autogroup nice change per 100 ms (EAGAIN)
+            # The kernel takes one autogroup nice change per 100 ms from anyone on the machine
+            # (EAGAIN): a genome in another worker can keep taking it; try often, for a while.
+            deadline = time.monotonic() + self.RETRY_SECONDS
+            while True:
                 try:
                     with open(f"/proc/{pid}/{name}", "w") as stream:
                         # coredump_filter reads as hex digits and is parsed with C's base rules
                         stream.write("0x" + value if name == "coredump_filter" else value)
-                    restored.append(f"pid {pid} {name} {now} -> {value}")
+                    restored.append(f"pid {pid} {name} {now} -> {value}; put back")
                     break
                 except OSError as exc:
-                    if exc.errno == errno.EAGAIN and attempt < 4:
-                        time.sleep(0.11)
+                    if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
+                        time.sleep(0.005)
                         continue
-                    restored.append(f"pid {pid} {name} {now}, not put back to {value}: {exc.strerror}")
+                    restored.append(f"pid {pid} {name} {now}, could NOT be put back to {value} ({exc.strerror})")
                     break
         return restored
 

@@ -468,6 +468,41 @@ os.write(2, "prix: 5 \\u20ac, \\u009b31mred".encode())
     assert not any(line.startswith(b"[evoloss worker] all genomes") for line in log.splitlines())
 
 
+def test_two_workers_part_lines_never_interleave_in_the_log(tmp_path):
+    """A genome prints part of a line and waits while a genome in another worker prints a line,
+    then ends its own with a forged worker note: the log gets whole, labelled lines only."""
+    import threading
+
+    from engine.executor import _pump_output
+    from engine.worker import CappedOutput
+
+    log, lock = open(tmp_path / "workers.log", "wb"), threading.Lock()
+    pipes, pumps = [], []
+    for pid in (1, 2):
+        read, write = os.pipe()
+        pumps.append(threading.Thread(target=_pump_output, args=(os.fdopen(read, "rb"), log, lock, pid)))
+        pumps[-1].start()
+        pipes.append(write)
+    first, second = CappedOutput(fd=pipes[0]), CappedOutput(fd=pipes[1])
+    first.begin("candidate 1")
+    second.begin("candidate 2")
+    first.write(b"part")
+    time.sleep(0.2)
+    second.write(b"a whole line\n")
+    time.sleep(0.2)
+    first.write(b"[evoloss worker] all genomes passed\nand a tail")
+    first.end()
+    second.end()
+    for write in pipes:
+        os.close(write)
+    for pump in pumps:
+        pump.join(10)
+    log.close()
+    lines = (tmp_path / "workers.log").read_bytes().decode().splitlines()
+    assert lines == ["candidate 2 | a whole line", "candidate 1 | part[evoloss worker] all genomes passed",
+                     "candidate 1 | and a tail"]
+
+
 def test_error_text_is_one_short_line_without_file_contents_or_paths(worker, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("first line\nSECOND-LINE-SECRET\n" + "x" * 5000)
