@@ -645,10 +645,17 @@ class ProcessExecutor(Executor):
                         worker.task, worker.deadline = task, time.monotonic() + self.backstop_seconds
                         if task.attempts == 0:
                             task.oom_kills_before = oom_kills()
-                        worker.conn.send({"candidate_id": task.candidate_id, "code": task.code,
-                                          "seed": task.seed_or(seed), "stage": task.stage,
-                                          "check_timeout": self.check_timeout, "timeout": self.timeout,
-                                          "jail_only": self.jail_only, "checked": task.checked})
+                        try:
+                            worker.conn.send({"candidate_id": task.candidate_id, "code": task.code,
+                                              "seed": task.seed_or(seed), "stage": task.stage,
+                                              "check_timeout": self.check_timeout, "timeout": self.timeout,
+                                              "jail_only": self.jail_only, "checked": task.checked})
+                        except (EOFError, OSError):
+                            # The worker died while idle (killed from outside, the kernel's OOM
+                            # killer): the task never reached it, so it goes first to the new one.
+                            self._replace(worker)
+                            retries.appendleft(task)
+                            break
                 busy = [w for w in self.workers if w.task]
                 starting = [w for w in self.workers if not w.ready]
                 more = bool(retries) or not source.exhausted()

@@ -6,6 +6,8 @@ import signal
 import threading
 import time
 
+import psutil
+
 from engine.executor import ProcessExecutor
 
 SLOW = '''
@@ -77,3 +79,21 @@ def test_scratch_folders_of_a_killed_driver_are_removed_by_the_next_start(tmp_pa
         (folder / "policy.safetensors").write_bytes(b"0" * 16)
     executor_module._remove_stale_scratch()
     assert not stale.parent.exists() and live.exists()
+
+
+def test_a_worker_that_died_while_idle_is_replaced_when_work_comes(write_plugin):
+    """A worker killed between evaluations (from outside, or by the kernel's OOM killer): the
+    driver's next task finds a closed socket, and goes to its replacement instead of ending the run."""
+    spec = write_plugin(SLOW, class_name="Slow")
+    results = []
+    with ProcessExecutor(spec, workers=1, timeout=60.0) as executor:
+        executor.run([(1, QUICK)], 0, None, results.append)
+        launcher = psutil.Process(executor.workers[0].process.pid)
+        tree = [launcher, *launcher.children(recursive=True)]
+        os.killpg(launcher.pid, signal.SIGKILL)
+        executor.workers[0].process.wait()
+        psutil.wait_procs(tree, timeout=10)  # a jailed worker ends itself once its parent is gone
+        executor.run([(2, QUICK), (3, QUICK)], 0, None, results.append)
+        restarts = executor.restarts
+    assert [r.candidate_id for r in results] == [1, 2, 3] and all(r.ok for r in results), results
+    assert restarts == 1
