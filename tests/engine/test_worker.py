@@ -476,28 +476,28 @@ def test_two_workers_part_lines_never_interleave_in_the_log(tmp_path):
     from engine.executor import _pump_output
     from engine.worker import CappedOutput
 
-    log, lock = open(tmp_path / "workers.log", "wb"), threading.Lock()
-    pipes, pumps = [], []
-    for pid in (1, 2):
-        read, write = os.pipe()
-        pumps.append(threading.Thread(target=_pump_output, args=(os.fdopen(read, "rb"), log, lock, pid)))
-        pumps[-1].start()
-        pipes.append(write)
-    first, second = CappedOutput(fd=pipes[0]), CappedOutput(fd=pipes[1])
-    first.begin("candidate 1")
-    second.begin("candidate 2")
-    first.write(b"part")
-    time.sleep(0.2)
-    second.write(b"a whole line\n")
-    time.sleep(0.2)
-    first.write(b"[evoloss worker] all genomes passed\nand a tail")
-    first.end()
-    second.end()
-    for write in pipes:
-        os.close(write)
-    for pump in pumps:
-        pump.join(10)
-    log.close()
+    lock = threading.Lock()
+    with open(tmp_path / "workers.log", "wb") as log:
+        pipes, pumps = [], []
+        for pid in (1, 2):
+            read, write = os.pipe()
+            pumps.append(threading.Thread(target=_pump_output, args=(os.fdopen(read, "rb"), log, lock, pid)))
+            pumps[-1].start()
+            pipes.append(write)
+        first, second = CappedOutput(fd=pipes[0]), CappedOutput(fd=pipes[1])
+        first.begin("candidate 1")
+        second.begin("candidate 2")
+        first.write(b"part")
+        time.sleep(0.2)
+        second.write(b"a whole line\n")
+        time.sleep(0.2)
+        first.write(b"[evoloss worker] all genomes passed\nand a tail")
+        first.end()
+        second.end()
+        for write in pipes:
+            os.close(write)
+        for pump in pumps:
+            pump.join(10)
     lines = (tmp_path / "workers.log").read_bytes().decode().splitlines()
     assert lines == ["candidate 2 | a whole line", "candidate 1 | part[evoloss worker] all genomes passed",
                      "candidate 1 | and a tail"]
