@@ -169,7 +169,6 @@ def summarise(label: str, chosen: list[Candidate], baseline: Candidate | None, s
         rows.append(row)
     usable = [r for r in rows if r["gain"] is not None]
     best = max(usable, key=lambda r: r["gain"] - (r["gain_se"] or 0.0)) if usable else None
-    confirmed = None
     if best is not None and confirmation:
         candidate = next(c for c in chosen if c.id == best["id"])
         confirmed = gains(candidate, confirmation)
