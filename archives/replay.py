@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -464,15 +465,16 @@ def render_candidate(report: dict[str, Any], console=None) -> None:
     from rich.text import Text
 
     console = console or Console()
-    console.print(f"[bold]{report['id']} {report['name']}[/bold]  generation {report['generation']}  "
-                  f"operator {report['operator']}  parents {report['parents'] or '-'}")
+    console.print(f"[bold]{escape(_visible(report['id']))} {escape(_visible(report['name']))}[/bold]  "
+                  f"generation {report['generation']}  operator {escape(_visible(report['operator']))}  "
+                  f"parents {report['parents'] or '-'}")
     if report["thought"]:
-        console.print(f"thought: {report['thought']}", markup=False, highlight=False)
-    console.print(Syntax(report["code"], "python"))
+        console.print(f"thought: {_visible(report['thought'])}", markup=False, highlight=False)
+    console.print(Syntax(_visible(report["code"]), "python"))
     for evaluation in report["evaluations"]:
         line = f"{evaluation['fitness_name']}: {evaluation['status']}"
         line += f" fitness {evaluation['fitness']:.4f}" if evaluation["status"] == "ok" else f" {evaluation['error']}"
-        console.print(line + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
+        console.print(_visible(line) + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
     estimate = report.get("estimate")
     if estimate:
         gain = "" if estimate.get("gain") is None else f", paired gain over the baseline {estimate['gain']:+.4f}"
@@ -499,12 +501,22 @@ def render_candidate(report: dict[str, Any], console=None) -> None:
                           if call.get(key) is not None)
         title = (f"LLM call {call.get('id', '')}: {call.get('operator') or '?'} / {call.get('model') or '?'}"
                  f" ({call.get('kind') or 'call'}, attempt {call.get('attempt', '?')})")
-        console.print(Panel(Text(_prompt_text(call.get("prompt"))), title=escape(f"{title} - prompt"),
-                            subtitle=escape(usage) or None))
+        console.print(Panel(Text(_visible(_prompt_text(call.get("prompt")))),
+                            title=escape(_visible(f"{title} - prompt")), subtitle=escape(usage) or None))
         if call.get("reply") is not None:
-            console.print(Panel(Text(str(call["reply"])), title="reply"))
+            console.print(Panel(Text(_visible(str(call["reply"]))), title="reply"))
         if call.get("error"):
-            console.print(f"error: {call['error']}", markup=False, highlight=False)
+            console.print(f"error: {_visible(call['error'])}", markup=False, highlight=False)
+
+
+#: Characters a terminal acts on (C0 controls but tab and newline, DEL, C1 controls).
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(text: Any) -> str:
+    """Untrusted text (an LLM's thought and reply, a genome's code, error lines) for a terminal:
+    control characters, escape sequences' first byte included, shown as ``?``."""
+    return _CONTROL_CHARACTERS.sub("?", str(text))
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -137,7 +137,7 @@ def _objects(text: str):
     for match in re.finditer(r"\{", text):
         try:
             obj, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deeper than the interpreter's stack
             continue
         if isinstance(obj, dict):
             yield obj
@@ -149,7 +149,7 @@ def _load(candidate: str, depth: int = 0) -> dict | None:
     for attempt in (candidate, re.sub(r",\s*([}\]])", r"\1", candidate)):
         try:
             obj = json.loads(attempt, strict=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             try:
                 obj = ast.literal_eval(attempt)  # single quotes, triple-quoted code
             except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):

@@ -127,6 +127,23 @@ def test_show_prints_lineage_and_the_llm_exchange(pref_run, capsys):
     assert main(["show", str(pref_run), "99"]) == 2
 
 
+def test_show_prints_no_control_character_an_llm_or_a_genome_wrote():
+    from rich.console import Console
+
+    from archives.replay import render_candidate
+
+    hostile = "\x1b[2J\x1b]0;retitled\x07\x9b31m"
+    report = {"id": 3, "name": "n", "generation": 1, "operator": "openai", "parents": [1],
+              "thought": "clear the screen " + hostile, "code": f"def n(a, b, c, d):\n    return a  # {hostile}\n",
+              "evaluations": [{"fitness_name": "x", "status": "error", "fitness": None, "error": hostile,
+                               "seconds": 1.0}],
+              "lineage": [], "llm_calls": [{"prompt": hostile, "reply": hostile, "error": hostile}]}
+    console = Console(record=True, width=200, force_terminal=True, color_system=None)
+    render_candidate(report, console)
+    text = console.export_text()
+    assert not any(ch in text for ch in "\x1b\x07\x9b") and "clear the screen ?[2J?]0;retitled??31m" in text
+
+
 def test_reevaluate_stores_scores_that_replay_shows(real_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(real_run, run)

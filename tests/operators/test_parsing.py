@@ -67,3 +67,11 @@ def test_bare_python_function_in_prose():
 def test_replies_without_code_raise_a_message_for_the_model(text):
     with pytest.raises(ReplyError, match='"code"'):
         parse_reply(text)
+
+
+def test_a_reply_nested_deeper_than_the_interpreters_stack_is_a_reply_error():
+    # json.loads raises RecursionError, not ValueError, on such nesting: it must be one more bad
+    # reply (fed back to the model), not a failure of the operator.
+    for text in ("[" * 100_000, '{"code": ' + "[" * 100_000 + "}"):
+        with pytest.raises(ReplyError):
+            parse_reply(text)
