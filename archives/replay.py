@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from archives.reading import RunData, cell_label, error_kind, llm_usage, read_run, spearman
 from archives.store import RunStore
 from engine.candidate import FAILED, EvalResult
-from engine.helpers import finite
+from engine.helpers import finite, visible
 
 
 def summarize(store: RunStore, top: int = 5, at_gen: int | None = None, data: RunData | None = None) -> dict[str, Any]:
@@ -465,16 +464,16 @@ def render_candidate(report: dict[str, Any], console=None) -> None:
     from rich.text import Text
 
     console = console or Console()
-    console.print(f"[bold]{escape(_visible(report['id']))} {escape(_visible(report['name']))}[/bold]  "
-                  f"generation {report['generation']}  operator {escape(_visible(report['operator']))}  "
+    console.print(f"[bold]{escape(visible(report['id']))} {escape(visible(report['name']))}[/bold]  "
+                  f"generation {report['generation']}  operator {escape(visible(report['operator']))}  "
                   f"parents {report['parents'] or '-'}")
     if report["thought"]:
-        console.print(f"thought: {_visible(report['thought'])}", markup=False, highlight=False)
-    console.print(Syntax(_visible(report["code"]), "python"))
+        console.print(f"thought: {visible(report['thought'])}", markup=False, highlight=False)
+    console.print(Syntax(visible(report["code"]), "python"))
     for evaluation in report["evaluations"]:
         line = f"{evaluation['fitness_name']}: {evaluation['status']}"
         line += f" fitness {evaluation['fitness']:.4f}" if evaluation["status"] == "ok" else f" {evaluation['error']}"
-        console.print(_visible(line) + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
+        console.print(visible(line) + f" ({evaluation['seconds'] or 0:.2f} s)", markup=False)
     estimate = report.get("estimate")
     if estimate:
         gain = "" if estimate.get("gain") is None else f", paired gain over the baseline {estimate['gain']:+.4f}"
@@ -501,22 +500,13 @@ def render_candidate(report: dict[str, Any], console=None) -> None:
                           if call.get(key) is not None)
         title = (f"LLM call {call.get('id', '')}: {call.get('operator') or '?'} / {call.get('model') or '?'}"
                  f" ({call.get('kind') or 'call'}, attempt {call.get('attempt', '?')})")
-        console.print(Panel(Text(_visible(_prompt_text(call.get("prompt")))),
-                            title=escape(_visible(f"{title} - prompt")), subtitle=escape(usage) or None))
+        console.print(Panel(Text(visible(_prompt_text(call.get("prompt")))),
+                            title=escape(visible(f"{title} - prompt")), subtitle=escape(usage) or None))
         if call.get("reply") is not None:
-            console.print(Panel(Text(_visible(str(call["reply"]))), title="reply"))
+            console.print(Panel(Text(visible(str(call["reply"]))), title="reply"))
         if call.get("error"):
-            console.print(f"error: {_visible(call['error'])}", markup=False, highlight=False)
+            console.print(f"error: {visible(call['error'])}", markup=False, highlight=False)
 
-
-#: Characters a terminal acts on (C0 controls but tab and newline, DEL, C1 controls).
-_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _visible(text: Any) -> str:
-    """Untrusted text (an LLM's thought and reply, a genome's code, error lines) for a terminal:
-    control characters, escape sequences' first byte included, shown as ``?``."""
-    return _CONTROL_CHARACTERS.sub("?", str(text))
 
 
 def _prompt_text(prompt: Any) -> str:

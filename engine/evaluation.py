@@ -27,6 +27,7 @@ from collections.abc import Callable
 from engine.candidate import EvalResult
 from engine.genome import GenomeError, compile_genome
 from engine.genome import short_error as genome_short_error
+from engine.helpers import visible
 from engine.processes import classify
 
 #: Called with (candidate_id, fingerprint); returns the id of an earlier candidate with the
@@ -43,7 +44,6 @@ MAX_MESSAGE_BYTES = 256 << 10
 MAX_JUDGE_BYTES = 16 << 20
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)*[\w.+-]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def bounded_error(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
@@ -53,7 +53,7 @@ def bounded_error(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
     it through, never the file.)"""
     lines = str(text).strip().splitlines()
     first = lines[0] if lines else ""
-    first = _ABSOLUTE_PATH.sub("<path>", _CONTROL.sub("", first))
+    first = _ABSOLUTE_PATH.sub("<path>", visible(first, ""))
     if len(first) > limit:
         first = first[: limit - 3] + "..."
     return first + (" (more lines cut)" if len(lines) > 1 and len(first) + 16 <= limit else "")

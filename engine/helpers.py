@@ -68,3 +68,14 @@ def finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+#: What a terminal acts on, or a reader takes for a line break: C0 controls but tab and newline,
+#: DEL, the C1 controls, and Unicode's line and paragraph separators.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def visible(text: Any, replacement: str = "?") -> str:
+    """Untrusted text (a genome's error or code, an LLM's thought or reply) as it may be shown in a
+    terminal or stored for one: every control character replaced."""
+    return CONTROL_CHARACTERS.sub(replacement, str(text))

@@ -121,9 +121,8 @@ def _warm_up(torch) -> None:
 
 
 # -- output of the genomes' processes ----------------------------------------------------------------
-#: Bytes of a genome's output that a terminal would act on: C0 controls but tab and newline,
-#: DEL, and the C1 controls as UTF-8 encodes them (0xC2 0x80-0x9F). Other bytes of 0x80-0x9F
-#: continue UTF-8 characters (as in "€") and stay.
+#: :data:`engine.helpers.CONTROL_CHARACTERS` in a genome's raw output, as UTF-8 encodes them
+#: (C1 controls as 0xC2 0x80-0x9F; other bytes of 0x80-0x9F continue characters such as "€").
 _CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 #: A genome's line longer than this is broken (each piece labelled) rather than held back.
 _LINE_MAX = 8192
