@@ -24,8 +24,6 @@ Z_RANGE = (-10.0, 10.0)
 Z_POINTS = 201
 #: Seconds a child may take (importing torch is most of it).
 TIME_LIMIT = 60.0
-
-
 #: The child's address-space limit, bytes.
 MEMORY_LIMIT = 4 << 30
 

@@ -32,7 +32,7 @@ from typing import Any
 from collections.abc import Callable, Iterable
 
 from engine import jail
-from engine.processes import JsonConnection, oom_kills, remove_tree
+from engine.processes import JsonConnection, oom_kills, remove_tree, whole_lines
 from engine.candidate import EvalResult, finite_number, is_fingerprint
 from engine.evaluation import Decide, run_candidate
 from engine.plugins import PluginError, load_fitness
@@ -261,6 +261,10 @@ class _WorkerLog:
             self.file = None
 
 
+#: A part line of a worker's output held back for its end at most this long (bytes).
+_PART_LINE_MAX = 1 << 16
+
+
 def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int | None = None) -> None:
     """Copy one worker's output into the run's worker log, at most ``limit`` bytes (default
     :data:`LOG_LIMIT_BYTES`); read (and drop) the rest so that a genome printing in a loop never
@@ -285,15 +289,9 @@ def _pump_output(stream, log, lock: threading.Lock, pid: int, limit: int | None 
         for chunk in iter(lambda: stream.read1(65536), b""):
             if written >= limit:
                 continue
-            data = pending + chunk
-            end = data.rfind(b"\n") + 1
-            if end == 0 and len(data) < 65536:
-                pending = data
-                continue
-            if end == 0:
-                end = len(data)
-            pending = data[end:]
-            put(data[:end])
+            lines, pending = whole_lines(pending + chunk, _PART_LINE_MAX)
+            if lines:
+                put(lines)
         if pending and written < limit:
             put(pending, last=True)
 

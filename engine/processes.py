@@ -202,6 +202,16 @@ def watch_parent(interval: float = 1.0, also_gone=None) -> None:
     threading.Thread(target=watch, daemon=True, name="evoloss-parent-watch").start()
 
 
+def whole_lines(data: bytes, longest: int) -> tuple[bytes, bytes]:
+    """``data`` cut after its last newline: the whole lines, and the part line after them (held
+    back for more). A part line longer than ``longest`` goes with the whole lines, so nothing is
+    held back for ever."""
+    end = data.rfind(b"\n") + 1
+    if len(data) - end > longest:
+        end = len(data)
+    return data[:end], data[end:]
+
+
 def genome_location(exc: BaseException) -> str:
     """The genome's own line in a traceback, if the error was raised there."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<genome>"]

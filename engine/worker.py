@@ -55,7 +55,7 @@ from typing import Any
 from collections.abc import Callable
 
 from engine.processes import (FrameTooLarge, JsonConnection, end_process_group, oom_kills, read_frame,  # noqa: F401 - re-exported for old imports
-                              remove_tree, watch_parent)
+                              remove_tree, watch_parent, whole_lines)
 
 #: Default deadline of the contract checks (fingerprint and descriptors included), seconds.
 CHECK_TIMEOUT = 10.0
@@ -151,12 +151,8 @@ class CappedOutput:
         self.label, self.dropped, self.partial = label, 0, b""
 
     def write(self, data: bytes) -> None:
-        data = self.partial + _CONTROLS.sub(b"?", data)
-        end = data.rfind(b"\n") + 1
-        self.partial = data[end:]
-        if len(self.partial) > _LINE_MAX:
-            end, self.partial = len(data), b""
-        self._emit(data[:end])
+        lines, self.partial = whole_lines(self.partial + _CONTROLS.sub(b"?", data), _LINE_MAX)
+        self._emit(lines)
 
     def _emit(self, lines: bytes) -> None:
         if not lines:
