@@ -120,9 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         store = RunStore.open(args.resume)
         saved = store.meta("config")
+        saved.setdefault("truth_key", "public")  # a run made before truth keys drew public problems
         config = resolve(args, base=saved)
         for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins", "asynchronous",
-                       "promote", "promote_above", "promote_baseline"):
+                       "promote", "promote_above", "promote_baseline", "truth_key"):
             if getattr(config, locked) != saved.get(locked, getattr(RunConfig, locked, None)):
                 flag = "async" if locked == "asynchronous" else locked.replace("_", "-")
                 raise UsageError(f"--{flag} cannot change when resuming {args.resume} "
@@ -145,10 +146,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     jail.mark_not_dumpable()  # no process of this user reads the driver's environment (API keys)
     sandbox = jail.choose(config.sandbox)  # an explicit sandbox that cannot run here stops the run (exit 2)
     run_dir = Path(config.out)
+    _use_truth_key(config.truth_key, run_dir if args.resume else None)
     with ExitStack() as cleanup:  # the workers and the operators, closed on every way out
         executor = _launch_workers(config, run_dir, sandbox, cleanup)
         code = _run(args, config, store, run_dir, sandbox, executor, cleanup)
     return code
+
+
+def _use_truth_key(setting: str, run_dir: Path | None = None) -> None:
+    """Make the key that ``--truth-key`` names (a run's own copy when ``run_dir`` has one) the
+    key of this process and of the workers it starts (:mod:`fitness.truth`)."""
+    from fitness import truth
+
+    try:
+        truth.use(truth.resolve(setting, run_dir))
+    except truth.TruthKeyError as exc:
+        raise UsageError(f"--truth-key: {exc}") from None
+
+
+def _keep_truth_key(store, run_dir: Path) -> None:
+    """Copy the key in effect into the run folder (so the run resumes and validates with it
+    anywhere) and record which key it is."""
+    from fitness import truth
+
+    truth.keep_in_run(truth.key_file(), run_dir)
+    store.set_meta("truth_key", truth.key_id(truth.key_file()))
 
 
 def _launch_workers(config, run_dir: Path, sandbox, cleanup: ExitStack):
@@ -203,6 +225,7 @@ def _run(args, config, store, run_dir: Path, sandbox, executor, cleanup: ExitSta
             print(sandbox.describe(), file=sys.stderr)
         if store is None:
             store = RunStore.create(config.out, config.to_dict())
+        _keep_truth_key(store, run_dir)
         store.set_meta("sandbox", {"requested": sandbox.requested, "kind": sandbox.kind, "reason": sandbox.reason})
         total = config.planned_candidates(len(seeds))
         progress = LiveProgress(total, quiet=args.quiet)
@@ -333,8 +356,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("WARNING: --jail-only (testing only): the static check and the restricted namespaces are OFF; the "
               "genome runs as plain Python, held only by the OS jail and its own process", file=sys.stderr)
     from engine import jail
+    from fitness import truth
 
     jail.mark_not_dumpable()
+    _use_truth_key(args.truth_key)
     sandbox = jail.choose(args.sandbox) if args.executor != "serial" else \
         jail.Sandbox("none", "--executor serial evaluates in this process", requested=args.sandbox)
     print(sandbox.describe(), file=sys.stderr)
@@ -363,7 +388,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     payload = {"status": result.status, "fitness": result.fitness, "error": result.error,
                "metrics": result.metrics, "descriptors": result.descriptors, "seconds": result.seconds,
                "file": str(path), "fitness_name": fitness.name, "sandbox": sandbox.kind,
-               "static_check": not args.jail_only}
+               "static_check": not args.jail_only, "truth_key": truth.key_id(truth.key_file())}
     if args.json:
         from engine.helpers import finite
 
@@ -449,7 +474,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     store = RunStore.open(args.run)
     try:
         data = read_run(store)
-        saved = RunConfig.from_dict({k: v for k, v in data.config.items() if k in RunConfig.__dataclass_fields__})
+        saved = RunConfig.from_dict({"truth_key": "public",  # a run made before truth keys
+                                     **{k: v for k, v in data.config.items() if k in RunConfig.__dataclass_fields__}})
+        _use_truth_key(saved.truth_key, data.path)
         stage = saved.stages()[0]
         spec = args.fitness or stage.spec
         options = dict(args.fitness_options or []) if args.fitness else dict(stage.options)
@@ -493,6 +520,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     store = RunStore.open(args.run)
     try:
         data = read_run(store)
+        _use_truth_key(data.config.get("truth_key", "public"), data.path)  # the run's own problems' key
         fitness = load_fitness(args.fitness, options)  # fail fast, in this process, on a bad plug-in
         label = args.label or fitness_label(fitness.name, options, args.seed)
         if label == data.fitness_name:
@@ -607,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the worker's OS jail (see run --help)")
     evaluate.add_argument("--allow-host-network", action="store_true",
                           help="give the worker the host's network if the plug-in declares it needs it")
+    evaluate.add_argument("--truth-key", default=RunConfig.truth_key, metavar="machine|public|FILE",
+                          help="what seeds a generated problem's truth (see run --help)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     replay = sub.add_parser("replay", help="summarise a run: best losses, archive, generations, operators, "

@@ -117,6 +117,12 @@ class RunConfig:
     seed: int = field(default=0, metadata=_help("random seed of the run (operators, selection)", group=SEARCH))
     eval_seed: int = field(default=0, metadata=_help(
         "seed passed to the fitness plug-in: every candidate is scored on the same problem instances", group=FITNESS))
+    truth_key: str = field(default="machine", metadata=_help(
+        "what seeds a generated problem's truth (synthetic-pref, pref-suite, cls-suite): machine (a random key "
+        "made once for you in ~/.local/share/evoloss/truth.key and copied into the run folder; a genome that got "
+        "past the sandbox cannot rebuild the true reward or test split from the seed), public (the seed alone: "
+        "the same problems on every machine, as in docs/, and rebuildable) or a key file", group=FITNESS,
+        metavar="machine|public|FILE"))
     out: str | None = field(default=None, metadata=_help(
         "run folder (created if missing); default runs/<fitness>-<timestamp>", group=STORAGE))
     workers: int = field(default=2, metadata=_help("evaluation worker processes", group=EXECUTION))

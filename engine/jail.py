@@ -304,6 +304,13 @@ def plugin_needs(plugins: Iterable[Any]) -> tuple[list[Path], list[Path], bool]:
     return read_only, writable, host_network
 
 
+def truth_paths() -> list[Path]:
+    """The truth key file in effect (:mod:`fitness.truth`), if any: read-only in the worker's
+    jail, for the child that builds problems; every genome's process has it covered."""
+    value = os.environ.get("EVOLOSS_TRUTH_FILE")
+    return [Path(value).resolve()] if value else []
+
+
 def worker_view_parts(plugins: list[Any], *, run_dir: str | os.PathLike | None = None,
                       allow_host_network: bool = False, gpus: bool = False) -> dict[str, Any]:
     """Everything of an evaluation worker's :class:`View` but its scratch folder: the
@@ -318,7 +325,7 @@ def worker_view_parts(plugins: list[Any], *, run_dir: str | os.PathLike | None =
                       "pass --allow-host-network", RuntimeWarning, stacklevel=3)
     hide = [Path.home(), Path.cwd()] + ([Path(run_dir).resolve()] if run_dir else [])
     return {
-        "read_only": interpreter_paths() + project_paths() + plugin_code_paths(plugins) + read_only,
+        "read_only": interpreter_paths() + project_paths() + plugin_code_paths(plugins) + read_only + truth_paths(),
         "writable": writable, "hide": hide, "workdir": Path.cwd(), "gpus": gpus,
         "host_network": wants_network and allow_host_network,
     }
@@ -378,7 +385,7 @@ def guessed_view_parts(specs: Iterable[str], *, run_dir: str | os.PathLike | Non
     plug-ins; only the real view (:func:`same_view`) decides whether they run genomes in it."""
     hide = [Path.home(), Path.cwd()] + ([Path(run_dir).resolve()] if run_dir else [])
     code = [path for spec in specs for path in spec_code_paths(spec)]
-    return {"read_only": interpreter_paths() + project_paths() + code, "writable": [], "hide": hide,
+    return {"read_only": interpreter_paths() + project_paths() + code + truth_paths(), "writable": [], "hide": hide,
             "workdir": Path.cwd(), "gpus": gpus, "host_network": False}
 
 

@@ -765,6 +765,10 @@ def genome_view(stages) -> dict[str, tuple[str, ...]]:
                 pass
         view["hidden"].extend(getattr(needs, "hidden_from_genome", ()) or ())
         view["frozen"].extend(getattr(needs, "trusted_writable", ()) or ())
+    from fitness.truth import key_file
+
+    if key_file() is not None:  # only the child that builds a problem reads it (fitness.truth)
+        view["hidden"].append(str(key_file()))
     return {key: tuple(paths) for key, paths in view.items()}
 
 
@@ -830,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        from fitness.truth import forking_genomes
+
+        forking_genomes()  # problems are built in a child of their own, the truth key read only there
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
         stages = _load_stages(json.loads(args.stages), torch)

@@ -58,10 +58,10 @@ runs the genome on the preference pairs and returns the trained ``theta``; :meth
 computes the regularised objective from ``theta`` on the held-out prompts with the true reward.
 The held-out part of the problem (held-out prompts, reward, oracle, label agreement) lives in
 the plug-in's :attr:`~fitness.base.Fitness.held_out` store, which the engine wipes in the
-genome's process. (The problem is still a deterministic function of the evaluation seed and of
-this module's code: a genome that escaped every sandbox layer could regenerate it. The split
-guarantees that the score is computed by code the genome never ran in, not that the task is
-secret.)
+genome's process. The problem's generator is seeded with :func:`fitness.truth.keyed_seed` and
+built by :func:`fitness.truth.build_secretly`: with a truth key (the default) a genome that
+escaped every sandbox layer cannot regenerate it from the seed and this module's code; with
+``--truth-key public`` it is a function of the seed alone, the same on every machine.
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ import torch
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
+from fitness.truth import build_secretly, keyed_seed
 from fitness.preference import SHAPE_PROFILE, PreferenceInterface, loss_shape_profile, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
@@ -243,16 +244,16 @@ class SyntheticPreference(Fitness):
         """The held-out side of the problem instances of ``seed`` (scoring only)."""
         if seed not in self.held_out:
             self._cache_problem(seed)
-        return self.held_out.get(seed, lambda: self._make_problem(seed)[1])
+        return self.held_out.get(seed, lambda: build_secretly(self._make_problem, seed)[1])
 
     def _cache_problem(self, seed: int) -> None:
-        problem, held_out = self._make_problem(seed)
+        problem, held_out = build_secretly(self._make_problem, seed)
         self._cached = (seed, problem)
         if not self.held_out.wiped:
             self.held_out.put(seed, held_out)
 
     def _make_problem(self, seed: int) -> tuple[_Problem, _HeldOut]:
-        generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator = torch.Generator().manual_seed(keyed_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF))
 
         def normal(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator, dtype=DTYPE)

@@ -1,4 +1,6 @@
 """Shared fixtures: paths and tiny plug-ins the tests use."""
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,16 @@ import torch
 
 # Tests run beside other work on 2 cores; one thread avoids oversubscription stalls.
 torch.set_num_threads(1)
+# The machine's truth key (fitness.truth) of the tests' runs: one made for this test session,
+# never the user's own.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="evoloss-tests-data-")
+
+
+@pytest.fixture(autouse=True)
+def _no_truth_key_left_over(monkeypatch):
+    """A command run in the test process sets the truth key of the process (fitness.truth.use):
+    each test starts with none (public problems) and leaves none behind."""
+    monkeypatch.delenv("EVOLOSS_TRUTH_FILE", raising=False)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = f"{ROOT / 'examples' / 'robust_regression.py'}:RobustRegression"

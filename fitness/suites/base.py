@@ -37,6 +37,7 @@ import torch
 
 from engine.genome import GenomeError, compile_genome
 from fitness.base import Artefacts, Fitness, Score, TensorSpec
+from fitness.truth import build_secretly, keyed_seed
 
 #: The two parts of a suite.
 SPLITS = ("train", "test")
@@ -67,10 +68,16 @@ class Task:
     spec: Any
     key: tuple[int, ...]
 
-    def generator(self, seed: int) -> torch.Generator:
-        """A torch generator for the problem instance of this task and evaluation ``seed``."""
+    def public_seed(self, seed: int) -> int:
+        """A seed for this task and evaluation ``seed`` that anyone can work out (for what
+        need not be secret, such as the order of mini-batches)."""
         state = np.random.SeedSequence([*self.key, *seed_words(seed)])
-        return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF)
+        return int(state.generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The torch generator of the problem instance of this task and evaluation ``seed``,
+        keyed with the truth key (:mod:`fitness.truth`): call it only while building a problem."""
+        return torch.Generator().manual_seed(keyed_seed(self.public_seed(seed)))
 
 
 @dataclass(frozen=True)
@@ -377,7 +384,7 @@ class TaskSuite(Fitness):
         if key in self._training:
             self._training.move_to_end(key)
             return self._training[key]
-        data, truth = self.build_problem(task, seed)
+        data, truth = build_secretly(self.build_problem, task, seed)
         if not self.held_out.wiped:
             self.held_out.put(key, truth)
         del truth
@@ -388,7 +395,7 @@ class TaskSuite(Fitness):
 
     def truth(self, task: Task, seed: int) -> Any:
         """The held-out part of ``task``'s problem for ``seed`` (scoring phase only)."""
-        return self.held_out.get((task.name, int(seed)), lambda: self.build_problem(task, seed)[1])
+        return self.held_out.get((task.name, int(seed)), lambda: build_secretly(self.build_problem, task, seed)[1])
 
     # -- the two phases, per task -----------------------------------------------------------
     @abstractmethod

@@ -37,16 +37,18 @@ and evaluation seed (:func:`fitness.suites.base.aggregate`); cross-entropy score
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.genome import GenomeError
-from fitness.base import Seed, TensorSpec, losses_of
+from fitness.base import SandboxNeeds, Seed, TensorSpec, losses_of
 from fitness.cifar10 import Cifar10, ClassificationInterface, classification_descriptors, classification_seeds
 from fitness.suites.base import Task, TaskSuite, check_losses, latin_hypercube, log_uniform, pick
 
@@ -222,6 +224,16 @@ def balanced_score(logits: torch.Tensor, labels: torch.Tensor, classes: int) -> 
     return (balanced - 1.0 / classes) / (1.0 - 1.0 / classes)
 
 
+def digits_file() -> Path | None:
+    """The file scikit-learn's ``load_digits`` reads (found without importing scikit-learn)."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
 class ClassificationSuite(TaskSuite):
     """Classification losses scored over small synthetic tasks and the digits data (module doc).
 
@@ -240,6 +252,11 @@ class ClassificationSuite(TaskSuite):
 
     def seeds(self) -> list[Seed]:
         return classification_seeds()
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        # The digits file labels every image, the test rows' included: only the child that
+        # builds a problem reads it (fitness.truth); every genome's process has it covered.
+        return SandboxNeeds(hidden_from_genome=tuple(str(path) for path in [digits_file()] if path is not None))
 
     def descriptors(self, fn: Callable) -> dict[str, float]:
         return classification_descriptors(fn, classes=self.interface.classes)
@@ -313,7 +330,7 @@ class ClassificationSuite(TaskSuite):
     def train_task(self, fn: Callable, task: Task, seed: int) -> dict[str, torch.Tensor]:
         data = self.training_data(task, seed)
         # Mini-batch order from its own stream, the same for every candidate.
-        order = torch.Generator().manual_seed(int(task.generator(seed).initial_seed()) ^ 0x5DEECE66D)
+        order = torch.Generator().manual_seed(task.public_seed(seed) ^ 0x5DEECE66D)
         return train_classifier(fn, data, task.spec, order, task.name)
 
     def score_task(self, parameters: dict[str, torch.Tensor], task: Task, seed: int) -> float:

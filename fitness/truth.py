@@ -1,0 +1,216 @@
+"""The truth key: what keeps a generated problem's truth out of a genome's reach.
+
+A plug-in that generates its problems (``synthetic-pref``, ``pref-suite``, ``cls-suite``) draws
+the true reward, the held-out prompts or the test split from a random generator. Seeded from
+the evaluation seed alone, that truth is a public function of the seed and of the plug-in's
+code: a genome that got past the static check could import the plug-in, rebuild its own
+problem and train on the truth instead of on the preference pairs. So the seed of each problem
+is keyed: :func:`keyed_seed` mixes the evaluation seed with a random key (BLAKE2b, keyed) that
+only trusted code reads.
+
+* ``machine`` (the default): a key made once per user, ``$XDG_DATA_HOME/evoloss/truth.key``
+  (``~/.local/share/evoloss/truth.key``), mode 0600. Runs copy it into their folder, so a run
+  resumes and validates with its own key anywhere. The same seed scores the same on this
+  machine; another machine draws other problems of the same family.
+* ``public``: no key. A problem is a function of its seed alone, the same on every machine
+  (the numbers in the documents), and an escaped genome could rebuild it.
+* a path: a key file of your own (32 random bytes), e.g. one shared by a team.
+
+Where the key is read: the engine names the key file in ``EVOLOSS_TRUTH_FILE``; the jail shows
+that file to the warm worker read-only and covers it in every genome's process. The warm worker
+itself never reads it: problems are built by :func:`build_secretly` in a short-lived child
+process that reads the key, builds, sends the finished problem back and exits, so neither the
+key nor a keyed seed is ever in the memory a genome's process is forked with.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+#: Environment variable naming the key file (a path, not the key).
+ENV = "EVOLOSS_TRUTH_FILE"
+PUBLIC = "public"
+MACHINE = "machine"
+KEY_BYTES = 32
+#: Name of a run folder's copy of its key.
+RUN_KEY_NAME = "truth.key"
+_SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
+
+T = TypeVar("T")
+
+_forks_genomes = False  # set in a warm worker: there only a builder child may read the key
+_in_builder = False
+
+
+class TruthKeyError(RuntimeError):
+    """The truth key is missing, unreadable or read where it must not be."""
+
+
+def machine_key_file(create: bool = True) -> Path:
+    """This user's key file, made (32 random bytes, mode 0600) on first use when ``create``."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    path = base / "evoloss" / "truth.key"
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_key(path, secrets.token_bytes(KEY_BYTES))
+    return path
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Write ``key`` to ``path`` readable by its owner only (atomically: never half a key)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(descriptor, key)
+    finally:
+        os.close(descriptor)
+    try:
+        os.link(temporary, path)  # never replaces a key another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
+
+
+def resolve(setting: str | None, run_dir: str | os.PathLike | None = None) -> Path | None:
+    """The key file that ``setting`` (``machine``, ``public`` or a path) names; ``None`` for
+    public problems. A run folder holding its own copy (:data:`RUN_KEY_NAME`) uses that copy
+    unless the setting is ``public``.
+
+    Raises:
+        TruthKeyError: a named key file is missing or shorter than 16 bytes.
+    """
+    setting = (setting or MACHINE).strip()
+    if setting == PUBLIC:
+        return None
+    if run_dir is not None and (Path(run_dir) / RUN_KEY_NAME).is_file():
+        path = Path(run_dir) / RUN_KEY_NAME
+    elif setting == MACHINE:
+        path = machine_key_file()
+    else:
+        path = Path(setting).expanduser()
+    path = path.resolve()
+    _read_key(path)
+    return path
+
+
+def keep_in_run(path: Path | None, run_dir: str | os.PathLike) -> None:
+    """Copy key file ``path`` into ``run_dir`` (mode 0600) unless the run has one already."""
+    target = Path(run_dir) / RUN_KEY_NAME
+    if path is not None and not target.exists() and path.resolve() != target.resolve():
+        write_key(target, _read_key(path))
+
+
+def key_id(path: Path | None) -> str:
+    """A short name of the key that says which it is without revealing it (``public`` for none)."""
+    if path is None:
+        return PUBLIC
+    return hashlib.blake2b(b"evoloss key id", key=_read_key(path), digest_size=6).hexdigest()
+
+
+def use(path: Path | None) -> None:
+    """Make ``path`` the key of this process and of the workers it starts (``None``: public)."""
+    if path is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = str(path)
+
+
+def key_file() -> Path | None:
+    """The key file in effect (``None``: public problems)."""
+    value = os.environ.get(ENV)
+    return Path(value) if value else None
+
+
+def forking_genomes() -> None:
+    """Called by a warm worker: from now on only :func:`build_secretly`'s child reads the key."""
+    global _forks_genomes
+    _forks_genomes = True
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            key = handle.read(64)
+    except OSError as exc:
+        raise TruthKeyError(f"the truth key file {path} cannot be read ({exc.strerror}); pass --truth-key "
+                            "public for problems drawn from the seed alone") from None
+    if len(key) < 16:
+        raise TruthKeyError(f"the truth key file {path} holds {len(key)} bytes, not a key (at least 16); "
+                            "in a genome's process it is hidden")
+    return key
+
+
+def keyed_seed(public_seed: int) -> int:
+    """The seed of a problem's random generator: ``public_seed`` itself for public problems,
+    else a keyed hash of it (63 bits). Call it only inside a problem's construction (run
+    through :func:`build_secretly`).
+
+    Raises:
+        TruthKeyError: in a warm worker outside :func:`build_secretly`, or the key is unreadable.
+    """
+    path = key_file()
+    if path is None:
+        return int(public_seed)
+    if _forks_genomes and not _in_builder:
+        raise TruthKeyError("a keyed problem seed was asked for in the warm worker itself: build problems "
+                            "through fitness.truth.build_secretly, so that no key enters its memory")
+    digest = hashlib.blake2b(str(int(public_seed)).encode(), key=_read_key(path), digest_size=8,
+                             person=b"evoloss truth").digest()
+    return int.from_bytes(digest, "little") & _SEED_MASK
+
+
+def build_secretly(make: Callable[..., T], *args: Any) -> T:
+    """``make(*args)``, run where the truth key may be read: in a warm worker (whose memory every
+    genome's process is forked with), in a child process of its own that returns the result
+    (pickled: it is trusted code that ran no genome) and exits, taking the key, the keyed seeds
+    and every temporary with it; elsewhere (the driver, a test), right here.
+
+    Exceptions ``make`` raises are raised here (as :class:`RuntimeError` with their message if
+    they cannot be pickled).
+    """
+    if not _forks_genomes:
+        return make(*args)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the builder
+        code = 1
+        try:
+            os.close(read_end)
+            global _in_builder
+            _in_builder = True
+            try:
+                payload = pickle.dumps((True, make(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                try:
+                    payload = pickle.dumps((False, exc))
+                except Exception:  # noqa: BLE001 - an exception that does not pickle
+                    payload = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_end, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    try:
+        while chunk := os.read(read_end, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    del chunks
+    if not data:
+        raise RuntimeError(f"building the problem failed: its process ended with status {status} and no result")
+    ok, value = pickle.loads(data)
+    del data
+    if not ok:
+        raise value
+    return value
