@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs at once (give each run --workers 1 to keep one core per run)")
     parser.add_argument("--draws", type=int, nargs="+", default=None,
                         help="a suite draw (suite_seed) per run seed, in the order of --seeds")
+    parser.add_argument("--truth-key", default="public",
+                        help="the runs' --truth-key (default public: the problems the documented numbers were "
+                             "measured on, the same on every machine)")
     args, extra = parser.parse_known_args(argv)
     if args.draws is not None and len(args.draws) != len(args.seeds):
         parser.error(f"--draws needs one draw per run seed ({len(args.seeds)}), got {len(args.draws)}")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     def one(job: tuple[str, list[str], int]) -> tuple[str, dict]:
         name, flags, seed = job
         draw = [] if draws[seed] is None else ["--fitness-opt", f"suite_seed={draws[seed]}"]
-        record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", [*extra, *draw])
+        record = run_one(args.fitness, flags, seed, out / f"{name}-{seed}", [*extra, *draw, "--truth-key", args.truth_key])
         if draws[seed] is not None:
             record["draw"] = draws[seed]
         print(json.dumps({"variant": name, **record}), flush=True)

@@ -8,7 +8,9 @@ past the static check and the restricted namespaces would run. The doctor plants
 for: a secret file in the home folder, one in the working folder, a run store, an API-key
 variable in its own environment, a loopback TCP listener and an abstract Unix socket, and a
 stand-in process for the driver. A last probe runs a genome that rewrites what its process sends
-(so that its fitness reads 42) through a real worker with the static check off. Each probe is
+(so that its fitness reads 42) through a real worker with the static check off; another tries to
+read a file only the trusted phase reads, and another to rebuild the problem it is trained on from
+its seed (a truth key is made for that probe: :mod:`fitness.truth`). Each probe is
 judged from outside (did the secret come back, did a file appear, did a connection arrive, does a
 process survive, is the stand-in alive), and printed as held or NOT HELD; the exit code is 1 if
 any is not held (2 if the sandbox asked for cannot run here).
@@ -434,6 +436,117 @@ def hidden_probe(sandbox: jail.Sandbox) -> ProbeResult:
                        f"{result.status}: {result.error}"[:300])
 
 
+#: A plain-Python genome (static check off) that finds its plug-in and evaluation seed on the
+#: stack, rebuilds its own problem every way it can think of, compares each with the training
+#: data it was given, tries to read the key file, and reports in its error line.
+REBUILDER = '''def rebuild(PARAMS):
+    import os, sys
+    import torch
+    import fitness.truth as truth
+    frame, plugin, where = sys._getframe(1), None, None
+    while frame is not None:
+        here = frame.f_locals
+        owner = here.get("self")
+        if "seed" in here and hasattr(owner, "_make_problem"):
+            plugin, where = owner, ("single", here["seed"])
+            break
+        if "seed" in here and "task" in here and hasattr(owner, "build_problem"):
+            plugin, where = owner, ("suite", here["task"], here["seed"])
+            break
+        frame = frame.f_back
+    if plugin is None:  # the contract checks: behave like a loss
+        return FALLBACK
+    def first_tensor(value):
+        if isinstance(value, torch.Tensor):
+            return value
+        for name in getattr(value, "__dataclass_fields__", {}):
+            found = first_tensor(getattr(value, name))
+            if found is not None:
+                return found
+        return None
+    if where[0] == "single":
+        real = first_tensor(plugin.train_problem(where[1]))
+        build = lambda: plugin._make_problem(where[1])[0]
+    else:
+        real = first_tensor(plugin.training_data(where[1], where[2]))
+        build = lambda: plugin.build_problem(where[1], where[2])[0]
+    found, notes = [], []
+    def short(exc):  # the error line is bounded: TruthKeyError -> TKE
+        return "".join(c for c in type(exc).__name__ if c.isupper())
+    def attempt(name):
+        try:
+            if torch.equal(first_tensor(build()), real):
+                found.append(name)
+        except Exception as exc:
+            notes.append(name + ":" + short(exc))
+    attempt("d")
+    truth._in_builder = True
+    attempt("f")
+    path = os.environ.get(truth.ENV, "")
+    for name, where_read in (("k", path), ("i", "/proc/1/root" + path),
+                             ("w", "/proc/%d/root%s" % (os.getppid(), path))):
+        try:
+            notes.append(name + ":%dB" % len(open(where_read, "rb").read()))
+        except Exception as exc:
+            notes.append(name + ":" + short(exc))
+    try:
+        from sklearn.datasets import load_digits
+        notes.append("g:%d" % len(load_digits().target))
+    except Exception as exc:
+        notes.append("g:" + short(exc))
+    os.environ.pop(truth.ENV, None)
+    attempt("p")
+    raise RuntimeError("REBUILT=" + ",".join(found) + " NOTES=" + ",".join(notes))  # kept short
+'''
+
+
+
+
+def rebuilder(interface: str = "preference") -> str:
+    """:data:`REBUILDER` as a loss of ``interface`` (``preference`` or ``classification``)."""
+    if interface == "classification":
+        params, fallback = "logits, targets", "torch.nn.functional.cross_entropy(logits, targets, reduction='none')"
+    else:
+        params, fallback = "self, a, b, c, d", "-torch.nn.functional.logsigmoid(self.beta * ((a - b) - (c - d)))"
+    return REBUILDER.replace("PARAMS", params).replace("FALLBACK", fallback)
+
+
+def rebuild_probe(sandbox: jail.Sandbox) -> ProbeResult:
+    """:data:`REBUILDER` in a real worker (static check off) on ``synthetic-pref`` with a truth
+    key made for the probe: held if no way it tries rebuilds the problem it is trained on."""
+    import re
+    import warnings
+
+    from engine.executor import ProcessExecutor
+    from fitness import truth
+
+    title = "rebuild its problem's true reward from the seed"
+    if not sandbox.jailed:
+        return ProbeResult("rebuild_truth", title, False, "no OS jail: the key file is not hidden")
+    folder = Path(tempfile.mkdtemp(prefix="evoloss-doctor-key-"))
+    previous = os.environ.get(truth.ENV)
+    results = []
+    try:
+        truth.write_key(folder / "truth.key", secrets.token_bytes(truth.KEY_BYTES))
+        truth.use(folder / "truth.key")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ProcessExecutor("synthetic-pref", workers=1, timeout=120, sandbox=sandbox,
+                                 jail_only=True) as executor:
+                executor.run([(0, rebuilder())], 0, None, results.append)
+    finally:
+        truth.use(Path(previous) if previous else None)
+        shutil.rmtree(folder, ignore_errors=True)
+    (result,) = results
+    found = re.search(r"REBUILT=(\S*) NOTES=(\S*)", result.error or "")
+    if found is None:
+        return ProbeResult("rebuild_truth", title, False, f"could not be judged: {result.status}: {result.error}"[:300])
+    held = found.group(1) == ""
+    return ProbeResult("rebuild_truth", title, held,
+                       "no way found: its builder refuses without the key, and the key file is covered "
+                       f"({found.group(2)})" if held else f"rebuilt by: {found.group(1)}")
+
+
 def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | None = None) -> int:
     """Print the sandbox ``mode`` gives here and the probes' verdicts; 0 if all held, else 1.
 
@@ -459,6 +572,8 @@ def run_doctor(mode: str = "auto", as_json: bool = False, probes: list[str] | No
         results.append(forge_probe(sandbox))
     if probes is None or "hidden_file" in probes:
         results.append(hidden_probe(sandbox))
+    if probes is None or "rebuild_truth" in probes:
+        results.append(rebuild_probe(sandbox))
     held = all(r.held for r in results)
     if as_json:
         print(json.dumps({"sandbox": sandbox.kind, "reason": sandbox.reason, "requested": mode,

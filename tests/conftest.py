@@ -14,10 +14,12 @@ os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="evoloss-tests-data-")
 
 
 @pytest.fixture(autouse=True)
-def _no_truth_key_left_over(monkeypatch):
+def _no_truth_key_left_over():
     """A command run in the test process sets the truth key of the process (fitness.truth.use):
     each test starts with none (public problems) and leaves none behind."""
-    monkeypatch.delenv("EVOLOSS_TRUTH_FILE", raising=False)
+    os.environ.pop("EVOLOSS_TRUTH_FILE", None)
+    yield
+    os.environ.pop("EVOLOSS_TRUTH_FILE", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = f"{ROOT / 'examples' / 'robust_regression.py'}:RobustRegression"

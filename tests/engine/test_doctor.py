@@ -16,10 +16,11 @@ def test_doctor_says_auto_picks_bwrap_and_every_probe_holds(capsys):
     out = capsys.readouterr().out
     assert out.startswith("sandbox: bwrap (bubblewrap works here)")
     assert "NOT HELD" not in out
-    total = len(doctor.PROBES) + 2  # and the forging and hidden-file probes, through a real worker
+    total = len(doctor.PROBES) + 3  # and the forging, hidden-file and rebuild probes, through a real worker
     assert f"{total} of {total} probes held" in out
     assert "held      forge its own score" in out
     assert "held      read a file only the trusted phase may read" in out
+    assert "held      rebuild its problem's true reward from the seed" in out
 
 
 def test_doctor_without_a_jail_reports_each_probe_not_held_and_exits_1(capsys):
@@ -28,7 +29,7 @@ def test_doctor_without_a_jail_reports_each_probe_not_held_and_exits_1(capsys):
     assert report["sandbox"] == "none" and report["held"] is False
     assert {p["name"] for p in report["probes"] if not p["held"]} >= {"read_home", "read_workdir", "write_outside",
                                                                       "connect", "detach", "kill_parent",
-                                                                      "hidden_file"}
+                                                                      "hidden_file", "rebuild_truth"}
 
 
 def test_doctor_with_an_unavailable_sandbox_exits_2(monkeypatch, capsys):

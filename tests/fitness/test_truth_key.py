@@ -1,0 +1,149 @@
+"""The truth key: a generated problem's truth is not a public function of its seed.
+
+A genome that gets past the static check can import a plug-in and call its own problem builder.
+With public problems (``--truth-key public``) that rebuilds, bit for bit, the problem the genome
+is being trained on, true reward and test split included. With a key, the builder needs the key,
+which only a child of the warm worker reads, and which every genome's process has covered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+
+import pytest
+
+from engine.cli import main
+from engine.doctor import rebuilder
+from fitness import truth
+from tests.conftest import available_sandboxes
+
+DPO = '''def dpo(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    return -F.logsigmoid(self.beta * logits)
+'''
+
+# -- the key itself ---------------------------------------------------------------------------
+def test_public_problems_keep_their_seed_and_keyed_ones_depend_on_the_key(tmp_path, monkeypatch):
+    assert truth.keyed_seed(12345) == 12345  # no key: the seed itself, so public scores never changed
+    first, second = tmp_path / "a.key", tmp_path / "b.key"
+    truth.write_key(first, os.urandom(32))
+    truth.write_key(second, os.urandom(32))
+    monkeypatch.setenv(truth.ENV, str(first))
+    keyed = truth.keyed_seed(12345)
+    assert keyed != 12345 and keyed == truth.keyed_seed(12345) and 0 <= keyed < 2 ** 63
+    assert truth.keyed_seed(12346) != keyed
+    monkeypatch.setenv(truth.ENV, str(second))
+    assert truth.keyed_seed(12345) != keyed
+
+
+def test_machine_key_is_made_once_for_its_owner_and_runs_keep_a_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    path = truth.resolve("machine")
+    assert path == (tmp_path / "data" / "evoloss" / "truth.key").resolve()
+    assert len(path.read_bytes()) == truth.KEY_BYTES and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert truth.resolve("machine").read_bytes() == path.read_bytes()  # made once
+    assert truth.resolve("public") is None and truth.key_id(None) == "public"
+    run = tmp_path / "run"
+    run.mkdir()
+    truth.keep_in_run(path, run)
+    copy = run / truth.RUN_KEY_NAME
+    assert copy.read_bytes() == path.read_bytes() and stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert truth.resolve("machine", run) == copy.resolve()  # a run resumes with its own copy
+    assert truth.key_id(copy) == truth.key_id(path) != "public" and path.read_bytes().hex() not in truth.key_id(path)
+    with pytest.raises(truth.TruthKeyError, match="cannot be read"):
+        truth.resolve(str(tmp_path / "missing.key"))
+    (tmp_path / "short.key").write_bytes(b"")
+    with pytest.raises(truth.TruthKeyError, match="0 bytes"):
+        truth.resolve(str(tmp_path / "short.key"))
+
+
+def test_in_a_warm_worker_only_the_builder_child_reads_the_key(tmp_path, monkeypatch):
+    key = tmp_path / "k.key"
+    truth.write_key(key, os.urandom(32))
+    monkeypatch.setenv(truth.ENV, str(key))
+    expected = truth.keyed_seed(7)
+    monkeypatch.setattr(truth, "_forks_genomes", True)
+    with pytest.raises(truth.TruthKeyError, match="build_secretly"):
+        truth.keyed_seed(7)
+    parent = os.getpid()
+    assert truth.build_secretly(lambda s: (truth.keyed_seed(s), os.getpid() != parent), 7) == (expected, True)
+
+    def broken(_):
+        raise ValueError("bad option")
+
+    with pytest.raises(ValueError, match="bad option"):
+        truth.build_secretly(broken, 7)
+
+
+def test_a_keyed_problem_scores_the_same_for_its_key_and_differently_from_the_public_one(tmp_path, monkeypatch):
+    from engine.genome import compile_genome
+    from fitness.preference import PreferenceInterface
+    from fitness.synthetic_pref import SyntheticPreference
+
+    dpo = compile_genome(DPO, PreferenceInterface.arg_counts)
+
+    def score() -> float:
+        return SyntheticPreference(instances=2, steps=20, pairs=128).evaluate(dpo, 3).fitness
+
+    public = score()
+    key = tmp_path / "k.key"
+    truth.write_key(key, os.urandom(32))
+    monkeypatch.setenv(truth.ENV, str(key))
+    keyed = score()
+    assert keyed == score() != public
+
+
+# -- through a real jailed worker ----------------------------------------------------------------
+def _rebuild_through_evaluate(tmp_path, capsys, sandbox: str, fitness: str, key: str) -> dict:
+    code = tmp_path / "rebuild.py"
+    code.write_text(rebuilder("classification" if fitness == "cls-suite" else "preference"))
+    main(["evaluate", "--code", str(code), "--fitness", fitness, "--jail-only", "--sandbox", sandbox, "--json",
+          "--timeout", "120", "--truth-key", key])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    error = payload["error"] or ""
+    assert "REBUILT=" in error, payload
+    rebuilt = error.split("REBUILT=", 1)[1].split(" ", 1)[0]
+    notes = error.split("NOTES=", 1)[1].split(" ", 1)[0] if "NOTES=" in error else ""
+    return {"rebuilt": [r for r in rebuilt.split(",") if r], "notes": dict(n.split(":", 1) for n in notes.split(",") if ":" in n),
+            "truth_key": payload["truth_key"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+@pytest.mark.parametrize("fitness", ["synthetic-pref", "pref-suite", "cls-suite"])
+def test_a_genome_past_the_static_check_cannot_rebuild_its_keyed_problem(tmp_path, capsys, sandbox, fitness):
+    keyed = _rebuild_through_evaluate(tmp_path, capsys, sandbox, fitness, "machine")
+    assert keyed["rebuilt"] == [], keyed
+    assert keyed["truth_key"] != "public"
+    notes = keyed["notes"]
+    assert notes["d"] == notes["f"] == "TKE", keyed  # direct, or as if in the builder: TruthKeyError
+    assert notes["k"] == "0B"  # the key file is covered in the genome's process
+    assert notes["i"] in ("PE", "FNFE") and notes["w"] in ("PE", "FNFE")  # no way round through /proc/*/root
+    if fitness == "cls-suite":
+        assert not notes["g"].isdigit()  # every digit's label is in that file
+    # The control: the same genome with public problems rebuilds its problem exactly.
+    public = _rebuild_through_evaluate(tmp_path, capsys, sandbox, fitness, "public")
+    assert "d" in public["rebuilt"] and public["truth_key"] == "public"
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_no_key_or_keyed_seed_is_in_a_genomes_memory(tmp_path, monkeypatch, sandbox):
+    """The warm worker never reads the key: the child that builds each problem does. So a
+    genome's memory (a copy of the warm worker's) holds neither the key nor the keyed seed."""
+    from tests.engine.test_truth_in_memory import scan_after_one_genome, synthetic_pref_needles
+
+    key = tmp_path / "k.key"
+    secret = os.urandom(32)
+    truth.write_key(key, secret)
+    monkeypatch.setenv(truth.ENV, str(key))
+    keyed = truth.keyed_seed(0)
+    needles = {"key": (1, [list(struct.unpack("<8i", secret))[i:i + 4] for i in (0, 4)]),
+               # as a C integer, and as a Python int's 30-bit digits
+               "keyed seed": (1, [list(struct.unpack("<2i", keyed.to_bytes(8, "little"))),
+                                  [(keyed >> shift) & (2 ** 30 - 1) for shift in (0, 30, 60)]]),
+               "training (control)": synthetic_pref_needles(0)["training (control)"]}
+    hits = scan_after_one_genome(tmp_path, sandbox, "synthetic-pref", needles)
+    assert hits.pop("training (control)") > 0
+    assert hits == {"key": 0, "keyed seed": 0}, hits
