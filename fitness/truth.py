@@ -167,14 +167,15 @@ def keyed_seed(public_seed: int) -> int:
 
 def build_secretly(make: Callable[..., T], *args: Any) -> T:
     """``make(*args)``, run where the truth key may be read: in a warm worker (whose memory every
-    genome's process is forked with), in a child process of its own that returns the result
-    (pickled: it is trusted code that ran no genome) and exits, taking the key, the keyed seeds
-    and every temporary with it; elsewhere (the driver, a test), right here.
+    genome's process is forked with) with a key in effect, in a child process of its own that
+    returns the result (pickled: it is trusted code that ran no genome) and exits, taking the
+    key, the keyed seeds and every temporary with it; elsewhere (the driver, a test, public
+    problems, which are no secret), right here.
 
     Exceptions ``make`` raises are raised here (as :class:`RuntimeError` with their message if
     they cannot be pickled).
     """
-    if not _forks_genomes:
+    if not _forks_genomes or key_file() is None:  # a public problem is no secret: no child needed
         return make(*args)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -184,6 +185,9 @@ def build_secretly(make: Callable[..., T], *args: Any) -> T:
             os.close(read_end)
             global _in_builder
             _in_builder = True
+            from engine.worker import scrub_freed_memory
+
+            scrub_freed_memory(False)  # this process's memory goes with it: nothing to overwrite
             try:
                 payload = pickle.dumps((True, make(*args)), protocol=pickle.HIGHEST_PROTOCOL)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
