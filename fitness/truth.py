@@ -56,8 +56,12 @@ def machine_key_file(create: bool = True) -> Path:
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     path = base / "evoloss" / "truth.key"
     if create and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_key(path, secrets.token_bytes(KEY_BYTES))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_key(path, secrets.token_bytes(KEY_BYTES))
+        except OSError as exc:
+            raise TruthKeyError(f"cannot make this machine's truth key {path} ({exc.strerror}); pass --truth-key "
+                                "FILE (a file of 32 random bytes) or --truth-key public") from None
     return path
 
 

@@ -54,6 +54,10 @@ def test_machine_key_is_made_once_for_its_owner_and_runs_keep_a_copy(tmp_path, m
     assert truth.key_id(copy) == truth.key_id(path) != "public" and path.read_bytes().hex() not in truth.key_id(path)
     with pytest.raises(truth.TruthKeyError, match="cannot be read"):
         truth.resolve(str(tmp_path / "missing.key"))
+    (tmp_path / "a-file").write_text("")  # no folder can be made below it, not even by root
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "a-file" / "data"))
+    with pytest.raises(truth.TruthKeyError, match="cannot make"):
+        truth.resolve("machine")
     (tmp_path / "short.key").write_bytes(b"")
     with pytest.raises(truth.TruthKeyError, match="0 bytes"):
         truth.resolve(str(tmp_path / "short.key"))
