@@ -496,10 +496,8 @@ REBUILDER = '''def rebuild(PARAMS):
         notes.append("g:" + short(exc))
     os.environ.pop(truth.ENV, None)
     attempt("p")
-    raise RuntimeError("REBUILT=" + ",".join(found) + " NOTES=" + ",".join(notes))  # kept short
+    raise RuntimeError("REBUILT=" + ",".join(found) + " NOTES=" + ",".join(notes))
 '''
-
-
 
 
 def rebuilder(interface: str = "preference") -> str:

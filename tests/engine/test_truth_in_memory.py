@@ -139,6 +139,24 @@ def test_a_genome_finds_no_held_out_value_in_its_memory(tmp_path, sandbox, fitne
     assert hits == {name: 0 for name in hits}, hits
 
 
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+@pytest.mark.parametrize("fitness, needles", [("synthetic-pref", synthetic_pref_needles),
+                                              ("pref-suite", pref_suite_needles)])
+def test_a_keyed_problem_sent_back_by_its_builder_leaves_no_held_out_value(tmp_path, monkeypatch, sandbox, fitness,
+                                                                            needles):
+    """With a truth key the problem is built in a child of the warm worker and sent back
+    pickled: neither what carried it nor what unpickling made on the way is left in memory."""
+    import os
+
+    from fitness import truth
+
+    truth.write_key(tmp_path / "truth.key", os.urandom(32))
+    monkeypatch.setenv(truth.ENV, str(tmp_path / "truth.key"))
+    hits = scan_after_one_genome(tmp_path, sandbox, fitness, needles(0))
+    assert hits.pop("training (control)") > 0
+    assert hits == {name: 0 for name in hits}, hits
+
+
 def test_scrubbing_freed_memory_can_be_turned_on_and_off_here():
     assert worker.scrub_freed_memory(True) is True
     assert worker.scrub_freed_memory(False) is True
