@@ -208,8 +208,10 @@ class HeldOut:
 
     The warm worker that scores holds it; in each genome's process (a fork of that worker) the
     engine calls :meth:`wipe` before any genome code runs: every tensor (and numpy array) in the
-    values, found through dataclasses, dicts, lists and tuples, is overwritten with zeros, then
-    the values are dropped. Keep held-out data in tensors or arrays, not in Python numbers.
+    values, found through dataclasses, dicts, lists and tuples, is overwritten with zeros, the
+    whole storage of each tensor included, then the values are dropped. Keep held-out data in
+    tensors or arrays, not in Python numbers, and never as a view of training data (clone it):
+    the training data would be zeroed too.
     """
 
     def __init__(self, capacity: int = 2) -> None:
@@ -249,12 +251,17 @@ def _zero_everything(value: Any, seen: set[int]) -> None:
         return
     seen.add(id(value))
     if isinstance(value, torch.Tensor):
+        # All of its storage, not only the elements it shows: a slice of a larger tensor (the
+        # held-out prompts' rows of a reward over all prompts) keeps the rest of it alive.
         with torch.no_grad():
-            value.detach().zero_()
+            value.detach().untyped_storage().fill_(0)
         return
     writeable = getattr(getattr(value, "flags", None), "writeable", False)
     if hasattr(value, "__array__") and hasattr(value, "fill") and writeable:
         value.fill(0)
+        base = getattr(value, "base", None)  # an array that is a view: the rest of what it views too
+        if base is not None and hasattr(base, "fill") and getattr(getattr(base, "flags", None), "writeable", False):
+            _zero_everything(base, seen)
         return
     if isinstance(value, dict):
         items = list(value.values())

@@ -58,7 +58,7 @@ runs the genome on the preference pairs and returns the trained ``theta``; :meth
 computes the regularised objective from ``theta`` on the held-out prompts with the true reward.
 The held-out part of the problem (held-out prompts, reward, oracle, label agreement) lives in
 the plug-in's :attr:`~fitness.base.Fitness.held_out` store, which the engine wipes in the
-genome's process. The problem's generator is seeded with :func:`fitness.truth.keyed_seed` and
+genome's process. The problem's random numbers come from :func:`fitness.truth.draws` and it is
 built by :func:`fitness.truth.build_secretly`: with a truth key (the default) a genome that
 escaped every sandbox layer cannot regenerate it from the seed and this module's code; with
 ``--truth-key public`` it is a function of the seed alone, the same on every machine.
@@ -73,7 +73,7 @@ import torch
 
 from engine.genome import GenomeError
 from fitness.base import Artefacts, Descriptor, Fitness, Score, Seed, TensorSpec, losses_of
-from fitness.truth import build_secretly, keyed_seed
+from fitness.truth import build_secretly, draws
 from fitness.preference import SHAPE_PROFILE, PreferenceInterface, loss_shape_profile, preference_seeds
 
 #: Problem generation and scoring run in float64 (exact, reproducible values); training in
@@ -253,10 +253,10 @@ class SyntheticPreference(Fitness):
             self.held_out.put(seed, held_out)
 
     def _make_problem(self, seed: int) -> tuple[_Problem, _HeldOut]:
-        generator = torch.Generator().manual_seed(keyed_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF))
+        random = draws(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
 
         def normal(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator, dtype=DTYPE)
+            return random.randn(*shape, dtype=DTYPE)
 
         I, T, V, d = self.instances, self.positions, self.vocab, self.features  # noqa: E741 - the paper's sizes
         C, E, N = self.train_prompts, self.eval_prompts, self.pairs
@@ -297,12 +297,12 @@ class SyntheticPreference(Fitness):
 
         # Preference pairs: two responses from the reference on a random training prompt.
         train_reference = reference_logits[:, :C]
-        context = torch.randint(C, (I, N), generator=generator)
+        context = random.randint(C, (I, N))
         rows = torch.arange(I)[:, None]
         cumulative = torch.softmax(train_reference, dim=-1).cumsum(-1)[rows, context]  # (I, N, T, V)
 
         def sample() -> torch.Tensor:  # inverse-CDF sampling of every token at once
-            uniform = torch.rand(I, N, T, 1, generator=generator, dtype=DTYPE)
+            uniform = random.rand(I, N, T, 1, dtype=DTYPE)
             return (uniform > cumulative).sum(-1).clamp(max=V - 1)
 
         first, second = sample(), sample()
@@ -310,8 +310,8 @@ class SyntheticPreference(Fitness):
         r_first = token_reward.gather(-1, first[..., None]).squeeze(-1).sum(-1)
         r_second = token_reward.gather(-1, second[..., None]).squeeze(-1).sum(-1)
         # Bradley-Terry on the true reward, then a share of labels flipped.
-        first_wins = torch.rand(I, N, generator=generator, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
-        first_wins ^= torch.rand(I, N, generator=generator, dtype=DTYPE) < self.label_noise
+        first_wins = random.rand(I, N, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
+        first_wins ^= random.rand(I, N, dtype=DTYPE) < self.label_noise
         chosen = torch.where(first_wins[..., None], first, second)
         rejected = torch.where(first_wins[..., None], second, first)
         agreement = ((r_first > r_second) == first_wins).to(DTYPE).mean(dim=1)
@@ -342,12 +342,17 @@ class SyntheticPreference(Fitness):
             pair_features=pair_features.to(TRAIN_DTYPE).contiguous(),
             pair_reference=pair_reference.to(TRAIN_DTYPE).contiguous(),
         )
-        # The held-out side owns its tensors (clones): wiping it never touches training data.
+        # The held-out side owns its tensors (clones): wiping it never touches training data, and
+        # none is a view of a tensor that holds more (with one instance, reward[:, C:] is a
+        # contiguous view of the reward on the training prompts too).
+        def own(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.clone()  # a slice with gaps comes out contiguous; a dense one keeps its strides
+
         held_out = _HeldOut(
             label_agreement=agreement,
-            eval_features=_Features(prompt_factor[:, C:].contiguous(), features.token.clone(), features.offset.clone()),
-            eval_reference_logits=eval_reference.contiguous(),
-            eval_reward=eval_reward.contiguous(),
+            eval_features=_Features(own(prompt_factor[:, C:]), own(features.token), own(features.offset)),
+            eval_reference_logits=own(eval_reference),
+            eval_reward=own(eval_reward),
             reference_value=reference_value,
             oracle_gain=oracle_value - reference_value,
             oracle_kl=oracle_kl,

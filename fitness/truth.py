@@ -4,9 +4,10 @@ A plug-in that generates its problems (``synthetic-pref``, ``pref-suite``, ``cls
 the true reward, the held-out prompts or the test split from a random generator. Seeded from
 the evaluation seed alone, that truth is a public function of the seed and of the plug-in's
 code: a genome that got past the static check could import the plug-in, rebuild its own
-problem and train on the truth instead of on the preference pairs. So the seed of each problem
-is keyed: :func:`keyed_seed` mixes the evaluation seed with a random key (BLAKE2b, keyed) that
-only trusted code reads.
+problem and train on the truth instead of on the preference pairs. So a problem's random
+numbers come from :func:`draws`: with a key, a cryptographic stream (SHAKE-256) of a keyed hash
+(BLAKE2b) of the evaluation seed and a random key that only trusted code reads; without one
+(``public``), torch's generator seeded with the evaluation seed, as before.
 
 * ``machine`` (the default): a key made once per user, ``$XDG_DATA_HOME/evoloss/truth.key``
   (``~/.local/share/evoloss/truth.key``), mode 0600. Runs copy it into their folder, so a run
@@ -20,17 +21,22 @@ Where the key is read: the engine names the key file in ``EVOLOSS_TRUTH_FILE``; 
 that file to the warm worker read-only and covers it in every genome's process. The warm worker
 itself never reads it: problems are built by :func:`build_secretly` in a short-lived child
 process that reads the key, builds, sends the finished problem back and exits, so neither the
-key nor a keyed seed is ever in the memory a genome's process is forked with.
+key nor anything derived from it but the problem is ever in the memory a genome's process is
+forked with.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+import torch
 
 #: Environment variable naming the key file (a path, not the key).
 ENV = "EVOLOSS_TRUTH_FILE"
@@ -150,30 +156,109 @@ def _read_key(path: Path) -> bytes:
     return key
 
 
-def keyed_seed(public_seed: int) -> int:
-    """The seed of a problem's random generator: ``public_seed`` itself for public problems,
-    else a keyed hash of it (63 bits). Call it only inside a problem's construction (run
-    through :func:`build_secretly`).
+def draws(public_seed: int) -> PublicDraws | KeyedDraws:
+    """Where a problem's random numbers come from: :class:`PublicDraws` (a torch generator
+    seeded with ``public_seed``, the numbers every machine draws) without a key, else
+    :class:`KeyedDraws` for the key and ``public_seed``. Call it only inside a problem's
+    construction (run through :func:`build_secretly`).
 
     Raises:
         TruthKeyError: in a warm worker outside :func:`build_secretly`, or the key is unreadable.
     """
     path = key_file()
     if path is None:
-        return int(public_seed)
+        return PublicDraws(int(public_seed))
     if _forks_genomes and not _in_builder:
-        raise TruthKeyError("a keyed problem seed was asked for in the warm worker itself: build problems "
-                            "through fitness.truth.build_secretly, so that no key enters its memory")
-    digest = hashlib.blake2b(str(int(public_seed)).encode(), key=_read_key(path), digest_size=8,
-                             person=b"evoloss truth").digest()
-    return int.from_bytes(digest, "little") & _SEED_MASK
+        raise TruthKeyError("a keyed problem was asked for in the warm worker itself: build problems through "
+                            "fitness.truth.build_secretly, so that no key enters its memory")
+    return KeyedDraws(hashlib.blake2b(str(int(public_seed)).encode(), key=_read_key(path), digest_size=32,
+                                      person=b"evoloss truth").digest())
+
+
+def _shape(shape: tuple) -> tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        return tuple(int(n) for n in shape[0])
+    return tuple(int(n) for n in shape)
+
+
+class PublicDraws:
+    """Random numbers from a torch generator seeded with the public seed: calls named after
+    torch's, in the same order, give exactly what those calls gave with that generator."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, dtype=dtype)
+
+    def rand(self, *shape: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, dtype=dtype)
+
+    def randint(self, *args: Any) -> torch.Tensor:
+        """``randint(high, size)`` or ``randint(low, high, size)``, as torch's."""
+        return torch.randint(*args, generator=self.generator)
+
+    def randperm(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator)
+
+
+class KeyedDraws:
+    """Random numbers from SHAKE-256 (a cryptographic stream) of a keyed digest and a call
+    counter, with the methods of :class:`PublicDraws`.
+
+    Not a torch generator: Mersenne Twister, which torch's CPU generator is, is linear, and
+    about 20,000 bits of its output (the low bits of the pair indices a preference problem
+    draws) give away its whole state, and so every number drawn before and after, the true
+    reward included, whatever seeded it. No number drawn here tells anything of another.
+    """
+
+    def __init__(self, digest: bytes) -> None:
+        self._digest = digest
+        self._calls = 0
+
+    def _words(self, count: int) -> np.ndarray:
+        self._calls += 1
+        stream = hashlib.shake_256(self._digest + self._calls.to_bytes(8, "little"))
+        return np.frombuffer(stream.digest(8 * count), dtype=np.uint64)
+
+    def _uniform(self, count: int, bits: int) -> np.ndarray:
+        """``count`` numbers in [0, 1), multiples of 2**-bits (so that none rounds up to 1)."""
+        return (self._words(count) >> np.uint64(64 - bits)).astype(np.float64) * 2.0 ** -bits
+
+    def randn(self, *shape: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        size = _shape(shape)
+        count = math.prod(size)
+        uniform = self._uniform(2 * count, 53)
+        radius = np.sqrt(-2.0 * np.log1p(-uniform[:count]))  # 1 - u is in (0, 1]
+        normal = radius * np.cos(2.0 * math.pi * uniform[count:])  # Box-Muller
+        return torch.from_numpy(normal).reshape(size).to(dtype or torch.get_default_dtype())
+
+    def rand(self, *shape: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        size, dtype = _shape(shape), dtype or torch.get_default_dtype()
+        bits = 53 if dtype == torch.float64 else 24
+        return torch.from_numpy(self._uniform(math.prod(size), bits)).reshape(size).to(dtype)
+
+    def randint(self, *args: Any) -> torch.Tensor:
+        """``randint(high, size)`` or ``randint(low, high, size)``, as torch's (int64)."""
+        low, high, size = (0, *args) if len(args) == 2 else args
+        size = _shape((size,))
+        span = np.uint64(int(high) - int(low))
+        values = (self._words(math.prod(size)) % span).astype(np.int64) + int(low)  # bias below 2**-50
+        return torch.from_numpy(values).reshape(size)
+
+    def randperm(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(np.argsort(self._words(n), kind="stable").astype(np.int64))
+
+
+#: What :func:`draws` returns.
+Draws = PublicDraws | KeyedDraws
 
 
 def build_secretly(make: Callable[..., T], *args: Any) -> T:
     """``make(*args)``, run where the truth key may be read: in a warm worker (whose memory every
     genome's process is forked with) with a key in effect, in a child process of its own that
     returns the result (pickled: it is trusted code that ran no genome) and exits, taking the
-    key, the keyed seeds and every temporary with it; elsewhere (the driver, a test, public
+    key, the keyed digests and every temporary with it; elsewhere (the driver, a test, public
     problems, which are no secret), right here.
 
     Exceptions ``make`` raises are raised here (as :class:`RuntimeError` with their message if

@@ -37,7 +37,7 @@ import torch
 
 from engine.genome import GenomeError, compile_genome
 from fitness.base import Artefacts, Fitness, Score, TensorSpec
-from fitness.truth import build_secretly, keyed_seed
+from fitness.truth import Draws, build_secretly, draws
 
 #: The two parts of a suite.
 SPLITS = ("train", "test")
@@ -74,10 +74,11 @@ class Task:
         state = np.random.SeedSequence([*self.key, *seed_words(seed)])
         return int(state.generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF
 
-    def generator(self, seed: int) -> torch.Generator:
-        """The torch generator of the problem instance of this task and evaluation ``seed``,
-        keyed with the truth key (:mod:`fitness.truth`): call it only while building a problem."""
-        return torch.Generator().manual_seed(keyed_seed(self.public_seed(seed)))
+    def draws(self, seed: int) -> Draws:
+        """Where the random numbers of this task's problem instance for evaluation ``seed`` come
+        from (:func:`fitness.truth.draws`: keyed with the truth key unless it is public): call it
+        only while building a problem."""
+        return draws(self.public_seed(seed))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ import torch
 from engine.genome import GenomeError
 from fitness.base import SandboxNeeds, Seed, TensorSpec, losses_of
 from fitness.cifar10 import Cifar10, ClassificationInterface, classification_descriptors, classification_seeds
+from fitness.truth import Draws
 from fitness.suites.base import Task, TaskSuite, check_losses, latin_hypercube, log_uniform, pick
 
 MODELS = ("linear", "mlp")
@@ -138,28 +139,28 @@ def class_sizes(total: int, classes: int, imbalance: float) -> list[int]:
     return [max(2, int(round(total * w / weights.sum()))) for w in weights]
 
 
-def _sample_classes(pool_labels: torch.Tensor, sizes: list[int], generator: torch.Generator) -> torch.Tensor:
+def _sample_classes(pool_labels: torch.Tensor, sizes: list[int], random: Draws) -> torch.Tensor:
     """Indices into a labelled pool: up to ``sizes[k]`` examples of each class ``k``."""
     chosen = []
     for k, size in enumerate(sizes):
         members = (pool_labels == k).nonzero().squeeze(1)
-        members = members[torch.randperm(len(members), generator=generator)]
+        members = members[random.randperm(len(members))]
         chosen.append(members[:size])
     return torch.cat(chosen)
 
 
-def _flip(labels: torch.Tensor, classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(labels), generator=generator) < rate
-    offset = torch.randint(1, classes, (len(labels),), generator=generator)
+def _flip(labels: torch.Tensor, classes: int, rate: float, random: Draws) -> torch.Tensor:
+    flip = random.rand(len(labels)) < rate
+    offset = random.randint(1, classes, (len(labels),))
     return torch.where(flip, (labels + offset) % classes, labels)
 
 
-def _initial(model: str, dims: int, classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _initial(model: str, dims: int, classes: int, random: Draws) -> dict[str, torch.Tensor]:
     """PyTorch's default ``nn.Linear`` initialisation (uniform in +-1/sqrt(fan_in))."""
 
     def uniform(fan_in: int, *shape: int) -> torch.Tensor:
         bound = 1.0 / math.sqrt(fan_in)
-        return (2 * torch.rand(*shape, generator=generator) - 1) * bound
+        return (2 * random.rand(*shape) - 1) * bound
 
     if model == "linear":
         return {"w": uniform(dims, dims, classes), "b": uniform(dims, classes)}
@@ -287,35 +288,35 @@ class ClassificationSuite(TaskSuite):
         return inputs[half], labels[half]
 
     def build_problem(self, task: Task, seed: int) -> tuple[ClassificationData, _HeldOut]:
-        spec, generator = task.spec, task.generator(seed)
+        spec, random = task.spec, task.draws(seed)
         K = spec.classes
         if spec.data == "digits":
             pool_x, pool_y = self.digits_half(task.split)
-            shuffle = torch.randperm(len(pool_y), generator=generator)
+            shuffle = random.randperm(len(pool_y))
             pool_x, pool_y = pool_x[shuffle], pool_y[shuffle]
             test_x, test_y = pool_x[spec.train_size:], pool_y[spec.train_size:]
             pool_x, pool_y = pool_x[:spec.train_size], pool_y[:spec.train_size]
             # The largest class keeps all of its images; the others fall geometrically from it.
             head = int(torch.bincount(pool_y, minlength=K).min())
             sizes = [max(2, round(head * spec.imbalance ** (-k / (K - 1)))) for k in range(K)]
-            rows = _sample_classes(pool_y, sizes, generator)
+            rows = _sample_classes(pool_y, sizes, random)
             train_x, clean_y = pool_x[rows], pool_y[rows]
         else:
-            centres = _CENTRE_SCALE * torch.randn(K, _CLUSTERS, _DIMENSIONS, generator=generator) * math.sqrt(2.0)
+            centres = _CENTRE_SCALE * random.randn(K, _CLUSTERS, _DIMENSIONS) * math.sqrt(2.0)
 
             def draw(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
                 labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
-                cluster = torch.randint(_CLUSTERS, (len(labels),), generator=generator)
-                noise = torch.randn(len(labels), _DIMENSIONS, generator=generator)
+                cluster = random.randint(_CLUSTERS, (len(labels),))
+                noise = random.randn(len(labels), _DIMENSIONS)
                 return centres[labels, cluster] + noise, labels
 
             train_x, clean_y = draw(class_sizes(spec.train_size, K, spec.imbalance))
             test_x, test_y = draw([_TEST_PER_CLASS] * K)
         mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-3)
         train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-        noisy_y = _flip(clean_y, K, spec.label_noise, generator)
+        noisy_y = _flip(clean_y, K, spec.label_noise, random)
         data = ClassificationData(model=spec.model, classes=K, inputs=train_x.contiguous(), labels=noisy_y,
-                                  initial=_initial(spec.model, train_x.shape[1], K, generator))
+                                  initial=_initial(spec.model, train_x.shape[1], K, random))
         held_out = _HeldOut(test_x.contiguous(), test_y.clone(), (noisy_y == clean_y).float().mean())
         return data, held_out
 

@@ -68,6 +68,7 @@ from fitness.base import Artefacts, Score, Seed, TensorSpec, losses_of
 from fitness.preference import SHAPE_PROFILE, PreferenceInterface, loss_shape_profile, preference_seeds
 from fitness.suites.base import Task, TaskSuite, check_losses, latin_hypercube, log_uniform, pick
 from fitness.synthetic_pref import SyntheticPreference, loss_shape_descriptors
+from fitness.truth import Draws
 
 DTYPE = torch.float64
 TRAIN_DTYPE = torch.float32
@@ -181,11 +182,11 @@ def initial_parameters(policy: str, inputs: dict[str, torch.Tensor], shape: tupl
             "w2": torch.zeros(_HIDDEN, T * V, dtype=dtype), "b2": torch.zeros(T * V, dtype=dtype)}
 
 
-def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple[PreferenceData, _Truth]:
+def build_problem(spec: PreferenceTaskSpec, random: Draws) -> tuple[PreferenceData, _Truth]:
     """One problem instance of ``spec``: the training data and the truth for scoring."""
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=DTYPE)
+        return random.randn(*shape, dtype=DTYPE)
 
     T, V, C = spec.positions, spec.vocab, spec.train_prompts
     # The tabular policy has no generalisation to speak of: it is scored on its own prompts.
@@ -229,11 +230,11 @@ def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple
 
     # Preference pairs: two reference samples on a random training prompt, Bradley-Terry labels.
     N = spec.pairs
-    context = torch.randint(C, (N,), generator=generator)
+    context = random.randint(C, (N,))
     cumulative = torch.softmax(reference_logits[:C], dim=-1).cumsum(-1)[context]  # (N, T, V)
 
     def sample() -> torch.Tensor:
-        uniform = torch.rand(N, T, 1, generator=generator, dtype=DTYPE)
+        uniform = random.rand(N, T, 1, dtype=DTYPE)
         return (uniform > cumulative).sum(-1).clamp(max=V - 1)
 
     first, second = sample(), sample()
@@ -245,15 +246,15 @@ def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple
         return total
 
     r_first, r_second = sequence_reward(first), sequence_reward(second)
-    first_wins = torch.rand(N, generator=generator, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
-    first_wins ^= torch.rand(N, generator=generator, dtype=DTYPE) < spec.label_noise
+    first_wins = random.rand(N, dtype=DTYPE) < torch.sigmoid(r_first - r_second)
+    first_wins ^= random.rand(N, dtype=DTYPE) < spec.label_noise
     chosen = torch.where(first_wins[:, None], first, second)
     rejected = torch.where(first_wins[:, None], second, first)
     agreement = ((r_first > r_second) == first_wins).to(DTYPE).mean()
 
     trunk = normal(_EMBEDDING, _HIDDEN)  # the MLP policy's random initial trunk
     train_inputs = {k: v[:C] if k == "prompt" else v for k, v in inputs_all.items()}
-    eval_inputs = {k: v[P - E:] if k == "prompt" else v for k, v in inputs_all.items()}
+    eval_inputs = {k: v[P - E:].clone() if k == "prompt" else v.clone() for k, v in inputs_all.items()}
     if spec.policy == "mlp":
         train_inputs["trunk"] = trunk
         eval_inputs["trunk"] = trunk
@@ -263,8 +264,9 @@ def build_problem(spec: PreferenceTaskSpec, generator: torch.Generator) -> tuple
         chosen=chosen, rejected=rejected,
         inputs={k: v.to(TRAIN_DTYPE).contiguous() for k, v in train_inputs.items()},
     )
-    eval_reference = reference_logits[P - E:].contiguous()
-    eval_reward = reward[P - E:].contiguous()
+    # Clones: a slice that is already contiguous is a view of the whole tensor, training prompts too.
+    eval_reference = reference_logits[P - E:].clone()
+    eval_reward = reward[P - E:].clone()
     reference_log_probs = torch.log_softmax(eval_reference, dim=-1)
     reference_value = _expected_reward(reference_log_probs.exp(), eval_reward, interaction)
     oracle_value = spec.beta * _log_partition(reference_log_probs, eval_reward, interaction, spec.beta)
@@ -420,7 +422,7 @@ class PreferenceSuite(TaskSuite):
                 f"pairs={spec.pairs}/T={spec.positions}/mis={spec.misspecification:g}/signal={spec.signal:g}")
 
     def build_problem(self, task: Task, seed: int) -> tuple[PreferenceData, _Truth]:
-        return build_problem(task.spec, task.generator(seed))
+        return build_problem(task.spec, task.draws(seed))
 
     def usable(self, task: Task, seed: int) -> bool:
         """A drawn task is kept when DPO scores between -1 and 1 on it: where the best policy

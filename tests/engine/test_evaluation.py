@@ -92,6 +92,44 @@ def test_wiping_held_out_data_zeroes_every_tensor_and_array_and_forgets_them():
         store.get(0, lambda: 1)
 
 
+def test_wiping_a_held_out_slice_zeroes_all_it_keeps_alive():
+    """A slice that is a view of a larger tensor keeps all of it in memory (the reward on the
+    training prompts beside the held-out ones); an array view keeps its base."""
+    whole, table = torch.arange(1.0, 13.0).reshape(3, 4), np.arange(1.0, 7.0)
+    store = HeldOut()
+    store.put(0, Truth(whole[2:], table[3:], {}))
+    store.wipe()
+    assert float(whole.abs().sum()) == 0 and float(np.abs(table).sum()) == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SyntheticPreference(instances=1, pairs=64, eval_prompts=8).score_problem(0),
+    lambda: SyntheticPreference(instances=2, pairs=64, eval_prompts=8).score_problem(0),
+    lambda: __import__("fitness.suites.pref_suite", fromlist=["x"]).PreferenceSuite().truth(
+        *next((task, 0) for task in __import__("fitness.suites.pref_suite", fromlist=["x"]).PreferenceSuite()
+              .tasks_for(0) if task.spec.policy != "tabular")),
+], ids=["synthetic-pref-1", "synthetic-pref-2", "pref-suite"])
+def test_every_held_out_tensor_owns_its_storage(make):
+    """What the held-out store keeps is all there is of it: no tensor in it is a view of one
+    holding more (sent pickled from the builder, a view carries its whole storage)."""
+    import dataclasses
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif dataclasses.is_dataclass(value):
+            for field in dataclasses.fields(value):
+                yield from tensors(getattr(value, field.name))
+
+    found = list(tensors(make()))
+    assert found
+    for tensor in found:
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), tensor.shape
+
+
 def test_held_out_keeps_only_the_most_recent_values():
     store = HeldOut(capacity=2)
     for key in range(3):

@@ -13,6 +13,7 @@ import stat
 import struct
 
 import pytest
+import torch
 
 from engine.cli import main
 from engine.doctor import rebuilder
@@ -25,17 +26,42 @@ DPO = '''def dpo(self, policy_chosen_logps, policy_rejected_logps, reference_cho
 '''
 
 # -- the key itself ---------------------------------------------------------------------------
-def test_public_problems_keep_their_seed_and_keyed_ones_depend_on_the_key(tmp_path, monkeypatch):
-    assert truth.keyed_seed(12345) == 12345  # no key: the seed itself, so public scores never changed
+def test_public_draws_are_torchs_and_keyed_ones_depend_on_the_key(tmp_path, monkeypatch):
+    public, generator = truth.draws(12345), torch.Generator().manual_seed(12345)
+    assert isinstance(public, truth.PublicDraws)  # no key: torch's generator, so public scores never changed
+    assert torch.equal(public.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, generator=generator, dtype=torch.float64))
+    assert torch.equal(public.randint(5, (7,)), torch.randint(5, (7,), generator=generator))
     first, second = tmp_path / "a.key", tmp_path / "b.key"
     truth.write_key(first, os.urandom(32))
     truth.write_key(second, os.urandom(32))
     monkeypatch.setenv(truth.ENV, str(first))
-    keyed = truth.keyed_seed(12345)
-    assert keyed != 12345 and keyed == truth.keyed_seed(12345) and 0 <= keyed < 2 ** 63
-    assert truth.keyed_seed(12346) != keyed
+    keyed = truth.draws(12345)
+    assert isinstance(keyed, truth.KeyedDraws)
+    values = keyed.randn(1000, dtype=torch.float64)
+    assert torch.equal(values, truth.draws(12345).randn(1000, dtype=torch.float64))  # reproducible for the key
+    assert not torch.equal(values, truth.draws(12346).randn(1000, dtype=torch.float64))
     monkeypatch.setenv(truth.ENV, str(second))
-    assert truth.keyed_seed(12345) != keyed
+    assert not torch.equal(values, truth.draws(12345).randn(1000, dtype=torch.float64))
+
+
+def test_keyed_draws_have_the_distributions_and_shapes_asked_for(tmp_path, monkeypatch):
+    truth.write_key(tmp_path / "k.key", os.urandom(32))
+    monkeypatch.setenv(truth.ENV, str(tmp_path / "k.key"))
+    random = truth.draws(0)
+    normal = random.randn(200_000, dtype=torch.float64)
+    assert abs(float(normal.mean())) < 0.01 and abs(float(normal.std()) - 1) < 0.01
+    assert abs(float((normal.abs() < 1.96).double().mean()) - 0.95) < 0.005
+    assert random.randn(2, 3).shape == (2, 3) and random.randn(2, 3).dtype == torch.float32
+    for dtype in (torch.float32, torch.float64):
+        uniform = random.rand(100_000, dtype=dtype)
+        assert uniform.dtype == dtype and float(uniform.min()) >= 0 and float(uniform.max()) < 1
+        assert abs(float(uniform.mean()) - 0.5) < 0.01
+    integers = random.randint(3, 8, (4, 10_000))
+    assert integers.shape == (4, 10_000) and integers.dtype == torch.int64
+    assert set(integers.unique().tolist()) == set(range(3, 8))
+    assert sorted(random.randperm(50).tolist()) == list(range(50))
+    # A stream's successive calls differ (a counter in every call).
+    assert not torch.equal(random.rand(10, dtype=torch.float64), random.rand(10, dtype=torch.float64))
 
 
 def test_machine_key_is_made_once_for_its_owner_and_runs_keep_a_copy(tmp_path, monkeypatch):
@@ -67,12 +93,13 @@ def test_in_a_warm_worker_only_the_builder_child_reads_the_key(tmp_path, monkeyp
     key = tmp_path / "k.key"
     truth.write_key(key, os.urandom(32))
     monkeypatch.setenv(truth.ENV, str(key))
-    expected = truth.keyed_seed(7)
+    expected = truth.draws(7).randn(5)
     monkeypatch.setattr(truth, "_forks_genomes", True)
     with pytest.raises(truth.TruthKeyError, match="build_secretly"):
-        truth.keyed_seed(7)
+        truth.draws(7)
     parent = os.getpid()
-    assert truth.build_secretly(lambda s: (truth.keyed_seed(s), os.getpid() != parent), 7) == (expected, True)
+    values, elsewhere = truth.build_secretly(lambda s: (truth.draws(s).randn(5), os.getpid() != parent), 7)
+    assert torch.equal(values, expected) and elsewhere
 
     def broken(_):
         raise ValueError("bad option")
@@ -133,21 +160,40 @@ def test_a_genome_past_the_static_check_cannot_rebuild_its_keyed_problem(tmp_pat
 
 
 @pytest.mark.parametrize("sandbox", available_sandboxes())
-def test_no_key_or_keyed_seed_is_in_a_genomes_memory(tmp_path, monkeypatch, sandbox):
+def test_no_key_or_keyed_digest_is_in_a_genomes_memory(tmp_path, monkeypatch, sandbox):
     """The warm worker never reads the key: the child that builds each problem does. So a
-    genome's memory (a copy of the warm worker's) holds neither the key nor the keyed seed."""
+    genome's memory (a copy of the warm worker's) holds neither the key nor the keyed digest
+    its problem's numbers were drawn from."""
+    import hashlib
+
     from tests.engine.test_truth_in_memory import scan_after_one_genome, synthetic_pref_needles
 
     key = tmp_path / "k.key"
     secret = os.urandom(32)
     truth.write_key(key, secret)
     monkeypatch.setenv(truth.ENV, str(key))
-    keyed = truth.keyed_seed(0)
+    digest = hashlib.blake2b(b"0", key=secret, digest_size=32, person=b"evoloss truth").digest()
+    assert digest == truth.draws(0)._digest
     needles = {"key": (1, [list(struct.unpack("<8i", secret))[i:i + 4] for i in (0, 4)]),
-               # as a C integer, and as a Python int's 30-bit digits
-               "keyed seed": (1, [list(struct.unpack("<2i", keyed.to_bytes(8, "little"))),
-                                  [(keyed >> shift) & (2 ** 30 - 1) for shift in (0, 30, 60)]]),
+               "keyed digest": (1, [list(struct.unpack("<8i", digest))[i:i + 4] for i in (0, 4)]),
                "training (control)": synthetic_pref_needles(0)["training (control)"]}
     hits = scan_after_one_genome(tmp_path, sandbox, "synthetic-pref", needles)
     assert hits.pop("training (control)") > 0
-    assert hits == {"key": 0, "keyed seed": 0}, hits
+    assert hits == {"key": 0, "keyed digest": 0}, hits
+
+
+@pytest.mark.slow
+def test_a_genome_that_solves_for_the_generators_state_wins_only_on_public_problems(tmp_path, capsys):
+    """Mersenne Twister's state follows from the low bits of its outputs (the pair indices): a
+    genome that solves for it rebuilds a public problem and nears the oracle; a keyed problem's
+    numbers come from a cryptographic stream, and the same genome gets nowhere."""
+    from tests.conftest import FIXTURES
+
+    code = FIXTURES / "mersenne_attack.py"
+    scores = {}
+    for key in ("public", "machine"):
+        main(["evaluate", "--code", str(code), "--fitness", "synthetic-pref", "--jail-only", "--sandbox",
+              available_sandboxes()[0], "--json", "--timeout", "300", "--truth-key", key])
+        scores[key] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["public"]["status"] == "ok" and scores["public"]["fitness"] > 0.9, scores["public"]  # DPO: 0.56
+    assert scores["machine"]["status"] == "error" and "ATTACK FAILED" in scores["machine"]["error"], scores["machine"]
