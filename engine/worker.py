@@ -836,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from fitness.truth import forking_genomes
 
-        forking_genomes()  # problems are built in a child of their own, the truth key read only there
+        # Problems are built in a child of their own, the truth key read only there; its memory
+        # goes with it, so it need not overwrite what it frees.
+        forking_genomes(builder_setup=lambda: scrub_freed_memory(False))
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
         stages = _load_stages(json.loads(args.stages), torch)

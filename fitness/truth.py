@@ -137,10 +137,14 @@ def key_file() -> Path | None:
     return Path(value) if value else None
 
 
-def forking_genomes() -> None:
-    """Called by a warm worker: from now on only :func:`build_secretly`'s child reads the key."""
-    global _forks_genomes
-    _forks_genomes = True
+_builder_setup: Callable[[], Any] | None = None
+
+
+def forking_genomes(builder_setup: Callable[[], Any] | None = None) -> None:
+    """Called by a warm worker: from now on only :func:`build_secretly`'s child reads the key.
+    ``builder_setup`` runs first thing in each such child."""
+    global _forks_genomes, _builder_setup
+    _forks_genomes, _builder_setup = True, builder_setup
 
 
 def _read_key(path: Path) -> bytes:
@@ -274,9 +278,8 @@ def build_secretly(make: Callable[..., T], *args: Any) -> T:
             os.close(read_end)
             global _in_builder
             _in_builder = True
-            from engine.worker import scrub_freed_memory
-
-            scrub_freed_memory(False)  # this process's memory goes with it: nothing to overwrite
+            if _builder_setup is not None:
+                _builder_setup()
             try:
                 payload = pickle.dumps((True, make(*args)), protocol=pickle.HIGHEST_PROTOCOL)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller

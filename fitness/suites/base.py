@@ -330,11 +330,12 @@ class TaskSuite(Fitness):
             self.tasks_per_seed = None  # every task on every seed
         self._seed_tasks: OrderedDict[int, list[Task]] = OrderedDict()
         self._baseline_fn: Callable | None = None
-        self._baseline_scores: dict[tuple[str, int], float] = {}
         self._training: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        # Room for every problem of a few evaluation-seed sets (the last ones used are kept).
+        # Room for every problem of a few evaluation-seed sets (the last ones used are kept), and
+        # the baseline's score on each (held out too: what DPO scores on a task says something of
+        # its truth).
         per_seed = self.tasks_per_seed or len(self.tasks)
-        self.held_out.capacity = max(self.held_out.capacity, 4 * per_seed * self.seeds_per_evaluation)
+        self.held_out.capacity = max(self.held_out.capacity, 8 * per_seed * self.seeds_per_evaluation)
 
     def validation_options(self) -> dict[str, Any]:
         """Options for the end-of-run validation: the meta-test split, every task of it (the
@@ -540,12 +541,15 @@ class TaskSuite(Fitness):
         return self._baseline_fn
 
     def baseline_score(self, task: Task, seed: int) -> float:
-        """The baseline's score on ``task`` and ``seed`` (trained once per process)."""
-        key = (task.name, int(seed))
-        if key not in self._baseline_scores:
+        """The baseline's score on ``task`` and ``seed`` (trained once per process). Kept in
+        :attr:`held_out`, as a tensor: a genome's process must not find it (it is computed on
+        the truth) and the wipe zeroes tensors."""
+
+        def make() -> torch.Tensor:
             parameters = self.train_task(self.baseline_function(), task, seed)
-            self._baseline_scores[key] = self.score_task(parameters, task, seed)
-        return self._baseline_scores[key]
+            return torch.tensor(self.score_task(parameters, task, seed), dtype=torch.float64)
+
+        return float(self.held_out.get(("baseline", task.name, int(seed)), make))
 
     def evaluate_task(self, fn: Callable, task: Task, seed: int) -> TaskResult:
         """Train and score ``fn`` on one task and seed in this process, paired with the

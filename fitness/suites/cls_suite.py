@@ -248,7 +248,6 @@ class ClassificationSuite(TaskSuite):
     descriptor_space = Cifar10.descriptor_space
 
     def __init__(self, train_tasks: int = 6, test_tasks: int = 8, **options: Any) -> None:
-        self._digits: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(train_tasks=train_tasks, test_tasks=test_tasks, **options)
 
     def seeds(self) -> list[Seed]:
@@ -272,17 +271,19 @@ class ClassificationSuite(TaskSuite):
     # -- data -------------------------------------------------------------------------------
     def digits_half(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The half of the digits data set that ``split``'s digits task draws from (features
-        scaled to [0, 1]); the halves are fixed by ``suite_seed`` and disjoint."""
-        if self._digits is None:
-            try:
-                from sklearn.datasets import load_digits
-            except ImportError as exc:  # pragma: no cover - a core dependency
-                raise RuntimeError("cls-suite needs scikit-learn for the digits data: pip install scikit-learn") \
-                    from exc
-            digits = load_digits()
-            self._digits = (torch.tensor(digits.data, dtype=torch.float32) / 16.0,
-                            torch.tensor(digits.target, dtype=torch.long))
-        inputs, labels = self._digits
+        scaled to [0, 1]); the halves are fixed by ``suite_seed`` and disjoint.
+
+        Read from the file each time, never kept: the whole data set labels the test rows too, and
+        what a warm worker keeps every genome's process inherits (the file itself is covered
+        there, :meth:`sandbox_needs`)."""
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise RuntimeError("cls-suite needs scikit-learn for the digits data: pip install scikit-learn") from exc
+        digits = load_digits()
+        inputs = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        del digits
         order = torch.from_numpy(np.random.default_rng([self.suite_seed, 7]).permutation(len(labels)))
         half = order[: len(order) // 2] if split == "train" else order[len(order) // 2:]
         return inputs[half], labels[half]

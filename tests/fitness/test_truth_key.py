@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 
@@ -197,3 +198,52 @@ def test_a_genome_that_solves_for_the_generators_state_wins_only_on_public_probl
         scores[key] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["public"]["status"] == "ok" and scores["public"]["fitness"] > 0.9, scores["public"]  # DPO: 0.56
     assert scores["machine"]["status"] == "error" and "ATTACK FAILED" in scores["machine"]["error"], scores["machine"]
+
+
+SUITE_PEEK = '''def peek(PARAMS):
+    import gc, sys
+    import torch
+    frame, plugin, task, seed = sys._getframe(1), None, None, None
+    while frame is not None:
+        if "task" in frame.f_locals and "seed" in frame.f_locals and hasattr(frame.f_locals.get("self"), "tasks_for"):
+            plugin, task, seed = frame.f_locals["self"], frame.f_locals["task"], frame.f_locals["seed"]
+            break
+        frame = frame.f_back
+    if plugin is None:
+        return FALLBACK
+    seen = []
+    try:
+        seen.append("baseline:%r" % plugin.baseline_score(task, seed))
+    except Exception as exc:
+        seen.append("baseline:" + type(exc).__name__)
+    if hasattr(plugin, "digits_half"):
+        try:
+            seen.append("digits:%d" % len(plugin.digits_half("train")[1]))
+        except Exception as exc:
+            seen.append("digits:" + type(exc).__name__)
+        whole = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() == 1797]
+        seen.append("kept:%d" % len(whole))
+    raise RuntimeError("PEEK " + " ".join(seen))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fitness", ["pref-suite", "cls-suite"])
+@pytest.mark.parametrize("key", ["machine", "public"])
+def test_a_suites_genome_finds_no_baseline_score_and_no_digits(tmp_path, capsys, fitness, key):
+    """What DPO (or cross-entropy) scored on a task is computed on its truth: kept with the
+    held-out data, wiped in a genome's process. The digits data labels the test rows: never kept
+    in the warm worker, its file covered, with or without a key."""
+    if fitness == "cls-suite":
+        params, fallback = "logits, targets", "torch.nn.functional.cross_entropy(logits, targets, reduction='none')"
+    else:
+        params, fallback = "self, a, b, c, d", "-torch.nn.functional.logsigmoid(self.beta * ((a - b) - (c - d)))"
+    code = tmp_path / "peek.py"
+    code.write_text(SUITE_PEEK.replace("PARAMS", params).replace("FALLBACK", fallback))
+    main(["evaluate", "--code", str(code), "--fitness", fitness, "--jail-only", "--sandbox", available_sandboxes()[0],
+          "--json", "--timeout", "120", "--truth-key", key])
+    error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"] or ""
+    seen = dict(re.findall(r"(baseline|digits|kept):(\S+)", error))
+    assert seen["baseline"] == "RuntimeError", error  # "not available in a genome's process"
+    if fitness == "cls-suite":
+        assert not seen["digits"].isdigit() and seen["kept"] == "0", error
