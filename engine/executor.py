@@ -75,7 +75,10 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
     env = {k: v for k, v in environ.items() if (k in _KEEP_ENV or k.startswith("LC_")) and not _SECRET.search(k)}
     # One torch thread per worker: two workers on two cores beat one worker with two threads.
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # Small blocks the warm worker frees are overwritten too (engine.worker.
+                # scrub_freed_memory): glibc's per-thread cache, which skips the overwrite, is off.
+                "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
     return env
 
 

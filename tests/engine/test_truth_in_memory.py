@@ -157,6 +157,36 @@ def test_a_keyed_problem_sent_back_by_its_builder_leaves_no_held_out_value(tmp_p
     assert hits == {name: 0 for name in hits}, hits
 
 
+SMALL_TEMPORARY = """
+import torch
+from fitness.synthetic_pref import SyntheticPreference
+
+
+class Plugin(SyntheticPreference):
+    name = "small-temporary"
+
+    def prepare(self, seed):
+        super().prepare(seed)
+        # Trusted scoring's small temporaries: 32 doubles (256 bytes), made and freed.
+        temporary = torch.arange(32, dtype=torch.float64) * 3.14159 + 0.271828
+        del temporary
+"""
+
+
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_small_blocks_the_warm_worker_freed_are_overwritten_too(tmp_path, sandbox, write_plugin):
+    """glibc's per-thread cache takes freed blocks up to about 1 KiB without the overwrite; the
+    warm worker runs without it (a reviewer's genome found per-prompt expected rewards of
+    pref-suite's baseline scoring there)."""
+    spec = write_plugin(SMALL_TEMPORARY)
+    small = torch.arange(32, dtype=torch.float64) * 3.14159 + 0.271828
+    needles = {"small temporary": (2, _runs(small)),
+               "training (control)": synthetic_pref_needles(0)["training (control)"]}
+    hits = scan_after_one_genome(tmp_path, sandbox, spec, needles)
+    assert hits.pop("training (control)") > 0
+    assert hits == {"small temporary": 0}, hits
+
+
 def test_scrubbing_freed_memory_can_be_turned_on_and_off_here():
     assert worker.scrub_freed_memory(True) is True
     assert worker.scrub_freed_memory(False) is True
