@@ -45,7 +45,6 @@ MACHINE = "machine"
 KEY_BYTES = 32
 #: Name of a run folder's copy of its key.
 RUN_KEY_NAME = "truth.key"
-_SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF
 
 T = TypeVar("T")
 
