@@ -76,9 +76,11 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
     # One torch thread per worker: two workers on two cores beat one worker with two threads.
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1",
-                # Small blocks the warm worker frees are overwritten too (engine.worker.
-                # scrub_freed_memory): glibc's per-thread cache, which skips the overwrite, is off.
-                "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+                # What the warm worker frees is overwritten, so no genome's process (a copy of its
+                # memory) finds what scoring computed: small blocks too (glibc's per-thread cache,
+                # which skips engine.worker.scrub_freed_memory's overwrite, is off) and Python's
+                # objects (its debug allocator overwrites what it frees).
+                "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "PYTHONMALLOC": "pymalloc_debug"})
     return env
 
 

@@ -102,6 +102,24 @@ def scrub_freed_memory(on: bool = True) -> bool:
         return False
 
 
+def forget_freed_floats() -> None:
+    """Overwrite the numbers Python and numpy keep for reuse. Up to 100 freed ``float`` objects
+    wait on a free list with their values, which no allocator overwrites (the last genome's
+    scores, the baseline's on each task): taking them all and giving them back leaves only these
+    values there; the rest are freed through the allocator, which workers run in its debug mode
+    (``PYTHONMALLOC=pymalloc_debug``: freed memory is overwritten). Called before each genome's
+    process is forked."""
+    filler = [float(n) for n in range(256)]
+    del filler
+    # numpy keeps the data of up to 7 freed small arrays per size for reuse (under 1 KiB), as
+    # they were: the per-task scores a plug-in averaged. Taking them as zeros overwrites them.
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        for size in range(1, 128):
+            zeros = [numpy.zeros(size) for _ in range(8)]
+            del zeros
+
+
 def _warm_up(torch) -> None:
     """The first optimiser step in a process imports a good part of torch (about 1.5 s); pay
     for it at start-up so it is not charged to the first genome's evaluation time."""
@@ -608,6 +626,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
               "open_files": int(getattr(fitness, "max_open_files", 0) or 0), **genome_view(stages)}
     oom_kills_before = oom_kills()
+    forget_freed_floats()
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only, checked),
         limits, scratch=scratch, inherited=list(inherited), output=output,
@@ -872,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = stages[task.get("stage", 0)]
         result = evaluate_in_child(stage, stages, task, decide, inherited=[conn], output=output)
         conn.send({"type": "result", "result": result.to_dict()})
+        del result  # the next genome's process must not find this one's scores alive here
         if not cuda_warned and torch.cuda.is_initialized():
             cuda_warned = True
             print(f"[evoloss worker] fitness {getattr(stage, 'name', stage)!r} initialised CUDA in the warm worker "

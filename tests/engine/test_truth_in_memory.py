@@ -187,6 +187,25 @@ def test_small_blocks_the_warm_worker_freed_are_overwritten_too(tmp_path, sandbo
     assert hits == {"small temporary": 0}, hits
 
 
+@pytest.mark.parametrize("sandbox", available_sandboxes())
+def test_the_last_genomes_scores_and_the_baselines_are_not_in_the_next_genomes_memory(tmp_path, sandbox):
+    """Scoring a genome makes Python floats in the warm worker: its score and the baseline's on
+    every task, which say something of the truth. A reviewer's genome found them there, after
+    the previous genome, by their task names, and used the baseline's to choose where to stay at
+    the reference (+0.0075). Python's own allocator and its free list of floats keep freed floats
+    as they were; workers run with Python's debug allocator, which overwrites what it frees, and
+    empty the free list before each genome's process is forked."""
+    from fitness.suites.pref_suite import PreferenceSuite
+
+    suite = PreferenceSuite()
+    baselines = [suite.baseline_score(task, s) for s in suite.evaluation_seeds(0) for task in suite.tasks_for(s)]
+    needles = {"baseline scores": (2, [_alone(value) for value in baselines]),
+               "training (control)": pref_suite_needles(0)["training (control)"]}
+    hits = scan_after_one_genome(tmp_path, sandbox, "pref-suite", needles)
+    assert hits.pop("training (control)") > 0
+    assert hits == {"baseline scores": 0}, hits
+
+
 def test_scrubbing_freed_memory_can_be_turned_on_and_off_here():
     assert worker.scrub_freed_memory(True) is True
     assert worker.scrub_freed_memory(False) is True
