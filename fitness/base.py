@@ -238,6 +238,16 @@ class HeldOut:
     def __contains__(self, key: Any) -> bool:
         return key in self._values
 
+    def snapshot(self) -> dict[Any, Any]:
+        """The values held, oldest first (to hand what a builder process made to the worker)."""
+        return dict(self._values)
+
+    def restore(self, values: dict[Any, Any]) -> None:
+        """Hold ``values`` (a :meth:`snapshot`) instead of what is held now."""
+        if self.wiped:
+            raise RuntimeError("held-out data is not available in a genome's process")
+        self._values = dict(values)
+
     def wipe(self) -> None:
         """Overwrite every tensor and array held with zeros and forget the values."""
         for value in self._values.values():

@@ -139,6 +139,16 @@ def key_file() -> Path | None:
 _builder_setup: Callable[[], Any] | None = None
 
 
+def _enter_builder() -> None:
+    global _in_builder
+    _in_builder = True
+
+
+def in_builder() -> bool:
+    """Whether this process is :func:`build_secretly`'s child."""
+    return _in_builder
+
+
 def forking_genomes(builder_setup: Callable[[], Any] | None = None) -> None:
     """Called by a warm worker: from now on only :func:`build_secretly`'s child reads the key.
     ``builder_setup`` runs first thing in each such child."""
@@ -267,7 +277,7 @@ def build_secretly(make: Callable[..., T], *args: Any) -> T:
     Exceptions ``make`` raises are raised here (as :class:`RuntimeError` with their message if
     they cannot be pickled).
     """
-    if not _forks_genomes or key_file() is None:  # a public problem is no secret: no child needed
+    if not _forks_genomes or key_file() is None or _in_builder:  # public problems are no secret
         return make(*args)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -275,8 +285,7 @@ def build_secretly(make: Callable[..., T], *args: Any) -> T:
         code = 1
         try:
             os.close(read_end)
-            global _in_builder
-            _in_builder = True
+            _enter_builder()
             if _builder_setup is not None:
                 _builder_setup()
             try:

@@ -37,7 +37,7 @@ import torch
 
 from engine.genome import GenomeError, compile_genome
 from fitness.base import Artefacts, Fitness, Score, TensorSpec
-from fitness.truth import Draws, build_secretly, draws
+from fitness.truth import Draws, build_secretly, draws, in_builder
 
 #: The two parts of a suite.
 SPLITS = ("train", "test")
@@ -482,11 +482,37 @@ class TaskSuite(Fitness):
     def prepare(self, seed: int) -> None:
         """Build every problem of this evaluation (training data and held-out truth) before a
         genome's process is forked from this one: it inherits the training data and its copy
-        of the held-out store is wiped."""
+        of the held-out store is wiped. With a truth key, in one builder process for all of
+        them (:func:`fitness.truth.build_secretly`), which also draws the tasks and scores the
+        baseline on each; this process takes what it made."""
+        if self._prepared(seed):
+            return
+        made = build_secretly(self._prepare_here, seed)
+        if made is not None:
+            training, held_out, seed_tasks = made
+            self._training, self._seed_tasks = training, seed_tasks
+            self.held_out.restore(held_out)
+
+    def _prepared(self, seed: int) -> bool:
+        """Whether every problem of this evaluation, and the baseline's score on it, is here."""
+        for s in map(int, self.evaluation_seeds(seed)):
+            if self.fresh_tasks and self.tasks_per_seed is not None and s not in self._seed_tasks:
+                return False  # drawing the tasks builds problems
+            for task in self.tasks_for(s):
+                if (task.name, s) not in self._training or (task.name, s) not in self.held_out \
+                        or ("baseline", task.name, s) not in self.held_out:
+                    return False
+        return True
+
+    def _prepare_here(self, seed: int) -> tuple[Any, dict, Any] | None:
         for s in self.evaluation_seeds(seed):
             for task in self.tasks_for(s):
                 self.training_data(task, s)
                 self.truth(task, s)
+                self.baseline_score(task, s)
+        if not in_builder():
+            return None
+        return self._training, self.held_out.snapshot(), self._seed_tasks
 
     def artefact_spec(self, seed: int) -> dict[str, TensorSpec]:
         spec = {}
