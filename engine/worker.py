@@ -102,7 +102,7 @@ def scrub_freed_memory(on: bool = True) -> bool:
         return False
 
 
-def forget_freed_floats() -> None:
+def forget_freed_numbers() -> None:
     """Overwrite the numbers Python and numpy keep for reuse. Up to 100 freed ``float`` objects
     wait on a free list with their values, which no allocator overwrites (the last genome's
     scores, the baseline's on each task): taking them all and giving them back leaves only these
@@ -626,7 +626,7 @@ def evaluate_in_child(fitness, stages: list, task: dict[str, Any], decide, *, in
     limits = {"file_bytes": int(getattr(fitness, "max_file_bytes", 0) or 0),
               "open_files": int(getattr(fitness, "max_open_files", 0) or 0), **genome_view(stages)}
     oom_kills_before = oom_kills()
-    forget_freed_floats()
+    forget_freed_numbers()
     child = EvaluationChild.start(
         lambda channel: untrusted_phase(fitness, stages, code, seed, channel, jail_only, checked),
         limits, scratch=scratch, inherited=list(inherited), output=output,
