@@ -307,8 +307,10 @@ def plugin_needs(plugins: Iterable[Any]) -> tuple[list[Path], list[Path], bool]:
 def truth_paths() -> list[Path]:
     """The truth key file in effect (:mod:`fitness.truth`), if any: read-only in the worker's
     jail, for the child that builds problems; every genome's process has it covered."""
-    value = os.environ.get("EVOLOSS_TRUTH_FILE")
-    return [Path(value).resolve()] if value else []
+    from fitness.truth import key_file
+
+    path = key_file()
+    return [path.resolve()] if path is not None else []
 
 
 def worker_view_parts(plugins: list[Any], *, run_dir: str | os.PathLike | None = None,
