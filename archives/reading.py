@@ -21,6 +21,7 @@ from archives.grid import CODE_SIZE, MapElitesArchive, axis_bin, axis_value, bin
 from archives.store import RunStore, StoreError
 from engine.candidate import Candidate, EvalResult
 from engine.genome import code_size
+from engine.helpers import first_seed
 
 #: Columns of the run store's ``llm_calls`` table (``prompt`` is the JSON list of chat
 #: messages sent); the analysis frames always have them, even for runs without LLM calls.
@@ -174,9 +175,8 @@ def _read(store: RunStore, at_gen: int | None) -> RunData:
             results[result.candidate_id] = result
         else:
             extra.setdefault(name, {})[result.candidate_id] = result
-    eval_seed = int(config.get("eval_seed", 0) or 0)
     seed_scores: dict[int, dict[int, float | None]] = {
-        cid: {eval_seed: r.fitness} for cid, r in results.items() if r.ok}
+        cid: {first_seed(config, candidates[cid].generation): r.fitness} for cid, r in results.items() if r.ok}
     for _, seed, result in store.seed_evaluations(fitness_name):
         if result.candidate_id in candidates:
             seed_scores.setdefault(result.candidate_id, {})[seed] = result.fitness if result.ok else None

@@ -10,6 +10,8 @@ the same noise-aware ranking and validation, over several run seeds:
 - ``best-of-2n``: the same with twice the candidates, so that its evaluations (candidates plus
   re-measurements) are about as many as evolution's: racing re-measures up to ``--race-budget``
   per generation, and best-of-N has one generation;
+- ``evolution-one-seed``: the default with every candidate first scored on the run's own seed
+  (``--first-seeds run``, the default before generation seeds);
 - ``random``: the same generations, parents drawn from every scored candidate, fitness unused
   (``--selection random``);
 - ``truncation``: plain truncation selection, parents uniformly from the ``--pop`` best by their
@@ -55,6 +57,7 @@ def variants(pop: int, gens: int, seeds: int) -> dict[str, list[str]]:
         "evolution": ["--pop", str(pop), "--gens", str(gens)],
         "best-of-n": ["--pop", str(budget), "--gens", "0"],
         "best-of-2n": ["--pop", str(2 * budget), "--gens", "0"],
+        "evolution-one-seed": ["--pop", str(pop), "--gens", str(gens), "--first-seeds", "run"],
         "random": ["--pop", str(pop), "--gens", str(gens), "--selection", "random"],
         "truncation": ["--pop", str(pop), "--gens", str(gens), "--selection", "truncation"],
     }
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {gain:+.4f} ± {se:.4f} | {mean_gain:+.4f} ± {mean_gain_se:.4f} | {len(records)} | "
               f"{evals:.0f} | {made:.0f} |")
     if "evolution" in table:
-        for other in ("best-of-n", "best-of-2n", "random", "truncation"):
+        for other in ("best-of-n", "best-of-2n", "evolution-one-seed", "random", "truncation"):
             if other not in table:
                 continue
             for key, label in (("held_out_gain", "held-out gain"), ("held_out_mean_gain", "mean gain over tasks")):

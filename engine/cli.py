@@ -121,9 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         store = RunStore.open(args.resume)
         saved = store.meta("config")
         saved.setdefault("truth_key", "public")  # a run made before truth keys drew public problems
+        saved.setdefault("first_seeds", "run")  # and one made before generation seeds scored all on one seed
         config = resolve(args, base=saved)
         for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins", "asynchronous",
-                       "promote", "promote_above", "promote_baseline", "truth_key"):
+                       "promote", "promote_above", "promote_baseline", "truth_key", "first_seeds"):
             if getattr(config, locked) != saved.get(locked, getattr(RunConfig, locked, None)):
                 flag = "async" if locked == "asynchronous" else locked.replace("_", "-")
                 raise UsageError(f"--{flag} cannot change when resuming {args.resume} "

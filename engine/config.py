@@ -173,6 +173,10 @@ class RunConfig:
         "trusted (re-measured 1, then 2 more...; each paired with the baseline seed on the same seeds); elites, "
         "parents and the best are then ranked by a lower confidence bound, not one draw (0: off; generational "
         "mode)", group=SEARCH))
+    first_seeds: str = field(default="generation", metadata=_help(
+        "where a candidate is first scored: generation (each generation's offspring on an evaluation seed of "
+        "their own, the baseline measured on it too, so selection never climbs one seed's draw; raced "
+        "population runs) or run (every candidate on --eval-seed)", group=SEARCH))
     race_budget: int = field(default=8, metadata=_help(
         "re-measurements on fresh seeds per generation, the baseline's included (at 4, the reported best of "
         "pref-suite runs mostly had 2 seeds and its bound overstated its score on fresh meta-train seeds; "
@@ -254,7 +258,7 @@ class RunConfig:
         if self.code_size_bins < 0:
             raise ValueError(f"code_size_bins must be >= 0, got {self.code_size_bins!r}")
         choices = {"operator_choice": ("bandit", "ucb", "uniform"), "strategy": ("population", "sequential"),
-                   "selection": ("archive", "truncation", "random"),
+                   "selection": ("archive", "truncation", "random"), "first_seeds": ("generation", "run"),
                    "context_order": ("ascending", "descending"), "llm_check": ("tests", "static"),
                    "interrupt": ("drain", "cancel"), "sandbox": ("auto", "bwrap", "unshare", "none")}
         for name, allowed in choices.items():

@@ -28,6 +28,7 @@ from deap import tools
 from archives.store import RunStore
 from engine.candidate import Candidate, EvalResult, Status
 from engine.config import RunConfig
+from engine.helpers import first_seed
 from engine.ladder import check_compatible, stage_labels
 from engine.search.breeder import BreedingSettings, Breeder
 from engine.search.elites import ElitePool, EliteSettings, Individual
@@ -54,6 +55,7 @@ class Engine:
         if not operators:
             raise ValueError("the engine needs at least one operator")
         self.config = config
+        self._settings = config.to_dict()  # as the store keeps them (engine.helpers.first_seed reads these)
         self.stages = list(fitness) if isinstance(fitness, (list, tuple)) else [fitness]
         if not self.stages:
             raise ValueError("the engine needs at least one fitness plug-in")
@@ -228,7 +230,8 @@ class Engine:
         """Save one finished evaluation (committed before anything else happens); returns its stage."""
         stage = self.population.record(result)
         if stage == 0 and result.ok:
-            self.racing.add(result.candidate_id, self.config.eval_seed, result.fitness)
+            self.racing.add(result.candidate_id, self.first_seed(self.candidates[result.candidate_id].generation),
+                            result.fitness)
         self.on_event("result" if stage == 0 else "stage_result", result)
         return stage
 
@@ -238,14 +241,31 @@ class Engine:
         self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
         self.on_event("reseed", {"result": result, "seed": seed})
 
+    def first_seed(self, generation: int) -> int:
+        """The evaluation seed on which the candidates of ``generation`` are first scored
+        (``--first-seeds``: :func:`engine.helpers.first_seed`)."""
+        return first_seed(self._settings, generation)
+
     def race(self, executor) -> int:
-        """Re-measure the candidates that could reach the top on fresh seeds (one round, within
-        ``--race-budget``), then re-rank the elites. Returns the evaluations run."""
+        """Measure the baseline on this generation's own seed (so its offspring's scores are
+        paired), re-measure the candidates that could reach the top on fresh seeds (one round,
+        within ``--race-budget``), then re-rank the elites. Returns the evaluations run."""
         if not self.racing.enabled or self.draining:
             return 0
+        pairing = self._baseline_on(self.first_seed(self.generation))
+        if pairing and not self._measure(executor, pairing):
+            return len(pairing)
         plan = self.racing.due({cid for cid, r in self.results.items() if r.ok})
         self._measure(executor, plan)
-        return len(plan)
+        return len(pairing) + len(plan)
+
+    def _baseline_on(self, seed: int) -> list[tuple[int, int]]:
+        """``[(baseline id, seed)]`` when the baseline is not yet scored on ``seed`` (a
+        generation's own first seed), else nothing."""
+        base_id = self._baseline_seed()
+        if base_id is None or seed == self.config.eval_seed or base_id not in self.racing.samples:
+            return []
+        return [] if seed in self.racing.samples[base_id] else [(base_id, seed)]
 
     def confirm(self, executor) -> int:
         """At the end of a raced run, measure its ``race_top`` best and the baseline once more on
@@ -336,10 +356,11 @@ class Engine:
         """Rebuild the evolving state from the store (``--resume``): candidates, results,
         dedup tables, archive, hall of fame, logbook, counters and the random state."""
         candidates = self.population.restore()
+        candidates_by_id = self.candidates
         results = self.results
         for cid, result in results.items():
             if result.ok:
-                self.racing.add(cid, self.config.eval_seed, result.fitness)
+                self.racing.add(cid, self.first_seed(candidates_by_id[cid].generation), result.fitness)
         for _, seed, result in self.store.seed_evaluations(self.labels[0]):
             self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
         generations = self.store.generations()

@@ -9,6 +9,7 @@ import keyword
 import math
 import re
 from typing import Any
+from collections.abc import Mapping
 
 from engine.genome import FORBIDDEN_NAMES, SAFE_BUILTINS
 
@@ -79,3 +80,28 @@ def visible(text: Any, replacement: str = "?") -> str:
     """Untrusted text (a genome's error or code, an LLM's thought or reply) as it may be shown in a
     terminal or stored for one: every control character replaced."""
     return CONTROL_CHARACTERS.sub(replacement, str(text))
+
+
+#: A generation's own first-evaluation seed is ``eval_seed + GENERATION_SEEDS + GENERATION_STRIDE *
+#: generation``: apart from racing's re-measurement seeds (``eval_seed + 7919 k``), the confirmation's
+#: (``+ 500_009 + k``) and the validation's (``+ 1_000_003 + k``).
+GENERATION_SEEDS = 250_013
+GENERATION_STRIDE = 7919
+
+
+def per_generation_seeds(config: Mapping[str, Any]) -> bool:
+    """Whether a run (its settings, as stored) scores each generation first on a seed of its own:
+    ``first_seeds`` generation in a raced population run. Runs stored before the setting existed
+    scored every candidate on the run's seed."""
+    return (config.get("first_seeds", "run") == "generation" and int(config.get("race_seeds", 0) or 0) > 0
+            and not config.get("asynchronous") and config.get("strategy", "population") == "population")
+
+
+def first_seed(config: Mapping[str, Any], generation: int) -> int:
+    """The evaluation seed on which a run first scored its candidates of ``generation``: the run's
+    ``eval_seed`` (generation 0, and every generation where :func:`per_generation_seeds` is false),
+    else the generation's own seed."""
+    eval_seed = int(config.get("eval_seed", 0) or 0)
+    if generation > 0 and per_generation_seeds(config):
+        return eval_seed + GENERATION_SEEDS + GENERATION_STRIDE * int(generation)
+    return eval_seed

@@ -75,7 +75,9 @@ class Generational:
                                                 "candidates": [c.id for c in todo]})
                 for candidate in todo:
                     engine.population.start(candidate.id, stage)
-                executor.run(UnlessDraining(engine, [(c.id, c.code, stage) for c in todo]), config.eval_seed,
+                # The first stage scores each generation on its own seed (--first-seeds), the rest on the run's.
+                seed = engine.first_seed(engine.generation) if stage == 0 else config.eval_seed
+                executor.run(UnlessDraining(engine, [(c.id, c.code, stage) for c in todo]), seed,
                              engine.claim, engine.record)
                 if stage == 0:
                     engine.race(executor)  # re-measure what could reach the top before it is trusted

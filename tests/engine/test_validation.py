@@ -9,6 +9,7 @@ import pytest
 from archives.reading import read_run
 from archives.store import RunStore
 from engine.cli import main
+from engine.helpers import GENERATION_SEEDS, GENERATION_STRIDE, first_seed
 from engine.search.racing import CONFIRM_SEEDS, SEED_STRIDE
 from engine.validation import CONFIRMATION_SEEDS, VALIDATION_SEEDS, summarise
 from engine.candidate import Candidate, EvalResult
@@ -38,10 +39,18 @@ def test_a_run_re_measures_on_fresh_seeds_paired_with_the_baseline(finished_run)
     data = read_run(store)
     store.close()
     baseline = next(c.id for c in data.candidates.values() if c.is_seed and c.name == data.baseline)
-    reseeded = {cid: set(scores) - {0} for cid, scores in data.seed_scores.items() if len(scores) > 1}
+    # Each generation is first scored on a seed of its own (the seeds and generation 0 on the run's).
+    first = {cid: first_seed(data.config, c.generation) for cid, c in data.candidates.items()}
+    assert {first[cid] for cid in data.results} == {0} | {GENERATION_SEEDS + GENERATION_STRIDE * g for g in (1, 2)}
+    assert all(first[cid] in scores for cid, scores in data.seed_scores.items())
+    # ... and the baseline on every one of them, so every first score is paired.
+    assert set(first.values()) <= set(data.seed_scores[baseline])
+    reseeded = {cid: set(scores) - {first[cid]} for cid, scores in data.seed_scores.items() if len(scores) > 1}
     assert reseeded, "racing re-measured nothing"
     confirmation = {CONFIRM_SEEDS + k for k in range(4)}
-    assert all(seed % SEED_STRIDE == 0 or seed in confirmation for seeds in reseeded.values() for seed in seeds)
+    generations = set(first.values())
+    assert all(seed % SEED_STRIDE == 0 or seed in confirmation or (cid == baseline and seed in generations)
+               for cid, seeds in reseeded.items() for seed in seeds)
     # At the end, the race_top best (5) and the baseline on the 4 confirmation seeds.
     confirmed = {cid for cid, seeds in reseeded.items() if confirmation <= seeds}
     assert baseline in confirmed and 2 <= len(confirmed) <= 6
