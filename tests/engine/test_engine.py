@@ -90,21 +90,25 @@ class StopAfter:
         self.inner.run(tasks, seed, decide, counted)
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+@pytest.mark.parametrize("stop_after", [7, 12, 17, 22])
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, stop_after):
+    # Killed in generation 0, and in later generations, each first scored on a seed of its own
+    # (the baseline measured on it after the generation's first scores).
     reference, reference_store = make_engine(tmp_path, name="straight", gens=3)
     reference.run(SerialExecutor(EXAMPLE_SPEC))
 
     interrupted, store = make_engine(tmp_path, name="killed", gens=3)
     with pytest.raises(KeyboardInterrupt):
-        interrupted.run(StopAfter(SerialExecutor(EXAMPLE_SPEC), 7))
+        interrupted.run(StopAfter(SerialExecutor(EXAMPLE_SPEC), stop_after))
     store.close()
 
     config = RunConfig(**RunStore.open(tmp_path / "killed").meta("config"))
     store = RunStore.open(tmp_path / "killed")
     resumed = Engine(config, load_fitness(EXAMPLE_SPEC), [load_operator(JITTER_SPEC)], store)
     resumed.restore()
-    assert len(resumed.results) + len(store.seed_evaluations()) == 7  # first scores and re-measurements
+    assert len(resumed.results) + len(store.seed_evaluations()) == stop_after  # first scores and re-measurements
     resumed.run(SerialExecutor(EXAMPLE_SPEC))
+    assert resumed.racing.samples == reference.racing.samples  # every (candidate, seed) score, as straight
 
     rows = sqlite3.connect(tmp_path / "killed" / "run.sqlite").execute(
         "SELECT candidate_id, count(*) FROM evaluations GROUP BY candidate_id, fitness_name, eval_seed HAVING count(*) > 1").fetchall()

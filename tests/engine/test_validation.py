@@ -158,3 +158,28 @@ def test_show_gives_a_candidates_seeds_estimate_and_validation(finished_run, cap
     report = json.loads(capsys.readouterr().out)
     assert report["estimate"]["seeds"] == len(report["seed_scores"]) >= 1
     assert report["validation"]["id"] == best and report["validation"]["seeds"] >= 3
+
+
+def test_first_seeds_run_scores_every_candidate_on_the_runs_own_seed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *RUN, "--first-seeds", "run", "--validate-top", "0", "--out", str(run)]) == 0
+    store = RunStore.open(run, readonly=True)
+    data = read_run(store)
+    store.close()
+    assert all(0 in scores for scores in data.seed_scores.values())
+    seeds = set().union(*data.seed_scores.values())
+    assert not {GENERATION_SEEDS + GENERATION_STRIDE * g for g in (1, 2)} & seeds
+    # What a candidate was first scored on cannot change when the run resumes.
+    assert main(["run", "--resume", str(run), "--first-seeds", "generation", "--quiet"]) == 2
+    assert "--first-seeds cannot change" in capsys.readouterr().err
+
+
+def test_runs_stored_before_generation_seeds_read_as_one_seed():
+    old = {"eval_seed": 5, "race_seeds": 3, "strategy": "population"}  # no first_seeds: an older run
+    assert [first_seed(old, g) for g in (0, 1, 7)] == [5, 5, 5]
+    new = {**old, "first_seeds": "generation"}
+    assert [first_seed(new, g) for g in (0, 1, 7)] == [5, 5 + GENERATION_SEEDS + GENERATION_STRIDE,
+                                                       5 + GENERATION_SEEDS + 7 * GENERATION_STRIDE]
+    # Without racing nothing pairs scores across seeds, and steady state has no generations to seed.
+    assert first_seed({**new, "race_seeds": 0}, 3) == 5 and first_seed({**new, "asynchronous": True}, 3) == 5
+    assert first_seed({**new, "strategy": "sequential"}, 3) == 5
