@@ -299,7 +299,17 @@ class Engine:
 
     def credit(self, members: list[Candidate]) -> None:
         """Credit the operators with how their offspring among ``members`` did."""
-        self.breeder.credit(members, [e.fitness for e in self.elites.archives[0].elites()])
+        self.breeder.credit(members, [e.fitness for e in self.elites.archives[0].elites()], self._paired_score)
+
+    def _paired_score(self, candidate_id: int) -> float:
+        """A candidate's first-stage score on the fitness scale, comparable across evaluation
+        seeds: with racing, the baseline's mean plus the candidate's mean paired gain (an
+        offspring and its parents may have been scored on different generations' seeds);
+        otherwise its score."""
+        estimate = self.racing.estimate(candidate_id) if self.racing.enabled else None
+        if estimate is None or math.isnan(estimate.gain):
+            return self.results[candidate_id].fitness
+        return (estimate.lower + estimate.upper) / 2
 
     def absorb(self, members: list[Candidate]) -> None:
         """Put finished candidates into the grids and the hall of fame (with racing, every scored

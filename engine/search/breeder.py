@@ -262,22 +262,28 @@ class Breeder:
             warnings.warn(f"generation {generation}: {reason}; the slot stays empty", RuntimeWarning, stacklevel=3)
 
     # -- credit ---------------------------------------------------------------------------------
-    def credit(self, members: list[Candidate], reference_scores: list[float]) -> None:
+    def credit(self, members: list[Candidate], reference_scores: list[float],
+               value: Callable[[int], float] | None = None) -> None:
         """Tell the operator chooser how the operators' offspring among ``members`` did, before
         they enter the archive (their first-stage results against their parents, or against the
-        median of ``reference_scores``, the first stage's elites, for fresh proposals)."""
+        median of ``reference_scores``, the first stage's elites, for fresh proposals).
+        ``value(candidate id)`` is what is compared (default: the first-stage score; a raced run
+        compares scores made comparable across evaluation seeds by the baseline)."""
         reference = statistics.median(reference_scores) if reference_scores else None
         results = self.population.results
         for candidate in sorted(members, key=lambda c: c.id):
             if not candidate.is_seed:
-                self.chooser.update(candidate.operator, self.reward(candidate, results[candidate.id], reference))
+                self.chooser.update(candidate.operator,
+                                    self.reward(candidate, results[candidate.id], reference, value))
 
-    def reward(self, candidate: Candidate, result: EvalResult, reference: float | None) -> float:
+    def reward(self, candidate: Candidate, result: EvalResult, reference: float | None,
+               value: Callable[[int], float] | None = None) -> float:
         """The bandit's reward for one offspring: 0 unless scored; 0.5 when scored; 1 when it
         also beats its best parent (a fresh proposal: ``reference``)."""
         if not result.ok:
             return 0.0
         results = self.population.results
-        parents = [results[p].fitness for p in candidate.parents if p in results and results[p].ok]
+        value = value or (lambda cid: results[cid].fitness)
+        parents = [value(p) for p in candidate.parents if p in results and results[p].ok]
         bar = max(parents) if parents else reference
-        return 1.0 if bar is None or result.fitness > bar else 0.5
+        return 1.0 if bar is None or value(candidate.id) > bar else 0.5

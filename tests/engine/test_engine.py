@@ -1,5 +1,6 @@
 """The ask/tell engine: order guard, dedup, operator failures, resume."""
 import sqlite3
+import statistics
 
 import pytest
 
@@ -116,3 +117,19 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, stop_after):
     straight = [(c.code_hash, c.generation) for c in reference_store.candidates()]
     assert [(c.code_hash, c.generation) for c in store.candidates()] == straight
     assert resumed.best()[1] == reference.best()[1]
+
+
+def test_offspring_and_parents_scored_on_other_seeds_are_compared_through_the_baseline(tmp_path):
+    engine, _ = make_engine(tmp_path, gens=2)
+    engine.run(SerialExecutor(EXAMPLE_SPEC))
+    base = engine.racing.samples[engine._baseline_seed()]
+    children = [c for c in engine.candidates.values() if c.generation == 2 and engine.results[c.id].ok
+                and engine.racing.seeds_of(c.id) == 1]
+    assert children
+    for child in children:
+        (seed, score), = engine.racing.samples[child.id].items()
+        assert seed != engine.config.eval_seed and seed in base  # its generation's seed, the baseline on it
+        assert engine._paired_score(child.id) == pytest.approx(statistics.fmean(base.values()) + score - base[seed])
+        parents = [engine._paired_score(p) for p in child.parents]
+        credit = engine.breeder.reward(child, engine.results[child.id], None, engine._paired_score)
+        assert credit == (1.0 if engine._paired_score(child.id) > max(parents) else 0.5)
