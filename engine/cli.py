@@ -487,7 +487,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             fitness = load_fitness(spec, options)
         config = RunConfig(fitness=spec, fitness_options=options, executor=args.executor, workers=args.workers,
                            timeout=args.timeout, eval_seed=saved.eval_seed)
-        settings = ValidationSettings(validate_top=args.top, validate_seeds=args.seeds, eval_seed=saved.eval_seed)
+        # A run stored before the setting confirmed on as many seeds as it validated on.
+        confirm = args.confirm_seeds if args.confirm_seeds is not None else data.config.get(
+            "validate_confirm_seeds", args.seeds)
+        if confirm < 0:
+            raise UsageError(f"--confirm-seeds must be non-negative, got {confirm}")
+        settings = ValidationSettings(validate_top=args.top, validate_seeds=args.seeds,
+                                      validate_confirm_seeds=confirm, eval_seed=saved.eval_seed)
         with make_executor(config, fitness_spec=[(spec, options)], log_path=data.path / "workers.log") as executor:
             summary = validate(store, data, executor, settings, fitness.name, options, fitness.fitness_floor)
     finally:
@@ -686,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                        type=parse_option, metavar="KEY=VALUE")
     check.add_argument("--top", type=int, default=RunConfig.validate_top, metavar="K", help="losses to validate")
     check.add_argument("--seeds", type=int, default=RunConfig.validate_seeds, help="fresh evaluation seeds")
+    check.add_argument("--confirm-seeds", type=int, default=None, metavar="N",
+                       help="more fresh seeds on which the best of them and the baseline are measured again, its "
+                            "reported gain (default: the run's --validate-confirm-seeds)")
     check.add_argument("--executor", choices=("process", "serial"), default=RunConfig.executor)
     check.add_argument("--workers", type=int, default=RunConfig.workers)
     check.add_argument("--timeout", type=float, default=RunConfig.timeout)

@@ -193,6 +193,10 @@ class RunConfig:
         "report each held-out gain over the baseline with its standard error (0: no validation)", group=SEARCH))
     validate_seeds: int = field(default=4, metadata=_help(
         "fresh evaluation seeds of the end-of-run validation", group=SEARCH))
+    validate_confirm_seeds: int = field(default=8, metadata=_help(
+        "more fresh seeds on which the validation's best and the baseline are measured again: the reported gain "
+        "and the verdict are from these alone, which chose nothing (the best of several on the validation seeds "
+        "is biased upwards; 0: report it on those)", group=SEARCH))
     confidence: float = field(default=1.0, metadata=_help(
         "standard errors below the mean paired gain at which candidates are ranked (the lower confidence bound)",
         group=SEARCH))
@@ -202,7 +206,7 @@ class RunConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
-        for name in ("validate_top", "validate_seeds", "confirm_seeds"):
+        for name in ("validate_top", "validate_seeds", "confirm_seeds", "validate_confirm_seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

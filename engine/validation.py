@@ -48,6 +48,7 @@ class ValidationSettings:
 
     validate_top: int = 5
     validate_seeds: int = 4
+    validate_confirm_seeds: int = 8
     eval_seed: int = 0
 
 
@@ -120,8 +121,9 @@ def validate(store: RunStore, data, executor, settings: ValidationSettings, fitn
     scored_all(everyone, seeds)
     summary = summarise(label, chosen, baseline, seeds, scores, floor)
     best = summary["best"]
-    if best is not None and baseline is not None and sum(r["gain"] is not None for r in summary["losses"]) > 1:
-        confirmation = [settings.eval_seed + CONFIRMATION_SEEDS + k for k in range(settings.validate_seeds)]
+    if (best is not None and baseline is not None and settings.validate_confirm_seeds > 0
+            and sum(r["gain"] is not None for r in summary["losses"]) > 1):
+        confirmation = [settings.eval_seed + CONFIRMATION_SEEDS + k for k in range(settings.validate_confirm_seeds)]
         scored_all([c for c in chosen if c.id == best["id"]] + [baseline], confirmation)
         summary = summarise(label, chosen, baseline, seeds, scores, floor, confirmation)
     store.set_meta("validation", summary)

@@ -16,7 +16,8 @@ from engine.candidate import Candidate, EvalResult
 from tests.conftest import EXAMPLE_SPEC, JITTER_SPEC
 
 RUN = ["--fitness", EXAMPLE_SPEC, "--operator", JITTER_SPEC, "--pop", "4", "--gens", "2", "--executor", "serial",
-       "--race-seeds", "3", "--race-budget", "6", "--validate-top", "3", "--validate-seeds", "3", "--quiet"]
+       "--race-seeds", "3", "--race-budget", "6", "--validate-top", "3", "--validate-seeds", "3",
+       "--validate-confirm-seeds", "5", "--quiet"]
 
 
 def rows(run, where=""):
@@ -81,12 +82,12 @@ def test_replay_ranks_by_the_lower_bound_and_reports_the_validation(finished_run
     assert isinstance(summary["validated_gain"], float) and summary["validated_gain_se"] >= 0
     scored = [(cid, seed) for cid, name, seed in rows(finished_run) if name.startswith("validation:")]
     assert {seed for _, seed in scored} == {VALIDATION_SEEDS + k for k in range(3)} | {CONFIRMATION_SEEDS + k
-                                                                                        for k in range(3)}
+                                                                                        for k in range(5)}
     assert "mse" not in {row["name"] for row in validation["losses"]}  # the baseline is the reference
     # The validated best was chosen among three on the validation seeds; its reported gain is its
-    # gain on three more seeds, where only it and the baseline were scored.
+    # gain on five more seeds (--validate-confirm-seeds), where only it and the baseline were scored.
     best = validation["best"]
-    assert best["confirmed"] and best["chosen_among"] == 3 and best["seeds"] == 3
+    assert best["confirmed"] and best["chosen_among"] == 3 and best["seeds"] == 5
     assert {cid for cid, seed in scored if seed >= CONFIRMATION_SEEDS} == {best["id"], 0}
     chosen_row = next(row for row in validation["losses"] if row["id"] == best["id"])
     assert best["chosen_gain"] == chosen_row["gain"] and summary["validated_gain"] == best["gain"]
@@ -98,15 +99,21 @@ def test_validate_again_scores_only_what_is_missing(finished_run, capsys):
     assert main(["validate", str(finished_run), "--top", "3", "--seeds", "3", "--executor", "serial", "--json"]) == 0
     assert len(rows(finished_run)) == before
     listed = rows(finished_run)
-    assert main(["validate", str(finished_run), "--top", "3", "--seeds", "4", "--executor", "serial", "--json"]) == 0
+    assert main(["validate", str(finished_run), "--top", "3", "--seeds", "4", "--confirm-seeds", "6",
+                 "--executor", "serial", "--json"]) == 0
     added = [row for row in rows(finished_run) if row not in listed]
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["seeds"] == 4 and summary["best"]["seeds"] == 4
+    assert summary["seeds"] == 4 and summary["best"]["seeds"] == 6
     # Three losses and the baseline on the one new seed; the validated best and the baseline on the
     # confirmation seeds they lack (one, unless another loss is now the best).
     assert sorted(seed for _, _, seed in added if seed < CONFIRMATION_SEEDS) == [VALIDATION_SEEDS + 3] * 4
     confirming = [(cid, seed) for cid, _, seed in added if seed >= CONFIRMATION_SEEDS]
-    assert {cid for cid, _ in confirming} <= {summary["best"]["id"], 0} and (0, CONFIRMATION_SEEDS + 3) in confirming
+    assert {cid for cid, _ in confirming} <= {summary["best"]["id"], 0} and (0, CONFIRMATION_SEEDS + 5) in confirming
+    # Without --confirm-seeds, the run's own setting (5): nothing new to score on those.
+    before = len(rows(finished_run))
+    assert main(["validate", str(finished_run), "--top", "3", "--seeds", "4", "--executor", "serial", "--json"]) == 0
+    assert len(rows(finished_run)) == before
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["best"]["seeds"] == 5
     assert len(added) == len(set(added))
 
 
