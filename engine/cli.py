@@ -122,6 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         saved = store.meta("config")
         saved.setdefault("truth_key", "public")  # a run made before truth keys drew public problems
         saved.setdefault("first_seeds", "run")  # and one made before generation seeds scored all on one seed
+        # ... and one made before --validate-confirm-seeds confirmed on as many seeds as it validated on.
+        saved.setdefault("validate_confirm_seeds", saved.get("validate_seeds", RunConfig.validate_seeds))
         config = resolve(args, base=saved)
         for locked in ("fitness", "fitness_options", "eval_seed", "seed", "code_size_bins", "asynchronous",
                        "promote", "promote_above", "promote_baseline", "truth_key", "first_seeds"):

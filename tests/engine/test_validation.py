@@ -190,3 +190,17 @@ def test_runs_stored_before_generation_seeds_read_as_one_seed():
     # Without racing nothing pairs scores across seeds, and steady state has no generations to seed.
     assert first_seed({**new, "race_seeds": 0}, 3) == 5 and first_seed({**new, "asynchronous": True}, 3) == 5
     assert first_seed({**new, "strategy": "sequential"}, 3) == 5
+
+
+def test_resuming_a_run_stored_before_the_confirmation_setting_adds_no_evaluation(tmp_path):
+    # A run made before --validate-confirm-seeds confirmed its best on --validate-seeds seeds.
+    run = tmp_path / "run"
+    assert main(["run", *RUN[:-3], "--validate-confirm-seeds", "3", "--quiet", "--out", str(run)]) == 0
+    store = RunStore.open(run)
+    config = store.meta("config")
+    del config["validate_confirm_seeds"]
+    store.set_meta("config", config)
+    store.close()
+    before = sorted(rows(run), key=repr)
+    assert main(["run", "--resume", str(run), "--executor", "serial", "--quiet"]) == 0
+    assert sorted(rows(run), key=repr) == before
