@@ -263,9 +263,8 @@ class Engine:
         """``[(baseline id, seed)]`` when the baseline is not yet scored on ``seed`` (a
         generation's own first seed), else nothing."""
         base_id = self._baseline_seed()
-        if base_id is None or seed == self.config.eval_seed or base_id not in self.racing.samples:
-            return []
-        return [] if seed in self.racing.samples[base_id] else [(base_id, seed)]
+        scored = self.racing.samples.get(base_id) if base_id is not None else None
+        return [(base_id, seed)] if scored and seed not in scored else []
 
     def confirm(self, executor) -> int:
         """At the end of a raced run, measure its ``race_top`` best and the baseline once more on
@@ -366,11 +365,10 @@ class Engine:
         """Rebuild the evolving state from the store (``--resume``): candidates, results,
         dedup tables, archive, hall of fame, logbook, counters and the random state."""
         candidates = self.population.restore()
-        candidates_by_id = self.candidates
         results = self.results
         for cid, result in results.items():
             if result.ok:
-                self.racing.add(cid, self.first_seed(candidates_by_id[cid].generation), result.fitness)
+                self.racing.add(cid, self.first_seed(self.candidates[cid].generation), result.fitness)
         for _, seed, result in self.store.seed_evaluations(self.labels[0]):
             self.racing.add(result.candidate_id, seed, result.fitness if result.ok else None)
         generations = self.store.generations()
