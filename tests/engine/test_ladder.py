@@ -173,10 +173,15 @@ def test_ladder_example_config_runs_real_dpo_on_the_promoted(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["run", "--config", str(ROOT / "examples" / "ladder.toml"), "--gens", "0", "--pop", "4",
-                 "--fitness-opt", "synthetic-pref.instances=1", "--out", str(out), "--quiet"]) == 0
+                 "--fitness-opt", "synthetic-pref.instances=1", "--validate-top", "1", "--validate-seeds", "1",
+                 "--validate-confirm-seeds", "1", "--out", str(out), "--quiet"]) == 0
     store = RunStore.open(out)
     cheap = {r.candidate_id: r for _, r in store.evaluations("synthetic-pref")}
     dear = {r.candidate_id: r for _, r in store.evaluations("dpo")}
     dpo_seed = next(c.id for c in store.candidates() if c.name == "dpo" and c.operator == "seed")
     assert len(cheap) == 11 and dpo_seed in dear and 2 <= len(dear) <= 1 + math.ceil(0.25 * 11)
     assert all(r.ok and 0.0 <= r.fitness <= 1.0 for r in dear.values())  # held-out preference accuracy
+    # The end-of-run validation runs on the first stage's held-out tasks (pref-suite's meta-test
+    # split), on the run's best and the baseline, after the ladder's last stage.
+    held_out = {r.candidate_id for name, _, r in store.seed_evaluations() if name.startswith("validation:pref-suite")}
+    assert held_out == {json.loads((out / "summary.json").read_text())["validation"]["losses"][0]["id"], dpo_seed}
